@@ -1,0 +1,48 @@
+"""Shared pytest fixtures: paths to the oracle fixtures and to the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SHARED_DATA = Path(os.environ.get("VCJAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_file(name: str) -> Path:
+    """Path of a real dataset in ../shared/data; skip (or fail in CI) when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        msg = f"real data file {path} not found (../shared/data is absent)"
+        if os.environ.get("VCJAX_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(msg + " and VCJAX_REQUIRE_SHARED_DATA=1")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    """Callable fixture: ``shared_data("norman19_perturbench_devel.h5ad") -> Path``."""
+    return shared_file
+
+
+@pytest.fixture(scope="session", params=["ds1_sparse", "ds2_double"])
+def fixture_name(request) -> str:
+    return request.param
+
+
+def load_fixture(name: str):
+    """(AnnData, dict of expected arrays) for an oracle fixture dataset."""
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(FIXTURES / f"{name}.h5ad")
+    expected = dict(np.load(FIXTURES / f"{name}_expected.npz", allow_pickle=False))
+    return adata, expected
