@@ -1,0 +1,347 @@
+"""Differential expression from sufficient statistics: t, p, BH, logFC, DEG weights and sets.
+
+Closed form, ``O(P × G)``: every per-perturbation test only needs the group's and the
+reference's ``(n, mean, var)``, and the "rest" of a group is ``total_perturbed − group``
+(sums of the :class:`vcjax.data.GroupStats`), never an ``O(P²)`` loop.
+
+The core formulas are pure ``jax.numpy`` functions (jit/vmap-able; the bootstrap calls them
+on resampled moments in float32). :func:`rank_genes` calls the *same* functions on the host
+under ``jax.enable_x64(True)`` so that the results reproduce scanpy 1.11
+``tl.rank_genes_groups`` (METRICS.md §3): float32 scores and weights bit-identical,
+p-values to ~1e-12.
+
+References:
+  METRICS.md §3 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
+  ``tools/_rank_genes_groups.py``; scipy ``ttest_ind_from_stats``; statsmodels
+  ``multipletests(method="fdr_bh")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from vcjax.data import GroupStats, VcjaxInputError, _moments
+
+__all__ = [
+    "t_from_moments",
+    "pvalues",
+    "benjamini_hochberg",
+    "log_fold_change",
+    "minmax_weights",
+    "DEGResult",
+    "rank_genes",
+    "weights",
+]
+
+Method = Literal["t-test_overestim_var", "t-test"]
+
+
+def t_from_moments(
+    mean_g: ArrayLike,
+    var_g: ArrayLike,
+    n_g: ArrayLike,
+    mean_r: ArrayLike,
+    var_r: ArrayLike,
+    n_r: ArrayLike,
+    *,
+    method: Method = "t-test_overestim_var",
+) -> tuple[jax.Array, jax.Array]:
+    """Welch t statistic and Welch–Satterthwaite degrees of freedom from moments.
+
+    With ``a = s_g²/n_g`` and ``b = s_r²/m``::
+
+        t = (x̄_g − x̄_r) / sqrt(a + b)
+        ν = (a + b)² / (a²/(n_g − 1) + b²/(m − 1)),   ν := 1 where NaN
+
+    ``m = n_r`` for ``"t-test"`` and ``m = n_g`` for ``"t-test_overestim_var"`` (scanpy's
+    variance over-estimation, METRICS.md §3.1). As in scanpy → scipy, the variances pass
+    through ``sqrt`` and are squared again (``std**2``), so a tiny negative variance from
+    cancellation gives NaN (scanpy then stores ``t = 0``).
+
+    Args:
+      mean_g, var_g, n_g: group mean, unbiased variance, size (broadcastable).
+      mean_r, var_r, n_r: reference (rest/control) mean, variance, size.
+      method: ``"t-test_overestim_var"`` (DbD default) or ``"t-test"``.
+
+    Returns:
+      ``(t, dof)``; dtype follows the floating inputs. NaN ``t`` where both variances are
+      zero and the means equal (or ``n < 2``); ``±inf`` when both variances are zero and the
+      means differ.
+    """
+    if method not in ("t-test_overestim_var", "t-test"):
+        raise VcjaxInputError(f"unknown method {method!r}; use 't-test_overestim_var' or 't-test'")
+    mean_g = jnp.asarray(mean_g)
+    mean_r = jnp.asarray(mean_r)
+    dtype = jnp.result_type(mean_g, mean_r, jnp.asarray(var_g), jnp.asarray(var_r))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    n_g = jnp.asarray(n_g).astype(dtype)
+    m = n_g if method == "t-test_overestim_var" else jnp.asarray(n_r).astype(dtype)
+    sd_g = jnp.sqrt(jnp.asarray(var_g, dtype))
+    sd_r = jnp.sqrt(jnp.asarray(var_r, dtype))
+    a = sd_g**2 / n_g
+    b = sd_r**2 / m
+    dof = (a + b) ** 2 / (a**2 / (n_g - 1) + b**2 / (m - 1))
+    dof = jnp.where(jnp.isnan(dof), jnp.ones_like(dof), dof)
+    t = (mean_g.astype(dtype) - mean_r.astype(dtype)) / jnp.sqrt(a + b)
+    return t, dof
+
+
+def pvalues(t: ArrayLike, dof: ArrayLike) -> jax.Array:
+    """Two-sided Student-t p-value ``P(|T_ν| ≥ |t|) = I_{ν/(ν+t²)}(ν/2, 1/2)``.
+
+    Args:
+      t: t statistics.
+      dof: degrees of freedom ``ν`` (broadcastable).
+
+    Returns:
+      p-values in ``[0, 1]``; NaN where ``t`` is NaN; 0 for ``t = ±inf``.
+    """
+    t = jnp.asarray(t)
+    dof = jnp.asarray(dof, t.dtype)
+    x = dof / (dof + t * t)
+    x = jnp.where(jnp.isinf(t), jnp.zeros_like(x), x)
+    return jax.scipy.special.betainc(dof / 2, jnp.full_like(dof, 0.5), x)
+
+
+def benjamini_hochberg(p: ArrayLike, *, axis: int = -1) -> jax.Array:
+    """Benjamini–Hochberg adjusted p-values along ``axis``, as statsmodels ``fdr_bh``.
+
+    Sort ascending, ``q_(i) = p_(i) / (i/n)``, running minimum from the largest rank down,
+    cap at 1, unsort. NaN inputs sort last (treat them as 1 beforehand, as scanpy does).
+
+    Args:
+      p: p-values.
+      axis: the axis holding the family of tests.
+
+    Returns:
+      Adjusted p-values, same shape and dtype as ``p``.
+    """
+    p = jnp.moveaxis(jnp.asarray(p), axis, -1)
+    n = p.shape[-1]
+    iota = jax.lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1)
+    ps, order = jax.lax.sort_key_val(p, iota, dimension=p.ndim - 1, is_stable=True)
+    ecdf = jnp.arange(1, n + 1, dtype=p.dtype) / p.dtype.type(n)
+    q = jax.lax.cummin(ps / ecdf, axis=ps.ndim - 1, reverse=True)
+    q = jnp.minimum(q, 1)
+    # unsort with one scatter instead of a second argsort
+    flat_rows = jnp.arange(q.size // max(n, 1), dtype=jnp.int32)[:, None] * n
+    dest = (order.reshape(-1, n) + flat_rows).reshape(-1)
+    out = jnp.zeros(q.size, q.dtype).at[dest].set(q.reshape(-1), unique_indices=True)
+    out = out.reshape(q.shape)
+    return jnp.moveaxis(out, -1, axis)
+
+
+def log_fold_change(mean_g: ArrayLike, mean_r: ArrayLike) -> jax.Array:
+    """scanpy's logFC ``log2((expm1(x̄_g) + 1e-9) / (expm1(x̄_r) + 1e-9))`` (natural-log data)."""
+    mean_g = jnp.asarray(mean_g)
+    mean_r = jnp.asarray(mean_r)
+    return jnp.log2((jnp.expm1(mean_g) + 1e-9) / (jnp.expm1(mean_r) + 1e-9))
+
+
+def minmax_weights(scores: ArrayLike) -> jax.Array:
+    """DbD DEG weights ``minmax(|t|)²`` over the last axis (METRICS.md §3.2, quirks kept).
+
+    ``s = |t|``, ``lo = min s``, ``hi = max s``; if ``hi == lo``: all 0 when ``hi == 0`` else
+    all 1; otherwise ``w = (s − lo)/(hi − lo)``; NaN → 0 (so a NaN score zeroes the whole
+    row, and an infinite score gives ``inf/inf`` → the whole row 0, as upstream); then
+    ``w²``. Arithmetic in the scores' dtype (float32 for scanpy-stored scores).
+
+    Args:
+      scores: ``(..., G)`` t-scores.
+
+    Returns:
+      ``(..., G)`` weights in ``[0, 1]``.
+    """
+    s = jnp.abs(jnp.asarray(scores))
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.float32)
+    lo = jnp.min(s, axis=-1, keepdims=True)
+    hi = jnp.max(s, axis=-1, keepdims=True)
+    same = hi == lo
+    span = jnp.where(same, jnp.ones_like(hi), hi - lo)
+    # XLA rewrites ``x / broadcast(y)`` as ``x * broadcast(1/y)`` (one extra rounding); the
+    # barrier keeps a true IEEE division so the float32 weights are bit-identical to numpy.
+    span = jax.lax.optimization_barrier(jnp.broadcast_to(span, s.shape))
+    w = jnp.where(same, jnp.where(hi == 0, 0, 1).astype(s.dtype), (s - lo) / span)
+    w = jnp.where(jnp.isnan(w), jnp.zeros_like(w), w)
+    return w * w
+
+
+@dataclasses.dataclass(frozen=True)
+class DEGResult:
+    """Per-perturbation DE results, gene-aligned (rows follow ``names``, columns ``genes``).
+
+    Attributes:
+      names: perturbation labels (control excluded).
+      genes: gene names.
+      scores: ``(P, G)`` float32 t (NaN → 0, rounded to float32 as scanpy stores it).
+      pvals: ``(P, G)`` float64 two-sided p (NaN → 1).
+      pvals_adj: ``(P, G)`` float64 BH per perturbation over genes.
+      logfc: ``(P, G)`` float32 scanpy logFC.
+      covariate: per-row covariate value or ``None``.
+      n: ``(P,)`` group sizes.
+    """
+
+    names: tuple[str, ...]
+    genes: tuple[str, ...]
+    scores: np.ndarray
+    pvals: np.ndarray
+    pvals_adj: np.ndarray
+    logfc: np.ndarray
+    covariate: tuple[str, ...] | None = None
+    n: np.ndarray | None = None
+
+    def weights(self) -> np.ndarray:
+        """``(P, G)`` float32 DEG weights :func:`minmax_weights` of the float32 scores."""
+        return np.asarray(minmax_weights(jnp.asarray(self.scores, jnp.float32)))
+
+    def deg_mask(self, *, alpha: float = 0.05) -> np.ndarray:
+        """``(P, G)`` bool DEG sets ``pvals_adj < alpha`` and ``logFC ≠ 0`` (METRICS.md §3.3)."""
+        return (self.pvals_adj < alpha) & (self.logfc != 0)
+
+    def topk_mask(self, k: int) -> np.ndarray:
+        """``(P, G)`` bool: the ``k`` largest ``|score|`` per row, ties to the lower gene index."""
+        G = self.scores.shape[1]
+        if not 0 <= k <= G:
+            raise VcjaxInputError(f"topk_mask: k={k} must be in [0, {G}]")
+        order = np.argsort(-np.abs(self.scores.astype(np.float64)), axis=1, kind="stable")
+        mask = np.zeros(self.scores.shape, dtype=bool)
+        np.put_along_axis(mask, order[:, :k], True, axis=1)
+        return mask
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise VcjaxInputError(f"{name!r} not among the DE results") from None
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _t_kernel(mg, vg, ng, mr, vr, nr, *, method):
+    t, dof = t_from_moments(mg, vg, ng, mr, vr, nr, method=method)
+    return t, dof, log_fold_change(mg, mr)
+
+
+_bh_jit = jax.jit(benjamini_hochberg)
+
+
+def rank_genes(
+    stats: GroupStats,
+    *,
+    method: Method = "t-test_overestim_var",
+    vs: Literal["rest", "control"] = "rest",
+) -> DEGResult:
+    """Per-perturbation t-tests from group statistics (scanpy ``rank_genes_groups`` parity).
+
+    ``vs="rest"``: each perturbation against all *other perturbed* cells of its covariate,
+    control excluded (``rest = total_perturbed − group``, from sums); ``vs="control"``:
+    against the control group of its covariate. Computed in float64 on the host.
+
+    Args:
+      stats: :class:`vcjax.data.GroupStats` (may include the control group).
+      method: ``"t-test_overestim_var"`` (DbD) or ``"t-test"`` (Welch).
+      vs: ``"rest"`` or ``"control"``.
+
+    Returns:
+      :class:`DEGResult` with one row per perturbation (order of ``stats``, control removed).
+    """
+    if method not in ("t-test_overestim_var", "t-test"):
+        raise VcjaxInputError(f"unknown method {method!r}; use 't-test_overestim_var' or 't-test'")
+    if vs not in ("rest", "control"):
+        raise VcjaxInputError(f"vs must be 'rest' or 'control', got {vs!r}")
+    is_ctrl = np.array([nm == stats.control for nm in stats.names], dtype=bool)
+    pert = np.flatnonzero(~is_ctrl)
+    if pert.size == 0:
+        raise VcjaxInputError("rank_genes: no perturbed groups")
+    covs = stats.covariate if stats.covariate is not None else ("",) * stats.n_groups
+    covs_arr = np.asarray(covs, dtype=object)
+    small = [stats.names[i] for i in pert if stats.n[i] < 2]
+    if small:
+        raise VcjaxInputError(f"rank_genes: groups with fewer than 2 cells: {small[:5]}")
+
+    n_g = stats.n[pert].astype(np.float64)
+    s_g, ss_g = stats.sum[pert], stats.sumsq[pert]
+    if vs == "rest":
+        n_r = np.empty_like(n_g)
+        s_r = np.empty_like(s_g)
+        ss_r = np.empty_like(ss_g)
+        for cv in dict.fromkeys(covs_arr[pert]):
+            in_cv = np.flatnonzero(covs_arr[pert] == cv)
+            rows = pert[in_cv]
+            n_r[in_cv] = stats.n[rows].sum() - stats.n[rows]
+            s_r[in_cv] = stats.sum[rows].sum(axis=0) - stats.sum[rows]
+            ss_r[in_cv] = stats.sumsq[rows].sum(axis=0) - stats.sumsq[rows]
+        if np.any(n_r < 2):
+            raise VcjaxInputError(
+                "rank_genes(vs='rest'): the rest has fewer than 2 cells (one perturbation per covariate?)"
+            )
+    else:
+        if stats.control is None:
+            raise VcjaxInputError("rank_genes(vs='control'): stats have no control group")
+        ctrl_of = {}
+        for i in np.flatnonzero(is_ctrl):
+            ctrl_of[covs_arr[i]] = i
+        missing = [cv for cv in dict.fromkeys(covs_arr[pert]) if cv not in ctrl_of]
+        if missing:
+            raise VcjaxInputError(
+                f"rank_genes(vs='control'): no control in covariate {missing[0]!r}"
+            )
+        ref = np.array([ctrl_of[cv] for cv in covs_arr[pert]], dtype=np.int64)
+        n_r = stats.n[ref].astype(np.float64)
+        s_r, ss_r = stats.sum[ref], stats.sumsq[ref]
+        if np.any(n_r < 2):
+            raise VcjaxInputError("rank_genes(vs='control'): control group has fewer than 2 cells")
+
+    mg, vg = _moments(n_g, s_g, ss_g)
+    mr, vr = _moments(n_r, s_r, ss_r)
+    with jax.enable_x64(True):
+        t, dof, lfc = _t_kernel(
+            jnp.asarray(mg, jnp.float64),
+            jnp.asarray(vg, jnp.float64),
+            # sizes passed at full (P, G) shape: XLA would turn ``x / broadcast(n)`` into
+            # ``x * (1/n)``, one rounding away from scipy's division.
+            jnp.asarray(np.broadcast_to(n_g[:, None], mg.shape), jnp.float64),
+            jnp.asarray(mr, jnp.float64),
+            jnp.asarray(vr, jnp.float64),
+            jnp.asarray(np.broadcast_to(n_r[:, None], mg.shape), jnp.float64),
+            method=method,
+        )
+        t, dof, lfc = np.asarray(t), np.asarray(dof), np.asarray(lfc)
+        # Host p-values: scipy's ``2·stdtr(ν, −|t|)`` (what scanpy calls; equal to
+        # :func:`pvalues` to ~1e-12) is ~25x faster on CPU than XLA's float64 betainc.
+        p = _host_pvalues(t, dof)
+        p[np.isnan(p)] = 1.0
+        q = np.asarray(_bh_jit(jnp.asarray(p, jnp.float64)))
+    t = np.where(np.isnan(t), 0.0, t)
+    return DEGResult(
+        names=tuple(stats.names[i] for i in pert),
+        genes=stats.genes,
+        scores=t.astype(np.float32),
+        pvals=p,
+        pvals_adj=q,
+        logfc=lfc.astype(np.float32),
+        covariate=None if stats.covariate is None else tuple(stats.covariate[i] for i in pert),
+        n=stats.n[pert].copy(),
+    )
+
+
+def _host_pvalues(t: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """Two-sided Student-t p-values on the host (scipy ``stdtr``), same definition as
+    :func:`pvalues`."""
+    from scipy import special
+
+    with np.errstate(invalid="ignore"):
+        return 2.0 * special.stdtr(dof, -np.abs(t))
+
+
+def weights(stats: GroupStats, **kw) -> np.ndarray:
+    """Convenience: ``rank_genes(stats, **kw).weights()`` → ``(P, G)`` float32."""
+    return rank_genes(stats, **kw).weights()
