@@ -110,3 +110,89 @@ def test_default_metrics_depend_on_inputs():
 def test_chunk_size_defaults():
     assert engine.default_chunk_size(8192) == 256
     assert engine.default_chunk_size(20000, 4) % 4 == 0
+
+
+def _kernels(pred, truth, ref, w, mask, k, strict):
+    """Every engine metric from the public kernels of vcjax.metrics (the definitions)."""
+    from vcjax import metrics as M
+
+    return {
+        "mse": M.mse(pred, truth),
+        "wmse": M.wmse(pred, truth, w),
+        "mae": M.mae(pred, truth),
+        "pearson_delta": M.pearson_delta(pred, truth, ref),
+        "pearson_delta_degs": M.pearson_delta_degs(pred, truth, ref, mask),
+        "pearson_delta_topk": M.pearson_delta_topk(pred, truth, ref, w, k=k),
+        "r2_delta": M.r2_delta(pred, truth, ref, strict=strict),
+        "r2w_delta": M.r2w_delta(pred, truth, ref, w, strict=strict),
+        "cosine_delta": M.cosine_delta(pred, truth, ref),
+    }
+
+
+def _edge_rows(rng, g):
+    """Rows that hit every NaN / forced-value rule, stacked with random ones."""
+    pred, truth, ref, w, mask = _case(rng, 12, g)
+    grid = np.round(ref * 8) / 8
+    ref = grid
+    pred[0] = truth[0]  # perfect
+    truth[1] = grid + 0.75  # constant truth delta
+    truth[2] = grid + 0.75
+    pred[2] = truth[2]  # constant and perfect
+    w[3] = 0  # zero weights
+    w[4] = 0
+    w[4, 5] = 1  # one weight
+    mask[5] = False  # empty mask
+    mask[6] = False
+    mask[6, :2] = True  # two genes
+    pred[7] = ref  # prediction is the reference (zero delta)
+    pred[8], truth[8] = pred[8] + 100, truth[8] + 100  # large offset
+    w[9] = np.round(w[9] * 3) / 3  # many tied weights for top-k
+    w[10, ::3] = np.nan  # NaN weights rank lowest in top-k
+    return pred, truth, ref, w, mask
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("g,k", [(40, 5), (4500, 7)])
+def test_fused_engine_equals_kernels(g, k, strict):
+    """The fused engine path (shared moments) equals the kernels to float32 rounding."""
+    rng = np.random.default_rng(g + k)
+    pred, truth, ref, w, mask = _edge_rows(rng, g)
+    w_clean = np.nan_to_num(w)  # NaN weights only for top-k (others propagate NaN)
+    got = engine.score(pred, truth, reference=ref, weights=w_clean, mask=mask, k=k, strict=strict)
+    want = _kernels(pred, truth, ref, w_clean, mask, k, strict)
+    for name in want:
+        a, b = np.asarray(got[name]), np.asarray(want[name])
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=3e-6, atol=3e-6, equal_nan=True, err_msg=name)
+    # top-k with NaN weights (NaN ranks lowest) through the engine's gather path
+    got = engine.score(pred, truth, reference=ref, weights=w, metrics=["pearson_delta_topk"], k=k)
+    from vcjax import metrics as M
+
+    want = M.pearson_delta_topk(pred, truth, ref, w, k=k)
+    np.testing.assert_allclose(
+        np.asarray(got["pearson_delta_topk"]), np.asarray(want), rtol=3e-6, atol=3e-6
+    )
+
+
+def test_fused_engine_shared_inputs_and_subsets():
+    """Shared (G,) weights / mask / prediction and every single-metric subset."""
+    rng = np.random.default_rng(11)
+    pred, truth, ref, w, mask = _case(rng, 10, 50)
+    want = _kernels(pred[0], truth, ref, w[0], mask[0], 4, False)
+    for name in engine.METRICS:
+        got = engine.score(
+            pred[0], truth, reference=ref, weights=w[0], mask=mask[0], metrics=[name], k=4
+        )
+        np.testing.assert_allclose(
+            np.asarray(got[name]), np.asarray(want[name]), rtol=3e-6, atol=3e-6, err_msg=name
+        )
+
+
+def test_float64_inputs_cast_per_chunk_and_small_p_chunk():
+    rng = np.random.default_rng(12)
+    pred, truth, ref, w, _ = _case(rng, 5, 30)
+    a = engine.score(pred.astype(np.float64), truth.astype(np.float64), reference=ref, weights=w)
+    b = engine.score(pred, truth, reference=ref, weights=w)
+    for name in b:
+        assert a[name].dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)

@@ -280,3 +280,16 @@ def test_gradients_are_finite(case):
         g = jax.grad(lambda p: M.wmse(p, truth, weights))(pred)
         want = 2 * weights / jnp.sum(weights) * (pred - truth)
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("g,k", [(4096, 20), (5003, 7), (8192, 2)])
+def test_topk_mask_blocked_path_exact(g, k):
+    """The blocked top-k used for long rows selects exactly lax.top_k's genes (ties, NaN)."""
+    rng = np.random.default_rng(g)
+    s = rng.integers(0, 5, size=(6, g)).astype(np.float32)  # heavy ties
+    s[1] = rng.normal(size=g)
+    s[2, rng.random(g) < 0.7] = np.nan
+    s[3] = np.nan
+    s[4] = 1.0
+    s[5, rng.random(g) < 0.999] = -np.inf
+    np.testing.assert_array_equal(np.asarray(M.topk_mask(s, k=k)), R.ref_topk_mask(s, k))

@@ -93,20 +93,176 @@ def _mesh(devices: Sequence[jax.Device] | None) -> Mesh | None:
     return Mesh(np.asarray(devices), ("rows",))
 
 
+def _row_sums(terms: Sequence[jax.Array]) -> list[jax.Array]:
+    """``[jnp.sum(t, -1) for t in terms]`` as ONE variadic reduction.
+
+    XLA:CPU does not fuse sibling reductions into one loop: separate ``jnp.sum`` calls
+    materialise every shared intermediate (``pred - reference`` …) and re-read the inputs
+    once per sum. A single ``lax.reduce`` over a tuple of operands is one fused loop that
+    reads each input element once and updates every accumulator.
+    """
+    shape = jnp.broadcast_shapes(*(t.shape for t in terms))
+    ops = tuple(jnp.broadcast_to(t, shape) for t in terms)
+    init = tuple(jnp.zeros((), t.dtype) for t in ops)
+    out = jax.lax.reduce(
+        ops, init, lambda a, b: tuple(x + y for x, y in zip(a, b)), (len(shape) - 1,)
+    )
+    return list(out)
+
+
+def _gather(a: jax.Array, idx: jax.Array) -> jax.Array:
+    """``a[..., idx]`` row-wise for ``a`` of shape ``(G,)`` or ``(C, G)`` and ``idx`` ``(C, k)``."""
+    if a.ndim == 1:
+        return a[idx]
+    return jnp.take_along_axis(a, idx, axis=-1)
+
+
+def _fused_scores(
+    names: tuple[str, ...],
+    k: int,
+    strict: bool,
+    pred: jax.Array,
+    truth: jax.Array,
+    reference: jax.Array,
+    weights: jax.Array,
+    mask: jax.Array,
+) -> dict[str, jax.Array]:
+    """All requested core metrics of one chunk from shared per-row moments.
+
+    Equal to the kernels of :mod:`vcjax.metrics` up to float rounding (same two-pass
+    centred sums, same finishing steps ``metrics._*_from_moments``), but the inputs are
+    read twice in total instead of several times per metric: pass 1 is one variadic
+    reduction giving every mean and uncentred sum, pass 2 one giving every centred sum.
+    ``pearson_delta_topk`` gathers its ``k`` genes (exact top-k, ties to the lower index)
+    and runs the kernel on them. Inputs are ``(C, G)`` or shared ``(G,)`` arrays already in
+    the working float dtype (``mask`` bool); outputs are ``(C,)``.
+    """
+    want = set(names)
+    dtype = truth.dtype
+    n_rows, g = truth.shape
+    n = jnp.full((n_rows,), g, dtype)
+    x = pred - reference  # predicted delta
+    y = truth - reference  # true delta
+    pass1: dict[str, jax.Array] = {}
+
+    if want & {"mse", "mae", "wmse"}:
+        e = pred - truth
+        if "mse" in want:
+            pass1["e2"] = e * e
+        if "mae" in want:
+            pass1["ae"] = jnp.abs(e)
+        if "wmse" in want:
+            pass1["we2"] = weights * (e * e)
+    if want & {"wmse", "r2w_delta"}:
+        pass1["sw"] = weights
+    if want & {"pearson_delta", "r2_delta"}:
+        pass1["sy"] = y
+    if "pearson_delta" in want:
+        pass1["sx"] = x
+    if want & {"r2_delta", "r2w_delta"}:
+        d = y - x  # the "truth - pred" of r2_score on deltas, as metrics.r2 computes it
+        if "r2_delta" in want:
+            pass1["d2"] = d * d
+        if "r2w_delta" in want:
+            pass1["wd2"] = weights * (d * d)
+    if "r2w_delta" in want:
+        pass1["swy"] = weights * y
+    if "cosine_delta" in want:
+        pass1.update(cxx=x * x, cyy=y * y, cxy=x * y)
+    if "pearson_delta_degs" in want:
+        m = mask.astype(dtype)
+        pass1.update(sm=m, smx=m * x, smy=m * y)
+    s = dict(zip(pass1, _row_sums(list(pass1.values())))) if pass1 else {}
+
+    # pass 2: centred sums around the pass-1 means
+    pass2: dict[str, jax.Array] = {}
+    if want & {"pearson_delta", "r2_delta"}:
+        my = s["sy"] / jnp.maximum(n, 1.0)
+        dy = y - my[:, None]
+        pass2["yy"] = dy * dy
+        if "pearson_delta" in want:
+            mx = s["sx"] / jnp.maximum(n, 1.0)
+            dx = x - mx[:, None]
+            pass2.update(xx=dx * dx, xy=dx * dy)
+    if "r2w_delta" in want:
+        w_ok = (n >= 2) & (s["sw"] > 0)
+        mw = s["swy"] / jnp.where(w_ok, s["sw"], 1.0)
+        pass2["wyy"] = weights * jnp.square(y - mw[:, None])
+    if "pearson_delta_degs" in want:
+        nm = s["sm"]
+        mxm = s["smx"] / jnp.maximum(nm, 1.0)
+        mym = s["smy"] / jnp.maximum(nm, 1.0)
+        dxm = (x - mxm[:, None]) * m
+        dym = (y - mym[:, None]) * m
+        pass2.update(mxx=dxm * dxm, myy=dym * dym, mxy=dxm * dym)
+    s.update(zip(pass2, _row_sums(list(pass2.values()))) if pass2 else {})
+
+    out: dict[str, jax.Array] = {}
+    positive = n > 0
+    if "mse" in want:
+        out["mse"] = M._safe_div(s["e2"], n, positive)
+    if "mae" in want:
+        out["mae"] = M._safe_div(s["ae"], n, positive)
+    if "wmse" in want:
+        out["wmse"] = M._safe_div(s["we2"], s["sw"], s["sw"] > 0)
+    if "pearson_delta" in want:
+        out["pearson_delta"] = M._pearson_from_moments(s["xx"], s["yy"], s["xy"], n, mx, my)
+    if "pearson_delta_degs" in want:
+        out["pearson_delta_degs"] = M._pearson_from_moments(
+            s["mxx"], s["myy"], s["mxy"], nm, mxm, mym
+        )
+    if "r2_delta" in want:
+        ok = n >= 2
+        out["r2_delta"] = M._r2_from_moments(s["d2"], s["yy"], n, my, ok, strict=strict)
+    if "r2w_delta" in want:
+        out["r2w_delta"] = M._r2_from_moments(s["wd2"], s["wyy"], s["sw"], mw, w_ok, strict=strict)
+    if "cosine_delta" in want:
+        out["cosine_delta"] = M._cosine_from_moments(s["cxx"], s["cyy"], s["cxy"])
+    if "pearson_delta_topk" in want:
+        if k > g or k < 2:
+            out["pearson_delta_topk"] = jnp.full((n_rows,), jnp.nan, dtype)
+        else:
+            idx = M._topk_indices(jnp.broadcast_to(weights, truth.shape), k)
+            out["pearson_delta_topk"] = M.pearson_delta(
+                _gather(pred, idx), _gather(truth, idx), _gather(reference, idx)
+            )
+    return {name: out[name] for name in names}
+
+
 @functools.lru_cache(maxsize=64)
 def _chunk_fn(
     names: tuple[str, ...], per_row: tuple[bool, ...], k: int, strict: bool
 ) -> Callable[..., dict[str, jax.Array]]:
-    """A jitted function scoring one chunk; cached on the static configuration."""
+    """A jitted function scoring one chunk; cached on the static configuration.
 
-    def one_row(pred, truth, reference, weights, mask):
-        return {
-            n: METRICS[n].fn(pred, truth, reference, weights, mask, k=k, strict=strict)
-            for n in names
-        }
+    The arguments are ``(pred, truth, reference, weights, mask)``, each ``(C, G)`` where
+    ``per_row`` says so and ``(G,)`` otherwise (``truth`` is always per row).
+    """
+    if not per_row[1]:
+        raise ValueError("truth must have a row axis")
 
-    in_axes = tuple(0 if r else None for r in per_row)
-    return jax.jit(jax.vmap(one_row, in_axes=in_axes))
+    def chunk(pred, truth, reference, weights, mask):
+        return _fused_scores(names, k, strict, pred, truth, reference, weights, mask)
+
+    return jax.jit(chunk, compiler_options=_compiler_options())
+
+
+# XLA:CPU's newer fusion emitters compile the variadic row reductions of _fused_scores to
+# scalar loops; its classic emitters vectorise them (about 5x faster here, same float32
+# semantics: no fast-math). Only used when the option exists and the backend is CPU.
+_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_options() -> dict[str, object] | None:
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        probe = jax.jit(lambda v: jnp.sum(v, axis=-1), compiler_options=_CPU_OPTIONS)
+        probe(jnp.ones((2, 3), jnp.float32)).block_until_ready()
+    except Exception:  # an XLA without the option: keep its defaults
+        return None
+    return dict(_CPU_OPTIONS)
 
 
 def _as_rows(x: ArrayLike | None, n_rows: int, n_genes: int, name: str) -> tuple[object, bool]:
@@ -132,6 +288,80 @@ def _dtype_of(*xs) -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(dt))
 
 
+_ALIGN = 64  # bytes; XLA:CPU adopts host buffers this aligned without a copy
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data pointer is 64-byte aligned."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off : off + nbytes].view(dtype).reshape(shape)
+
+
+def _host_chunk(x: np.ndarray, start: int, stop: int, rows: int, dtype) -> np.ndarray:
+    """Rows ``start:stop`` of ``x`` as an aligned, contiguous ``(rows, ...)`` array.
+
+    Zero-padded to ``rows`` and cast to ``dtype`` (when given) in the same single copy;
+    returned without copying when the slice already qualifies. Aligned host memory lets
+    ``jax.device_put`` on CPU adopt the buffer instead of copying it (a misaligned one
+    costs a copy there that is several times slower than this NumPy one).
+    """
+    part = x[start:stop]
+    dtype = part.dtype if dtype is None else np.dtype(dtype)
+    if (
+        stop - start == rows
+        and part.dtype == dtype
+        and part.flags.c_contiguous
+        and part.ctypes.data % _ALIGN == 0
+    ):
+        return part
+    out = _aligned_empty((rows,) + part.shape[1:], dtype)
+    np.copyto(out[: stop - start], part, casting="unsafe")
+    if stop - start < rows:
+        out[stop - start :] = 0
+    return out
+
+
+def _row_map(
+    fn: Callable[..., Mapping[str, jax.Array]],
+    row_inputs: Sequence[np.ndarray | jax.Array],
+    *,
+    chunk_size: int,
+    devices: Sequence[jax.Device] | None,
+    progress: Callable[[int], None] | None,
+    dtypes: Sequence[np.dtype | None] | None = None,
+) -> dict[str, np.ndarray]:
+    n = int(row_inputs[0].shape[0])
+    dtypes = [None] * len(row_inputs) if dtypes is None else list(dtypes)
+    mesh = _mesh(devices)
+    if mesh is not None:
+        target = NamedSharding(mesh, PartitionSpec("rows"))
+    else:
+        target = (jax.devices() if devices is None else list(devices))[0]
+    outs: list[dict[str, jax.Array]] = []
+    for start in range(0, max(n, 1), chunk_size):
+        stop = min(start + chunk_size, n)
+        chunk = []
+        for x, dt in zip(row_inputs, dtypes):
+            if isinstance(x, jax.Array):
+                part = x[start:stop]
+                if dt is not None and part.dtype != dt:
+                    part = part.astype(dt)
+                if stop - start < chunk_size:
+                    pad = [(0, chunk_size - (stop - start))] + [(0, 0)] * (part.ndim - 1)
+                    part = jnp.pad(part, pad)
+            else:
+                part = _host_chunk(np.asarray(x), start, stop, chunk_size, dt)
+            chunk.append(jax.device_put(part, target))
+        outs.append(fn(*chunk))
+        if progress is not None:
+            progress(stop - start)
+    keys = outs[0].keys() if outs else ()
+    return {key: np.concatenate([np.asarray(o[key]) for o in outs])[:n] for key in keys}
+
+
 def row_map(
     fn: Callable[..., Mapping[str, jax.Array]],
     row_inputs: Sequence[np.ndarray | jax.Array],
@@ -144,30 +374,11 @@ def row_map(
 
     ``fn(*chunks) -> dict`` must map arrays of leading size ``chunk_size`` to arrays whose
     leading axis is the row axis. The last chunk is padded with zeros (so a new number of
-    rows never recompiles) and the padding is cut off the results.
+    rows never recompiles) and the padding is cut off the results. Host (NumPy) inputs are
+    streamed chunk by chunk; each chunk is placed on ``devices`` (sharded over its rows
+    when there are several) before ``fn`` is called.
     """
-    n = int(row_inputs[0].shape[0])
-    mesh = _mesh(devices)
-    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("rows"))
-    outs: list[dict[str, jax.Array]] = []
-    for start in range(0, max(n, 1), chunk_size):
-        stop = min(start + chunk_size, n)
-        chunk = []
-        for x in row_inputs:
-            part = x[start:stop]
-            if stop - start < chunk_size:
-                pad = [(0, chunk_size - (stop - start))] + [(0, 0)] * (part.ndim - 1)
-                part = (
-                    np.pad(np.asarray(part), pad)
-                    if not isinstance(part, jax.Array)
-                    else jnp.pad(part, pad)
-                )
-            chunk.append(jax.device_put(part, sharding) if sharding is not None else part)
-        outs.append(fn(*chunk))
-        if progress is not None:
-            progress(stop - start)
-    keys = outs[0].keys() if outs else ()
-    return {key: np.concatenate([np.asarray(o[key]) for o in outs])[:n] for key in keys}
+    return _row_map(fn, row_inputs, chunk_size=chunk_size, devices=devices, progress=progress)
 
 
 def score(
@@ -197,8 +408,9 @@ def score(
       metrics: names from :data:`METRICS`; default: every metric whose inputs are given.
       k: genes used by ``pearson_delta_topk``.
       strict: passed to the R² kernels (NaN instead of sklearn's forced values).
-      chunk_size: rows per chunk; default :func:`default_chunk_size`. The compiled function
-        depends on ``(chunk_size, G)``, not on ``P``.
+      chunk_size: rows per chunk; default :func:`default_chunk_size`, or the next power of
+        two >= P when that is smaller. The compiled function depends on ``(chunk_size, G)``,
+        not on ``P``.
       devices: devices to shard each chunk over (default: all of ``jax.devices()``).
       progress: optional callback receiving the number of rows finished after each chunk.
 
@@ -229,20 +441,28 @@ def score(
         "mask": _as_rows(mask, n_rows, n_genes, "mask"),
     }
     dtype = _dtype_of(*(v for v, _ in inputs.values() if v is not None and v.dtype != bool))
+    used = {"pred", "truth", "reference"}
+    used |= {x for name in names for x in METRICS[name].needs}
     order = ("pred", "truth", "reference", "weights", "mask")
-    arrays, per_row = [], []
+    arrays, per_row, dtypes = [], [], []
     for key in order:
         x, rows = inputs[key]
-        if x is None:
-            x = np.zeros((n_genes,), dtype)  # placeholder for an unused input
-        elif key == "mask":
-            x = x.astype(bool)
-        elif x.dtype != dtype:
-            x = x.astype(dtype)
+        want = np.dtype(bool) if key == "mask" else dtype
+        if x is None or key not in used:  # placeholder for an unused input (never read)
+            x, rows = np.zeros((n_genes,), want), False
+        elif not rows and x.dtype != want:
+            x = x.astype(want)  # shared (G,) vectors: cast once
         arrays.append(x)
         per_row.append(rows)
+        dtypes.append(want)
     n_dev = len(jax.devices() if devices is None else devices)
-    chunk = chunk_size or default_chunk_size(n_genes, n_dev)
+    if chunk_size is None:
+        # no larger than the next power of two >= P: small screens are not padded to a
+        # full chunk, and the number of distinct compiled shapes stays logarithmic in P
+        small = max(n_dev, 1 << max(n_rows - 1, 0).bit_length())
+        chunk = min(default_chunk_size(n_genes, n_dev), -(-small // n_dev) * n_dev)
+    else:
+        chunk = chunk_size
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")
     fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict))
@@ -252,11 +472,19 @@ def score(
         if not r
     ]
     row_inputs = [x for x, r in zip(arrays, per_row) if r]
+    row_dtypes = [d for d, r in zip(dtypes, per_row) if r]
 
     def call(*rows):
         it_rows, it_shared = iter(rows), iter(shared)
         args = [next(it_rows) if r else next(it_shared) for r in per_row]
         return fn(*args)
 
-    out = row_map(call, row_inputs, chunk_size=chunk, devices=devices, progress=progress)
+    out = _row_map(
+        call,
+        row_inputs,
+        chunk_size=chunk,
+        devices=devices,
+        progress=progress,
+        dtypes=row_dtypes,
+    )
     return {name: jnp.asarray(out[name]) for name in names}

@@ -98,6 +98,47 @@ def _negligible(ss: jax.Array, n: jax.Array, mean: jax.Array) -> jax.Array:
     return ss <= n * jnp.square(4 * eps * jnp.abs(mean))
 
 
+# Finishing steps shared by the kernels and the fused engine path (vcjax.engine), which
+# computes the same per-row moments for many metrics in one pass over the data.
+
+
+def _pearson_from_moments(
+    sxx: jax.Array, syy: jax.Array, sxy: jax.Array, n: jax.Array, mx: jax.Array, my: jax.Array
+) -> jax.Array:
+    """Pearson r from centred sums over ``n`` values with means ``mx``, ``my`` (NaN rules)."""
+    ok = (n >= 2) & ~_negligible(sxx, n, mx) & ~_negligible(syy, n, my)
+    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
+    r = sxy / jnp.sqrt(den)
+    return jnp.where(ok, jnp.clip(r, -1.0, 1.0), jnp.nan)
+
+
+def _r2_from_moments(
+    num: jax.Array,
+    den: jax.Array,
+    sw: jax.Array,
+    mean: jax.Array,
+    ok: jax.Array,
+    *,
+    strict: bool,
+) -> jax.Array:
+    """sklearn R² (``force_finite``) from the weighted residual and centred sums of squares."""
+    den_zero = _negligible(den, sw, mean)
+    num_zero = num == 0
+    ratio = num / jnp.where(den_zero, jnp.ones_like(den), den)
+    forced = jnp.where(num_zero, 1.0, 0.0).astype(num.dtype)
+    if strict:
+        forced = jnp.full_like(forced, jnp.nan)
+    value = jnp.where(den_zero, forced, jnp.where(num_zero, 1.0, 1.0 - ratio))
+    return jnp.where(ok, value, jnp.nan)
+
+
+def _cosine_from_moments(sxx: jax.Array, syy: jax.Array, sxy: jax.Array) -> jax.Array:
+    """Cosine similarity from uncentred sums (NaN when either vector is zero)."""
+    ok = (sxx > 0) & (syy > 0)
+    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
+    return jnp.where(ok, jnp.clip(sxy / jnp.sqrt(den), -1.0, 1.0), jnp.nan)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -199,10 +240,7 @@ def pearson(x: ArrayLike, y: ArrayLike, *, where: ArrayLike | None = None) -> ja
     sxx = jnp.sum(dx * dx, axis=-1)
     syy = jnp.sum(dy * dy, axis=-1)
     sxy = jnp.sum(dx * dy, axis=-1)
-    ok = (n >= 2) & ~_negligible(sxx, n, mx) & ~_negligible(syy, n, my)
-    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
-    r = sxy / jnp.sqrt(den)
-    return jnp.where(ok, jnp.clip(r, -1.0, 1.0), jnp.nan)
+    return _pearson_from_moments(sxx, syy, sxy, n, mx, my)
 
 
 def pearson_delta(
@@ -241,6 +279,43 @@ def pearson_delta_degs(
     return pearson_delta(pred, truth, reference, where=mask)
 
 
+_TOPK_BLOCKS = (32, 16, 64)  # block sizes tried by _topk_indices, preferred first
+_TOPK_MIN_GENES = 4096  # below this a single lax.top_k is as fast (per-row overhead)
+
+
+def _nan_lowest(s: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isnan(s), -jnp.inf, s)
+
+
+def _topk_indices(scores: jax.Array, k: int) -> jax.Array:
+    """Indices ``(..., k)`` of the ``k`` largest ``scores`` (NaN lowest, ties to the lower index).
+
+    Exactly the set ``lax.top_k`` returns, found without a full top-k over long rows: the
+    row is cut into blocks of ``B`` genes; ranking genes by ``(value desc, index asc)`` (a
+    strict total order), the top ``k`` genes lie in the ``k`` blocks whose best gene ranks
+    highest (a gene outside them is preceded by the ``k`` best genes of those blocks).
+    Blocks are contiguous, so ``lax.top_k`` on the block maxima ranks them in that order,
+    and a final ``top_k`` over the ``k·B`` candidates, kept in gene order, breaks ties
+    towards the lower gene index as on the full row. The returned order is unspecified.
+    """
+    g = scores.shape[-1]
+    fits = [b for b in _TOPK_BLOCKS if 4 * k * b <= g] if g >= _TOPK_MIN_GENES else []
+    if not fits:
+        return jax.lax.top_k(_nan_lowest(scores), k)[1]
+    block = next((b for b in fits if g % b == 0), fits[0])
+    n_blocks = -(-g // block)
+    s = scores
+    if n_blocks * block != g:  # pad with -inf: padding ranks after every real gene
+        pad = [(0, 0)] * (s.ndim - 1) + [(0, n_blocks * block - g)]
+        s = jnp.pad(s, pad, constant_values=-jnp.inf)
+    blocks = s.reshape(s.shape[:-1] + (n_blocks, block))
+    _, best = jax.lax.top_k(jnp.max(_nan_lowest(blocks), axis=-1), k)
+    best = jnp.sort(best, axis=-1)  # candidates in gene order
+    cand = _nan_lowest(jnp.take_along_axis(blocks, best[..., None], axis=-2))
+    _, pos = jax.lax.top_k(cand.reshape(cand.shape[:-2] + (k * block,)), k)
+    return jnp.take_along_axis(best, pos // block, axis=-1) * block + pos % block
+
+
 def topk_mask(scores: ArrayLike, *, k: int) -> jax.Array:
     """Boolean mask of the ``k`` largest ``scores`` along the last axis.
 
@@ -248,12 +323,12 @@ def topk_mask(scores: ArrayLike, *, k: int) -> jax.Array:
     rank below every number. Requires ``1 <= k <= G`` (checked by callers).
     """
     scores = jnp.asarray(scores)
-    s = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    _, idx = jax.lax.top_k(s, k)
+    idx = _topk_indices(scores, k)
     flat_idx = idx.reshape(-1, k)
     rows = jnp.arange(flat_idx.shape[0])[:, None]
-    out = jnp.zeros((flat_idx.shape[0], s.shape[-1]), dtype=bool).at[rows, flat_idx].set(True)
-    return out.reshape(s.shape)
+    g = scores.shape[-1]
+    out = jnp.zeros((flat_idx.shape[0], g), dtype=bool).at[rows, flat_idx].set(True)
+    return out.reshape(scores.shape)
 
 
 def pearson_delta_topk(
@@ -312,14 +387,7 @@ def r2(
     mean = jnp.sum(w * truth, axis=-1) / jnp.where(ok, sw, 1.0)
     num = jnp.sum(w * jnp.square(truth - pred), axis=-1)
     den = jnp.sum(w * jnp.square(truth - mean[..., None]), axis=-1)
-    den_zero = _negligible(den, sw, mean)
-    num_zero = num == 0
-    ratio = num / jnp.where(den_zero, jnp.ones_like(den), den)
-    forced = jnp.where(num_zero, 1.0, 0.0).astype(truth.dtype)
-    if strict:
-        forced = jnp.full_like(forced, jnp.nan)
-    value = jnp.where(den_zero, forced, jnp.where(num_zero, 1.0, 1.0 - ratio))
-    return jnp.where(ok, value, jnp.nan)
+    return _r2_from_moments(num, den, sw, mean, ok, strict=strict)
 
 
 def r2_delta(
@@ -391,9 +459,7 @@ def cosine(x: ArrayLike, y: ArrayLike, *, where: ArrayLike | None = None) -> jax
     sxx = _sum(x * x, m)
     syy = _sum(y * y, m)
     sxy = _sum(x * y, m)
-    ok = (sxx > 0) & (syy > 0)
-    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
-    return jnp.where(ok, jnp.clip(sxy / jnp.sqrt(den), -1.0, 1.0), jnp.nan)
+    return _cosine_from_moments(sxx, syy, sxy)
 
 
 def cosine_delta(
