@@ -10,7 +10,6 @@ import pytest
 import scipy.sparse as sp
 
 from tests.conftest import load_fixture
-from vcjax import baselines as B
 from vcjax.data import VcjaxInputError
 from vcjax.evaluate import calibration_card, drf_table, evaluate, summarize
 
@@ -310,3 +309,42 @@ def test_norman19_control_bias_evidence(shared_data):
     assert dm("wmse", "calibrated_median") <= 0.0
     assert dup("r2w_delta", "calibrated_median") == 1.0
     assert dup("wmse", "calibrated_median") == 1.0
+
+
+def test_peer_metrics_in_the_table():
+    """metrics="all" adds the peers' metrics, wired to the right inputs."""
+    from vcjax import peers
+    from vcjax.evaluate import prepare
+    from vcjax.simulate import simulate_screen
+
+    adata = simulate_screen(seed=2, n_perturbations=10, n_genes=120, cells_per_perturbation=40, n_control=80)
+    # a model given as cells, control included: cell-level metrics become available
+    rng = np.random.default_rng(0)
+    half = adata[rng.random(adata.n_obs) < 0.5].copy()
+    table = evaluate(adata, half, key="condition", control="control", metrics="all")
+    names = set(table.metric)
+    assert {"pds", "rank", "centroid_accuracy", "pearson_delta_top20", "direction_agreement",
+            "hit_recall_at_budget", "hit_recall_at_fdr", "de_overlap_at_k", "de_direction_agreement",
+            "energy_distance", "mmd"} <= names
+    (ctx,) = prepare(adata, key="condition", control="control")
+    dup = ctx.baselines["technical_duplicate"]
+    got = _values(table, "technical_duplicate", "rank", ctx.perts)
+    np.testing.assert_allclose(got, np.asarray(peers.rank(dup - ctx.u_ntc, ctx.truth - ctx.u_ntc)), rtol=1e-6)
+    got = _values(table, "technical_duplicate", "centroid_accuracy", ctx.perts)
+    np.testing.assert_allclose(got, np.asarray(peers.centroid_accuracy(dup, ctx.truth)), rtol=1e-6)
+    # cell-level metrics of the model equal cell-eval's definitions computed directly
+    X = np.log1p(adata.X.toarray() / adata.X.toarray().sum(1, keepdims=True) * 1e4)
+    Xp = np.log1p(half.X.toarray() / half.X.toarray().sum(1, keepdims=True) * 1e4)
+    res = peers.celleval_metrics(X, adata.obs["condition"].astype(str).to_numpy(), Xp,
+                                 half.obs["condition"].astype(str).to_numpy(), list(adata.var_names), control="control")
+    order = [list(res["perts"]).index(p) for p in ctx.perts]
+    for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
+        np.testing.assert_allclose(_values(table, "model", name, ctx.perts), np.asarray(res[name], float)[order],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+    # baselines are profiles, not cells: their cell-level metrics are undefined
+    assert table[(table.source == "dataset_mean") & (table.metric == "energy_distance")]["value"].isna().all()
+    # dataset-level rows
+    hits = table[(table.metric == "hit_recall_at_budget")]
+    assert set(hits.perturbation) == {"(all)"}
+    defined = hits[hits.source != "additive"]  # additive is NaN for singles: not scorable
+    assert defined.value.between(0, 1).all() and hits[hits.source == "additive"].value.isna().all()

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from vcjax import _peer_table
 from vcjax import baselines as B
 from vcjax import data as D
 from vcjax import deg as DEG
@@ -83,9 +84,7 @@ def higher_is_better(metric: str) -> bool:
     spec = ENGINE_METRICS.get(base)
     if spec is not None:
         return spec.higher_is_better
-    from vcjax import peers  # peer metrics register their orientation there
-
-    return peers.higher_is_better(metric)
+    return _peer_table.higher_is_better(metric)
 
 
 @dataclasses.dataclass
@@ -414,8 +413,13 @@ def _score_sources(
     strict: bool,
     gate: bool,
     chunk_size: int | None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """``{source: {metric: (P,)}}`` for every prediction, with DbD's gates applied."""
+    pred_object=None,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    """Scores of every prediction, with DbD's gates applied.
+
+    Returns ``({source: {metric: (P,)}}, {source: {metric: (1,)}})``: per-perturbation
+    values, and dataset-level values (the hit-discovery metrics).
+    """
     core = [m for m in metrics if m in ENGINE_METRICS and m != "pearson_delta_topk"]
     ctrl = [m for m in metrics if m in _CTRL_METRICS]
     if ctx.weights is None:
@@ -428,6 +432,7 @@ def _score_sources(
     peer_names = [m for m in metrics if m not in ENGINE_METRICS and m not in _CTRL_METRICS]
     no_deg = None if ctx.deg_mask is None else ~ctx.deg_mask.any(axis=1)
     out: dict[str, dict[str, np.ndarray]] = {}
+    dataset: dict[str, dict[str, np.ndarray]] = {}
     for source, pred in preds.items():
         res: dict[str, np.ndarray] = {}
         kw = dict(chunk_size=chunk_size, k=k, strict=strict)
@@ -458,9 +463,16 @@ def _score_sources(
             )
             res.update({m: np.asarray(got[_CTRL_METRICS[m]], dtype=np.float64) for m in ctrl})
         if peer_names:
-            from vcjax import peers
-
-            res.update(peers.score_table_metrics(peer_names, pred, ctx))
+            usable = bool(np.all(np.isfinite(pred)))
+            peer = _peer_table.score(peer_names, source, pred, ctx, pred_object) if usable else {}
+            res.update({m: v for m, v in peer.items() if m not in _peer_table.DATASET})
+            ds = _peer_table.score_dataset(peer_names, pred, ctx) if usable else {}
+            wanted = [m for m in peer_names if m in _peer_table.DATASET]
+            if wanted:
+                dataset[source] = {m: np.array([ds.get(m, np.nan)]) for m in wanted}
+            for m in peer_names:
+                if m not in res and m not in _peer_table.DATASET:
+                    res[m] = np.full(len(ctx.perts), np.nan)
         if gate and no_deg is not None:
             for m in _DEG_GATED:
                 if m in res:
@@ -470,7 +482,7 @@ def _score_sources(
                 if m in res:
                     res[m] = np.full_like(res[m], np.nan)
         out[source] = {m: res[m] for m in metrics if m in res}
-    return out
+    return out, dataset
 
 
 def calibrate(values: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
@@ -503,8 +515,8 @@ def calibrate(values: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[
             if metric in d:
                 with np.errstate(all="ignore"):
                     out[source][metric] = np.where(
-                        better, (d[metric] - m_neg) / np.where(better, span, 1.0), np.nan
-                    )
+                        better, (d[metric] - m_neg) / np.where(better, span, 1.0) + 0.0, np.nan
+                    )  # + 0.0 turns -0.0 into 0.0
     return out
 
 
@@ -614,11 +626,24 @@ def evaluate(
                 **preds,
             }
             ctx.options["model"] = preds["model"]
-        values = _score_sources(
-            ctx, preds, metric_list, k=k, strict=strict, gate=gate, chunk_size=chunk_size
+        ctx.options.update(
+            layer=layer,
+            pred_layer=pred_layer,
+            pred_normalization=_pred_normalization(pred, pred_normalize),
         )
-        cal = calibrate(values)
-        frames.append(_tidy(ctx, values, cal))
+        values, dataset = _score_sources(
+            ctx,
+            preds,
+            metric_list,
+            k=k,
+            strict=strict,
+            gate=gate,
+            chunk_size=chunk_size,
+            pred_object=pred,
+        )
+        frames.append(_tidy(ctx, values, calibrate(values)))
+        if dataset:
+            frames.append(_tidy_dataset(ctx, dataset, calibrate(dataset)))
         ctx.options.update(
             metrics=tuple(metric_list), k=k, strict=strict, gate=gate, chunk_size=chunk_size
         )
@@ -648,24 +673,47 @@ def _resolve_metrics(metrics, ctx: EvalContext, pred) -> list[str]:
     if metrics is None:
         return list(DEFAULT_METRICS)
     if isinstance(metrics, str) and metrics == "all":
-        from vcjax import peers
-
-        return list(DEFAULT_METRICS) + [
-            m for m in peers.table_metrics(ctx, pred) if m not in DEFAULT_METRICS
-        ]
+        extra = _peer_table.available(pred, ctx.options["key"], ctx.control)
+        return list(DEFAULT_METRICS) + [m for m in extra if m not in DEFAULT_METRICS]
     if isinstance(metrics, str):
         metrics = [metrics]
-    known = set(DEFAULT_METRICS) | set(ENGINE_METRICS)
-    try:
-        from vcjax import peers
-
-        known |= set(peers.TABLE_METRICS)
-    except ImportError:  # pragma: no cover - peers is part of the package
-        pass
+    known = set(DEFAULT_METRICS) | set(ENGINE_METRICS) | set(_peer_table.TABLE_METRICS)
     unknown = [m for m in metrics if m not in known]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {sorted(known)}")
     return list(metrics)
+
+
+def _pred_normalization(pred, pred_normalize) -> str:
+    """What :func:`vcjax.data.group_stats` does to predicted cells (for cell-level metrics)."""
+    if pred is None or not hasattr(pred, "obs") or pred_normalize is None:
+        return "none"
+    if pred_normalize != "auto":
+        return str(pred_normalize)
+    X = pred.X
+    vals = np.asarray(X.data if hasattr(X, "tocsr") else np.asarray(X).ravel())[: 1 << 16]
+    is_counts = (
+        vals.size and np.all(vals >= 0) and np.all(vals == np.round(vals)) and vals.max() > 1
+    )
+    return "log1p_cp10k" if is_counts else "none"
+
+
+def _tidy_dataset(ctx: EvalContext, values, cal) -> pd.DataFrame:
+    """Rows of the dataset-level metrics (``perturbation = "(all)"``)."""
+    rows = [
+        dict(
+            perturbation=_peer_table.ALL,
+            metric=m,
+            source=s,
+            value=float(v[0]),
+            calibrated=float(cal[s][m][0]) if m in cal.get(s, {}) else np.nan,
+            note="dataset-level",
+            covariate=ctx.covariate,
+        )
+        for s, d in values.items()
+        for m, v in d.items()
+    ]
+    return pd.DataFrame(rows)
 
 
 def _tidy(ctx: EvalContext, values, cal) -> pd.DataFrame:
@@ -767,47 +815,49 @@ def calibration_card(table_or_truth, **kwargs) -> pd.DataFrame:
         if isinstance(table_or_truth, pd.DataFrame)
         else evaluate(table_or_truth, None, **kwargs)
     )
-    rows = []
-    for metric in dict.fromkeys(table["metric"]):
-        w = _wide(table, metric)
-        if "technical_duplicate" not in w:
-            continue
-        hib = higher_is_better(metric)
-        pos = w["technical_duplicate"].to_numpy(float)
-        nan = np.full_like(pos, np.nan)
-        col = lambda s: w[s].to_numpy(float) if s in w else nan  # noqa: E731
-        is_error = not hib and metric in ("mse", "wmse", "mae")
-        neg = col("dataset_mean") if is_error else col("control_mean")
-        drf = dynamic_range_fraction(pos, neg, higher_is_better=hib)
-        drf_ctrl = dynamic_range_fraction(pos, col("control_mean"), higher_is_better=hib)
-        drf_interp = dynamic_range_fraction(
-            col("interpolated_duplicate"), neg, higher_is_better=hib
-        )
-        drf_loo = dynamic_range_fraction(pos, col("loo_mean"), higher_is_better=hib)
-        negs = np.stack([col(s) for s in _NEGATIVES])
-        with np.errstate(all="ignore"):
-            best = np.nanmax(negs, 0) if hib else np.nanmin(negs, 0)
-        ok = np.isfinite(pos) & np.isfinite(best)
-        beats = (pos > best) if hib else (pos < best)
-        with np.errstate(all="ignore"):
-            rows.append(
-                dict(
-                    metric=metric,
-                    drf_median=np.nanmedian(drf) if np.isfinite(drf).any() else np.nan,
-                    drf_mean=np.nanmean(drf) if np.isfinite(drf).any() else np.nan,
-                    drf_iqr=_iqr(drf),
-                    drf_ctrl_median=np.nanmedian(drf_ctrl)
-                    if np.isfinite(drf_ctrl).any()
-                    else np.nan,
-                    drf_interpolated_median=np.nanmedian(drf_interp)
-                    if np.isfinite(drf_interp).any()
-                    else np.nan,
-                    drf_loo_median=np.nanmedian(drf_loo) if np.isfinite(drf_loo).any() else np.nan,
-                    discrimination=float(beats[ok].mean()) if ok.any() else np.nan,
-                    n=int(np.isfinite(pos).sum()),
-                )
-            )
-    return pd.DataFrame(rows)
+    rows = [_card_row(table, metric) for metric in dict.fromkeys(table["metric"])]
+    return pd.DataFrame([r for r in rows if r is not None])
+
+
+def _nanstat(fn, x: np.ndarray) -> float:
+    """``fn`` over the finite values of ``x``; NaN (without a warning) when there are none."""
+    x = x[np.isfinite(x)]
+    return float(fn(x)) if x.size else np.nan
+
+
+def _card_row(table: pd.DataFrame, metric: str) -> dict | None:
+    w = _wide(table, metric)
+    if "technical_duplicate" not in w:
+        return None
+    hib = higher_is_better(metric)
+    pos = w["technical_duplicate"].to_numpy(float)
+    nan = np.full_like(pos, np.nan)
+
+    def col(source: str) -> np.ndarray:
+        return w[source].to_numpy(float) if source in w else nan
+
+    is_error = not hib and metric in ("mse", "wmse", "mae")
+    neg = col("dataset_mean") if is_error else col("control_mean")
+    drf = dynamic_range_fraction(pos, neg, higher_is_better=hib)
+    drf_ctrl = dynamic_range_fraction(pos, col("control_mean"), higher_is_better=hib)
+    drf_interp = dynamic_range_fraction(col("interpolated_duplicate"), neg, higher_is_better=hib)
+    drf_loo = dynamic_range_fraction(pos, col("loo_mean"), higher_is_better=hib)
+    negs = np.stack([col(s) for s in _NEGATIVES])
+    filled = np.where(np.isnan(negs), -np.inf if hib else np.inf, negs)
+    best = filled.max(0) if hib else filled.min(0)
+    ok = np.isfinite(pos) & np.isfinite(best)
+    beats = (pos > best) if hib else (pos < best)
+    return dict(
+        metric=metric,
+        drf_median=_nanstat(np.median, drf),
+        drf_mean=_nanstat(np.mean, drf),
+        drf_iqr=_iqr(drf),
+        drf_ctrl_median=_nanstat(np.median, drf_ctrl),
+        drf_interpolated_median=_nanstat(np.median, drf_interp),
+        drf_loo_median=_nanstat(np.median, drf_loo),
+        discrimination=float(beats[ok].mean()) if ok.any() else np.nan,
+        n=int(np.isfinite(pos).sum()),
+    )
 
 
 def drf_table(table: pd.DataFrame, metric: str, *, negative: str | None = None) -> pd.Series:
