@@ -1,0 +1,840 @@
+"""The ``vcjax`` command: score predictions, a data set's calibration card, reports, a demo.
+
+::
+
+    vcjax score --truth T.h5ad --pred P.h5ad --key condition --control control \\
+                --out results.parquet [--report report.html] [--n-boot 1000]
+    vcjax baselines --truth T.h5ad --key condition --control control --out card.csv
+    vcjax report results.parquet --out report.html
+    vcjax demo [--h5ad screen.h5ad --key condition --control control]
+
+Every output is written atomically (a temporary file in the same folder, then
+:func:`os.replace`), so a failed run writes nothing and never overwrites a good file.
+Bad input ends with one line ``error: <what, naming the culprit>`` on stderr and exit
+status 2, before anything is written (output folders are checked before any computation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import enum
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="vcjax",
+    help="Calibrated metrics for perturbation-response (virtual-cell) models, in JAX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_INPUT = 2  # bad input or options (also what typer uses for usage errors)
+EXIT_INTERNAL = 1
+
+
+class Reference(str, enum.Enum):
+    perturbed = "perturbed"
+    perturbed_no_control = "perturbed_no_control"
+    perturbed_cells = "perturbed_cells"
+    control = "control"
+
+
+class Device(str, enum.Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Normalize(str, enum.Enum):
+    auto = "auto"
+    counts = "counts"
+    none = "none"
+
+
+_NORMALIZE = {"auto": "auto", "counts": "log1p_cp10k", "none": None}
+_PRED_TABLES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet", ".pq")
+
+
+# ------------------------------------------------------------------------------ plumbing
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    line = " ".join(str(message).split())  # one line, whatever the message holds
+    typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Turn input errors into ``error: <message>`` and exit 2; anything else exits 1."""
+    from vcjax._io import OutputPathError
+    from vcjax.data import VcjaxInputError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (VcjaxInputError, OutputPathError, FileNotFoundError, IsADirectoryError) as exc:
+        _fail(str(exc) or type(exc).__name__)
+    except (ValueError, KeyError) as exc:  # option values rejected by the library
+        if os.environ.get("VCJAX_DEBUG"):
+            raise
+        if isinstance(exc, KeyError):
+            _fail(f"not found: {exc.args[0] if exc.args else exc}")
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; nothing written", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - a bug: say so, keep it one line
+        if os.environ.get("VCJAX_DEBUG"):
+            raise
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc} (set VCJAX_DEBUG=1 for the traceback)",
+            EXIT_INTERNAL,
+        )
+
+
+class _Steps:
+    """Transient rich spinners with elapsed time, one per step, on stderr; silent if quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.console = _stderr()
+        self.show = not quiet and self.console.is_terminal
+
+    @contextlib.contextmanager
+    def __call__(self, text: str) -> Iterator[None]:
+        if not self.show:
+            yield
+            return
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        ) as prog:
+            prog.add_task(text, total=None)
+            yield
+
+
+def _select_device(device: Device | None) -> None:
+    """Make JAX use ``device``; must run before the first JAX computation."""
+    if device is None:
+        return
+    import jax
+
+    try:
+        from jax._src import xla_bridge
+
+        initialized = bool(xla_bridge.backends_are_initialized())
+    except Exception:  # noqa: BLE001 - private API moved: assume initialised
+        initialized = True
+    if device is Device.cpu:
+        if not initialized:
+            jax.config.update("jax_platforms", "cpu")
+        else:
+            jax.config.update("jax_default_device", jax.devices("cpu")[0])
+        return
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        try:
+            have = sorted({d.platform for d in jax.devices()})
+        except RuntimeError:
+            have = []
+        _fail(
+            "--device gpu requested but JAX found no GPU (backends here: "
+            + (", ".join(have) or "none")
+            + f", jax {jax.__version__}); install a CUDA build: pip install 'vcjax[cuda]'"
+        )
+    jax.config.update("jax_default_device", gpus[0])
+
+
+def _backend_line() -> str:
+    import jax
+
+    dev = jax.config.jax_default_device
+    if dev is None:
+        dev = jax.devices()[0]
+    n = len(jax.devices(dev.platform))
+    kind = getattr(dev, "device_kind", dev.platform)
+    return f"JAX backend: {dev.platform} ({n} device{'s' if n != 1 else ''}: {kind}; jax {jax.__version__})"
+
+
+def _check_outputs(*pairs: tuple[str | None, tuple[str, ...] | None]) -> None:
+    from vcjax._io import TABLE_FORMATS, check_output_path
+
+    seen = set()
+    for path, exts in pairs:
+        if path is None:
+            continue
+        check_output_path(path, extensions=exts if exts is not None else tuple(TABLE_FORMATS))
+        real = os.path.realpath(path)
+        if real in seen:
+            _fail(f"the same output path is given twice: {path}")
+        seen.add(real)
+
+
+def _check_input_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    if os.path.isdir(path):
+        _fail(f"{what} is a folder, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        _fail(f"{what} file is empty (0 bytes): {path}")
+
+
+def _read_truth(path: str, *, backed: bool):
+    from vcjax.data import read_h5ad
+
+    _check_input_file(path, "truth")
+    return read_h5ad(path, backed=backed)  # checks the content, whatever the name
+
+
+def _read_pred(path: str):
+    """A prediction: ``.h5ad`` (cells or one row per perturbation), or a wide table
+    (rows: perturbations, first column their names; columns: genes)."""
+    import pandas as pd
+
+    _check_input_file(path, "prediction")
+    low = path.lower()
+    if any(low.endswith(e) for e in _PRED_TABLES):
+        try:
+            if low.endswith((".parquet", ".pq")):
+                df = pd.read_parquet(path)
+                if (
+                    isinstance(df.index, pd.RangeIndex)
+                    and df.shape[1]
+                    and not pd.api.types.is_numeric_dtype(df.dtypes.iloc[0])
+                ):
+                    df = df.set_index(df.columns[0])
+            else:
+                sep = "\t" if ".tsv" in low else ","
+                df = pd.read_csv(path, sep=sep, index_col=0)
+        except Exception as exc:  # noqa: BLE001
+            _fail(f"cannot read prediction table {path}: {type(exc).__name__}: {exc}")
+        df.index = df.index.astype(str)
+        bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            _fail(
+                f"prediction table {path}: non-numeric gene column(s) {', '.join(map(str, bad[:5]))}"
+            )
+        if df.shape[0] == 0 or df.shape[1] == 0:
+            _fail(f"prediction table {path} is empty ({df.shape[0]} rows x {df.shape[1]} genes)")
+        df.columns = df.columns.astype(str)
+        return df
+    from vcjax.data import read_h5ad
+
+    return read_h5ad(path)
+
+
+def _metric_list(metrics: Sequence[str] | None) -> list[str] | str | None:
+    if not metrics:
+        return None
+    out = [m.strip() for item in metrics for m in item.split(",") if m.strip()]
+    if out == ["all"]:
+        return "all"
+    return out or None
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("vcjax")
+    except Exception:  # noqa: BLE001
+        import vcjax
+
+        return getattr(vcjax, "__version__", "unknown")
+
+
+def _table_meta(table, **extra: Any) -> dict[str, Any]:
+    meta = {k: v for k, v in table.attrs.items() if k not in ("contexts",)}
+    meta.update({k: v for k, v in extra.items() if v is not None})
+    meta.setdefault("vcjax_version", _version())
+    meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
+    meta.setdefault("command", " ".join(["vcjax", *sys.argv[1:]]) if sys.argv else "vcjax")
+    return meta
+
+
+def _n_boot_available(n_boot: int) -> None:
+    if n_boot < 0:
+        _fail(f"--n-boot must be >= 0, got {n_boot}")
+    if n_boot and importlib.util.find_spec("vcjax.bootstrap") is None:
+        _fail("--n-boot needs vcjax.bootstrap, which this installation lacks")
+
+
+# ------------------------------------------------------------------------------ summaries
+
+
+def _summary_table(table, *, title: str, max_rows: int = 14):
+    """One screen: per metric, the median value of the main sources (+ model calibrated)."""
+    import numpy as np
+    from rich.table import Table
+
+    from vcjax.report import SOURCE_ORDER, _label
+
+    table = table[~table["source"].astype(str).str.startswith("model-vs-")]
+    present = list(dict.fromkeys(table["source"].astype(str)))
+    main = [
+        s for s in ("model", "technical_duplicate", "dataset_mean", "control_mean") if s in present
+    ]
+    if len(main) < 2:
+        main = [s for s in SOURCE_ORDER if s in present][:6]
+    med = table.groupby(["metric", "source"], sort=False)["value"].median()
+    cal = (
+        table[table["source"] == "model"].groupby("metric", sort=False)["calibrated"].median()
+        if "model" in present
+        else None
+    )
+    t = Table(title=title, title_justify="left", header_style="bold")
+    t.add_column("metric")
+    if cal is not None:
+        t.add_column("model\ncalibrated", justify="right", style="bold")
+    short = {
+        "technical_duplicate": "tech.\nduplicate",
+        "dataset_mean": "dataset\nmean",
+        "control_mean": "control\nmean",
+    }
+    for s in main:
+        t.add_column(short.get(s, s.replace("_", " ")), justify="right")
+    metrics = list(dict.fromkeys(table["metric"]))
+
+    def fmt(v):
+        return "—" if v is None or not np.isfinite(v) else f"{v:.4g}"
+
+    for m in metrics[:max_rows]:
+        row = [_label(m)]
+        if cal is not None:
+            row.append(fmt(cal.get(m, np.nan)))
+        row += [fmt(med.get((m, s), np.nan)) for s in main]
+        t.add_row(*row)
+    if len(metrics) > max_rows:
+        t.caption = f"… {len(metrics) - max_rows} more metric(s) in the output"
+    return t
+
+
+def _card_table(card, table):
+    import numpy as np
+    from rich.table import Table
+
+    from vcjax.report import _label
+
+    med = table.groupby(["metric", "source"], sort=False)["value"].median()
+    t = Table(
+        title="calibration card (medians over perturbations)",
+        title_justify="left",
+        header_style="bold",
+    )
+    for c in ("metric", "DRF", "discrimination", "tech. duplicate", "dataset mean", "control mean"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+
+    def fmt(v):
+        return "—" if v is None or not np.isfinite(v) else f"{v:.3g}"
+
+    for _, r in card.iterrows():
+        m = r["metric"]
+        t.add_row(
+            _label(m),
+            fmt(r.get("drf_median")),
+            fmt(r.get("discrimination")),
+            fmt(med.get((m, "technical_duplicate"), np.nan)),
+            fmt(med.get((m, "dataset_mean"), np.nan)),
+            fmt(med.get((m, "control_mean"), np.nan)),
+        )
+    return t
+
+
+@contextlib.contextmanager
+def _quiet_warnings() -> Iterator[None]:
+    """Silence NumPy's all-NaN and pandas' future warnings (NaN is a documented outcome)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+# ------------------------------------------------------------------------------ options
+
+TruthOpt = Annotated[
+    str, typer.Option("--truth", "-t", help="measured screen (.h5ad): cells × genes")
+]
+KeyOpt = Annotated[str, typer.Option("--key", "-k", help="obs column with the condition labels")]
+ControlOpt = Annotated[str, typer.Option("--control", "-c", help="the control label in obs[KEY]")]
+ReferenceOpt = Annotated[Reference, typer.Option(help="delta reference (METRICS.md §2)")]
+MetricsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--metrics", "-m", help="metric names, repeated or comma-separated; 'all' adds peer metrics"
+    ),
+]
+SeedOpt = Annotated[int, typer.Option(help="seed of the null baseline and the bootstrap")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress, no summary")]
+DeviceOpt = Annotated[Device | None, typer.Option(help="JAX platform (default: JAX's choice)")]
+NormalizeOpt = Annotated[
+    Normalize,
+    typer.Option(
+        help="auto: raw integer counts are normalised (1e4, log1p); counts: always; none: as is"
+    ),
+]
+LayerOpt = Annotated[str | None, typer.Option(help="truth layer to read instead of X")]
+BackedOpt = Annotated[bool, typer.Option(help="read the truth's X from disk (backed mode)")]
+DropSmallOpt = Annotated[
+    bool, typer.Option(help="drop conditions with < 2 cells instead of failing")
+]
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+@app.command()
+def score(
+    truth: TruthOpt,
+    key: KeyOpt,
+    control: ControlOpt,
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="results table: .csv, .tsv, .parquet (.csv.gz)")
+    ],
+    pred: Annotated[
+        str,
+        typer.Option(
+            "--pred",
+            "-p",
+            help="predictions: .h5ad (cells or one row per "
+            "perturbation) or a table .csv/.tsv/.parquet (rows: perturbations)",
+        ),
+    ],
+    reference: ReferenceOpt = Reference.perturbed,
+    metrics: MetricsOpt = None,
+    n_boot: Annotated[
+        int, typer.Option("--n-boot", help="bootstrap resamples for intervals (0: none)")
+    ] = 0,
+    ci: Annotated[float, typer.Option(help="interval level")] = 0.95,
+    seed: SeedOpt = 0,
+    report: Annotated[
+        str | None, typer.Option(help="also write an HTML report (+ per-gene side-car)")
+    ] = None,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+    normalize: NormalizeOpt = Normalize.auto,
+    layer: LayerOpt = None,
+    pred_layer: Annotated[
+        str | None, typer.Option(help="prediction layer to read instead of X")
+    ] = None,
+    backed: BackedOpt = False,
+    drop_small: DropSmallOpt = False,
+) -> None:
+    """Score a model's predictions against the calibration baselines: the evaluate table."""
+    with _errors():
+        _check_outputs((out, None), (report, (".html", ".htm")))
+        if not 0 < ci < 1:
+            _fail(f"--ci must be in (0, 1), got {ci}")
+        _n_boot_available(n_boot)
+        _select_device(device)
+        steps = _Steps(quiet)
+        with steps("reading the truth"):
+            adata = _read_truth(truth, backed=backed)
+        with steps("reading the prediction"):
+            pred_obj = _read_pred(pred)
+        from vcjax.evaluate import evaluate
+
+        with steps(
+            "scoring: statistics, DEGs, baselines, metrics" + (", bootstrap" if n_boot else "")
+        ):
+            table = evaluate(
+                adata,
+                pred_obj,
+                key=key,
+                control=control,
+                reference=reference.value,
+                metrics=_metric_list(metrics),
+                seed=seed,
+                n_boot=n_boot,
+                ci=ci,
+                layer=layer,
+                pred_layer=pred_layer,
+                normalize=_NORMALIZE[normalize.value],
+                drop_small=drop_small,
+                progress=steps.show,
+            )
+        meta = _table_meta(
+            table,
+            key=key,
+            control=control,
+            truth=os.path.abspath(truth),
+            pred=os.path.abspath(pred),
+            reference=reference.value,
+            seed=seed,
+            n_boot=n_boot,
+            ci=ci if n_boot else None,
+        )
+        table.attrs.update({k: v for k, v in meta.items() if k != "command"})
+        _write_outputs(
+            table,
+            out,
+            report=report,
+            meta=meta,
+            steps=steps,
+            per_gene_args=dict(
+                truth=adata,
+                pred=pred_obj,
+                key=key,
+                control=control,
+                reference=reference.value,
+                layer=layer,
+                pred_layer=pred_layer,
+                normalize=_NORMALIZE[normalize.value],
+            ),
+        )
+        if not quiet:
+            n = table["perturbation"].nunique()
+            _stdout().print(_summary_table(table, title=f"median over {n} perturbations"))
+            steps.console.print(_backend_line())
+            steps.console.print(f"wrote {out}" + (f", {report}" if report else ""))
+
+
+def _write_outputs(
+    table, out: str, *, report: str | None, meta: dict, steps: _Steps, per_gene_args: dict | None
+) -> None:
+    """Results table (+ per-gene side-car and HTML report), all-or-nothing."""
+    from vcjax import report as R
+    from vcjax._io import Staged, save_table, write_npz
+
+    html = genes = None
+    if report is not None:
+        with steps("per-gene data for the report"):
+            genes = None
+            if per_gene_args is not None:
+                genes = R.per_gene_data(**per_gene_args, contexts=table.attrs.get("contexts"))
+        with steps("rendering the report"):
+            html = R.build_report(table, per_gene=genes)
+    with steps("writing"), Staged() as staged:
+        save_table(table, out, meta=meta, staged=staged)
+        if genes is not None:
+            staged.add(R.sidecar_path(out), lambda p: write_npz(p, genes))
+        if html is not None:
+            staged.add(report, lambda p: p.write_text(html, encoding="utf-8"))
+        staged.commit()
+
+
+@app.command()
+def baselines(
+    truth: TruthOpt,
+    key: KeyOpt,
+    control: ControlOpt,
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="every baseline's per-perturbation scores: .csv, .tsv, .parquet"
+        ),
+    ],
+    card: Annotated[
+        str | None, typer.Option(help="also write the per-metric calibration card (.csv/.parquet)")
+    ] = None,
+    reference: ReferenceOpt = Reference.perturbed,
+    metrics: MetricsOpt = None,
+    seed: SeedOpt = 0,
+    report: Annotated[str | None, typer.Option(help="also write an HTML report")] = None,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+    normalize: NormalizeOpt = Normalize.auto,
+    layer: LayerOpt = None,
+    backed: BackedOpt = False,
+    drop_small: DropSmallOpt = False,
+) -> None:
+    """A data set's calibration card: every baseline scored, no model needed."""
+    with _errors():
+        _check_outputs((out, None), (card, None), (report, (".html", ".htm")))
+        _select_device(device)
+        steps = _Steps(quiet)
+        with steps("reading the truth"):
+            adata = _read_truth(truth, backed=backed)
+        from vcjax.evaluate import calibration_card, evaluate
+
+        with steps("scoring the baselines"):
+            table = evaluate(
+                adata,
+                None,
+                key=key,
+                control=control,
+                reference=reference.value,
+                metrics=_metric_list(metrics),
+                seed=seed,
+                layer=layer,
+                normalize=_NORMALIZE[normalize.value],
+                drop_small=drop_small,
+                progress=steps.show,
+            )
+            with _quiet_warnings():
+                card_df = calibration_card(table)
+        meta = _table_meta(
+            table,
+            key=key,
+            control=control,
+            truth=os.path.abspath(truth),
+            reference=reference.value,
+            seed=seed,
+        )
+        meta["calibration_card"] = card_df
+        table.attrs.update(
+            {k: v for k, v in meta.items() if k not in ("command", "calibration_card")}
+        )
+        per_gene_args = dict(
+            truth=adata,
+            pred=None,
+            key=key,
+            control=control,
+            reference=reference.value,
+            layer=layer,
+            normalize=_NORMALIZE[normalize.value],
+        )
+        if card is None:
+            _write_outputs(
+                table, out, report=report, meta=meta, steps=steps, per_gene_args=per_gene_args
+            )
+        else:
+            from vcjax import report as R
+            from vcjax._io import Staged, save_table, write_npz
+
+            html = genes = None
+            if report is not None:
+                with steps("rendering the report"):
+                    genes = R.per_gene_data(**per_gene_args, contexts=table.attrs.get("contexts"))
+                    html = R.build_report(table, per_gene=genes, title="vcjax calibration card")
+            with steps("writing"), Staged() as staged:
+                save_table(table, out, meta=meta, staged=staged)
+                save_table(
+                    card_df,
+                    card,
+                    meta={k: v for k, v in meta.items() if k != "calibration_card"},
+                    staged=staged,
+                )
+                if genes is not None:
+                    staged.add(R.sidecar_path(out), lambda p: write_npz(p, genes))
+                if html is not None:
+                    staged.add(report, lambda p: p.write_text(html, encoding="utf-8"))
+                staged.commit()
+        if not quiet:
+            _stdout().print(_card_table(card_df, table))
+            steps.console.print(_backend_line())
+            steps.console.print("wrote " + ", ".join(p for p in (out, card, report) if p))
+
+
+@app.command("report")
+def report_cmd(
+    results: Annotated[
+        str, typer.Argument(help="a results table from `vcjax score` or `vcjax baselines`")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", help="the HTML file")],
+    genes: Annotated[
+        str | None,
+        typer.Option(
+            help="per-gene side-car (.genes.npz); default: the one beside RESULTS if present"
+        ),
+    ] = None,
+    truth: Annotated[
+        str | None, typer.Option(help="compute the per-gene view from this truth .h5ad")
+    ] = None,
+    pred: Annotated[str | None, typer.Option(help="… and this prediction (.h5ad or table)")] = None,
+    key: Annotated[
+        str | None, typer.Option(help="obs key (default: from the results' metadata)")
+    ] = None,
+    control: Annotated[
+        str | None, typer.Option(help="control label (default: from the metadata)")
+    ] = None,
+    title: Annotated[str, typer.Option(help="page title")] = "vcjax evaluation report",
+    quiet: QuietOpt = False,
+) -> None:
+    """One self-contained HTML report (figures embedded) from a results table."""
+    with _errors():
+        _check_outputs((out, (".html", ".htm")))
+        from vcjax import report as R
+        from vcjax._io import atomic_path, read_table
+
+        _check_input_file(results, "results")
+        steps = _Steps(quiet)
+        with steps("reading the results"):
+            table = read_table(results)
+        per_gene = None
+        if truth is not None:
+            key = key or table.attrs.get("key")
+            control = control or table.attrs.get("control")
+            if not key or not control:
+                _fail("--truth needs --key and --control (the results carry no metadata for them)")
+            with steps("per-gene data from the h5ad files"):
+                adata = _read_truth(truth, backed=False)
+                pred_obj = _read_pred(pred) if pred is not None else None
+                ref = table.attrs.get("reference", "perturbed")
+                per_gene = R.per_gene_data(
+                    adata,
+                    pred_obj,
+                    key=key,
+                    control=control,
+                    reference=ref if isinstance(ref, str) else "perturbed",
+                )
+        elif genes is not None:
+            per_gene = R.load_per_gene(genes)
+        elif os.path.exists(R.sidecar_path(results)):
+            per_gene = R.load_per_gene(R.sidecar_path(results))
+        with steps("rendering the report"):
+            html = R.build_report(table, per_gene=per_gene, title=title)
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text(html, encoding="utf-8")
+        if not quiet:
+            steps.console.print(
+                f"wrote {out} ({len(html) / 1e6:.1f} MB"
+                + ("" if per_gene is not None else "; no per-gene data")
+                + ")"
+            )
+
+
+@app.command()
+def demo(
+    h5ad: Annotated[
+        str | None, typer.Option(help="a real screen (.h5ad); default: the embedded simulator")
+    ] = None,
+    key: Annotated[
+        str, typer.Option("--key", "-k", help="obs column with the condition labels")
+    ] = "condition",
+    control: Annotated[str, typer.Option("--control", "-c", help="the control label")] = "control",
+    seed: Annotated[int, typer.Option(help="simulator seed (and null-baseline seed)")] = 0,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="also write the table (.csv/.parquet)")
+    ] = None,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+    normalize: NormalizeOpt = Normalize.auto,
+    drop_small: DropSmallOpt = False,
+) -> None:
+    """Dataset mean vs technical duplicate, per perturbation, on the simulator or a real file.
+
+    Prints, per perturbation, WMSE and R²w(Δ) of the dataset-mean baseline next to the
+    technical duplicate, and the JAX backend that ran.
+    """
+    with _errors():
+        _check_outputs((out, None))
+        _select_device(device)
+        steps = _Steps(quiet)
+        if h5ad is None:
+            from vcjax.simulate import simulate_screen
+
+            with steps(f"simulating a screen (seed {seed})"):
+                adata = simulate_screen(seed=seed, key=key, control=control)
+            source = f"vcjax.simulate.simulate_screen(seed={seed})"
+        else:
+            with steps("reading the screen"):
+                adata = _read_truth(h5ad, backed=False)
+            source = h5ad
+        from vcjax.evaluate import evaluate
+
+        with steps("scoring the baselines"):
+            table = evaluate(
+                adata,
+                None,
+                key=key,
+                control=control,
+                seed=seed,
+                baselines=("control_mean", "dataset_mean", "null", "technical_duplicate"),
+                normalize=_NORMALIZE[normalize.value],
+                drop_small=drop_small,
+                progress=steps.show,
+            )
+        if out is not None:
+            from vcjax._io import atomic_path, write_table
+
+            with atomic_path(out) as tmp:
+                write_table(
+                    table,
+                    tmp,
+                    like=out,
+                    meta=_table_meta(table, key=key, control=control, truth=source, seed=seed),
+                )
+        _print_demo(table, source=source, shape=adata.shape, quiet=quiet)
+
+
+def _print_demo(table, *, source: str, shape, quiet: bool) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    con = _stdout()
+    w = table.pivot_table(
+        index="perturbation", columns=["metric", "source"], values="value", dropna=False, sort=False
+    )
+    col = lambda m, s: w[(m, s)] if (m, s) in w else np.full(len(w), np.nan)  # noqa: E731
+
+    def fmt(v):
+        return "NaN" if not np.isfinite(v) else f"{v:.4f}"
+
+    wm_d, wm_t = col("wmse", "dataset_mean"), col("wmse", "technical_duplicate")
+    r2_d, r2_t = col("r2w_delta", "dataset_mean"), col("r2w_delta", "technical_duplicate")
+    t = Table(
+        title=f"{source}: {shape[0]} cells × {shape[1]} genes, {len(w)} perturbations",
+        title_justify="left",
+        header_style="bold",
+    )
+    t.add_column("perturbation")
+    for c in (
+        "WMSE\ndataset mean",
+        "WMSE\ntech. dup.",
+        "R²w(Δ)\ndataset mean",
+        "R²w(Δ)\ntech. dup.",
+    ):
+        t.add_column(c, justify="right", no_wrap=True)
+    for i, p in enumerate(w.index):
+        t.add_row(
+            str(p), fmt(wm_d.iloc[i]), fmt(wm_t.iloc[i]), fmt(r2_d.iloc[i]), fmt(r2_t.iloc[i])
+        )
+    with np.errstate(all="ignore"):
+        ok = np.isfinite(wm_d.to_numpy(float)) & np.isfinite(wm_t.to_numpy(float))
+        wins = int((wm_t.to_numpy(float)[ok] < wm_d.to_numpy(float)[ok]).sum())
+
+        def med(x):
+            x = x.to_numpy(float)
+            return np.nanmedian(x) if np.isfinite(x).any() else np.nan
+
+        t.add_section()
+        t.add_row(
+            "median", fmt(med(wm_d)), fmt(med(wm_t)), fmt(med(r2_d)), fmt(med(r2_t)), style="bold"
+        )
+    con.print(t)
+    con.print(
+        f"The technical duplicate beats the dataset mean on WMSE in {wins}/{int(ok.sum())} perturbations "
+        "with DEGs (NaN: no DEGs, METRICS.md §5). A model is informative where it sits between them."
+    )
+    con.print(_backend_line())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``vcjax``, ``python -m vcjax``)."""
+    app(args=list(argv) if argv is not None else None, prog_name="vcjax")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
