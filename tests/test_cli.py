@@ -192,11 +192,6 @@ def test_baselines_card(screen, tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    not hasattr(__import__("vcjax.peers").peers, "TABLE_METRICS"),
-    reason="vcjax.evaluate's metric resolution needs vcjax.peers.TABLE_METRICS (in progress)",
-    strict=True,
-)
 def test_metrics_option(screen, tmp_path):
     d, _, _ = screen
     out = tmp_path / "r.csv"

@@ -311,3 +311,18 @@ def test_split_stats_sum_to_full():
         np.testing.assert_allclose(
             sp2.half1.sum[i], X[(lab == nm) & (h == 1)].sum(0), rtol=1e-12, atol=1e-12
         )
+
+
+def test_auto_rejects_negative_integer_counts():
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from vcjax.data import VcjaxInputError, group_stats
+
+    X = np.array([[1, 2, 0], [3, 0, 1], [0, -2, 4], [5, 1, 1]], dtype=np.float32)
+    a = ad.AnnData(sp.csr_matrix(X))
+    a.obs["c"] = ["control", "control", "A", "A"]
+    a.obs_names = [f"cell{i}" for i in range(4)]
+    a.var_names = ["g0", "g1", "g2"]
+    with pytest.raises(VcjaxInputError, match=r"negative value -2.0 at gene 'g1', cell 'cell2'"):
+        group_stats(a, "c", control="control")

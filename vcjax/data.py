@@ -546,6 +546,13 @@ def group_stats(
             if mode is None or mode == "log1p_cp10k":
                 neg = vals < 0
                 is_counts = (not neg.any()) and bool(np.all(vals == np.floor(vals)))
+                if mode is None and neg.any() and bool(np.all(vals == np.floor(vals))):
+                    # integers with negative entries: corrupted counts, not log-normalised data
+                    r, c = _locate(chunk, neg)
+                    raise VcjaxInputError(
+                        f"negative value {vals[neg][0]} at gene {genes[c]!r}, cell "
+                        f"{cells[start + r]!r} in integer-valued data (raw counts must be >= 0)"
+                    )
                 if mode is None:  # auto, undecided
                     if vals.size and np.any(vals != 0):
                         mode = "log1p_cp10k" if is_counts else "none"

@@ -680,7 +680,7 @@ def _resolve_metrics(metrics, ctx: EvalContext, pred) -> list[str]:
     known = set(DEFAULT_METRICS) | set(ENGINE_METRICS) | set(_peer_table.TABLE_METRICS)
     unknown = [m for m in metrics if m not in known]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; available: {sorted(known)}")
+        raise D.VcjaxInputError(f"unknown metric(s) {unknown}; available: {sorted(known)}")
     return list(metrics)
 
 
