@@ -414,11 +414,12 @@ def _score_sources(
     gate: bool,
     chunk_size: int | None,
     pred_object=None,
-) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
-    """Scores of every prediction, with DbD's gates applied.
+    dataset: dict[str, dict[str, np.ndarray]] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{source: {metric: (P,)}}`` for every prediction, with DbD's gates applied.
 
-    Returns ``({source: {metric: (P,)}}, {source: {metric: (1,)}})``: per-perturbation
-    values, and dataset-level values (the hit-discovery metrics).
+    Dataset-level values (the hit-discovery metrics) go into ``dataset`` as
+    ``{source: {metric: (1,)}}`` when a dict is given; they are dropped otherwise.
     """
     core = [m for m in metrics if m in ENGINE_METRICS and m != "pearson_delta_topk"]
     ctrl = [m for m in metrics if m in _CTRL_METRICS]
@@ -432,7 +433,7 @@ def _score_sources(
     peer_names = [m for m in metrics if m not in ENGINE_METRICS and m not in _CTRL_METRICS]
     no_deg = None if ctx.deg_mask is None else ~ctx.deg_mask.any(axis=1)
     out: dict[str, dict[str, np.ndarray]] = {}
-    dataset: dict[str, dict[str, np.ndarray]] = {}
+    dataset = {} if dataset is None else dataset
     for source, pred in preds.items():
         res: dict[str, np.ndarray] = {}
         kw = dict(chunk_size=chunk_size, k=k, strict=strict)
@@ -482,7 +483,7 @@ def _score_sources(
                 if m in res:
                     res[m] = np.full_like(res[m], np.nan)
         out[source] = {m: res[m] for m in metrics if m in res}
-    return out, dataset
+    return out
 
 
 def calibrate(values: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
@@ -631,7 +632,8 @@ def evaluate(
             pred_layer=pred_layer,
             pred_normalization=_pred_normalization(pred, pred_normalize),
         )
-        values, dataset = _score_sources(
+        dataset: dict[str, dict[str, np.ndarray]] = {}
+        values = _score_sources(
             ctx,
             preds,
             metric_list,
@@ -640,6 +642,7 @@ def evaluate(
             gate=gate,
             chunk_size=chunk_size,
             pred_object=pred,
+            dataset=dataset,
         )
         frames.append(_tidy(ctx, values, calibrate(values)))
         if dataset:
