@@ -1,0 +1,307 @@
+"""vcjax.bootstrap: multiplicity-weight resampling equals an explicit per-resample loop,
+reproducibility, chunk invariance, intervals vs scipy, and a small coverage check."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from tests.conftest import load_fixture
+from vcjax import bootstrap as BS
+from vcjax import data as D
+
+E = importlib.import_module("vcjax.evaluate")
+
+
+def _contexts(adata, model, *, metrics=E.DEFAULT_METRICS, k=10, **kw):
+    ctxs = E.prepare(adata, key="condition", control="control", normalize=None, **kw)
+    for ctx in ctxs:
+        ctx.options.update(model=model, metrics=tuple(metrics), k=k, strict=False, gate=True)
+    return ctxs
+
+
+def _reference_loop(adata, ctx, model, *, n_boot, seed, metrics, k, refit=True):
+    """Materialise every resample explicitly and run the point-estimate code path on it."""
+    X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X, dtype=np.float64)
+    labels = adata.obs["condition"].astype(str).to_numpy()
+    names = list(ctx.stats.half1.names)
+    code = np.array([names.index(x) for x in labels])
+    half = np.asarray(ctx.cell_split).astype(int)
+    gh = 2 * code + half - 1
+    order = np.argsort(gh, kind="stable")
+    Xs, ghs = X[order], gh[order]
+    sizes = np.bincount(ghs, minlength=2 * len(names))
+    W = np.asarray(BS.multiplicity_weights(BS.context_key(seed, 0), sizes, n_boot))
+    out = []
+    for r in range(n_boot):
+        Xr = np.repeat(Xs, W[r], axis=0)  # the resample, materialised
+        cr = np.repeat(ghs, W[r])
+        S = np.zeros((2 * len(names), X.shape[1]))
+        Q = np.zeros_like(S)
+        np.add.at(S, cr, Xr)
+        np.add.at(Q, cr, Xr * Xr)
+        n = np.bincount(cr, minlength=2 * len(names))
+        halves = [
+            D.GroupStats(
+                names=tuple(names),
+                genes=ctx.genes,
+                n=n[h::2],
+                sum=S[h::2],
+                sumsq=Q[h::2],
+                control="control",
+            )
+            for h in (0, 1)
+        ]
+        split = D.SplitStats(*halves)
+        rctx = E._one_context(
+            split,
+            control="control",
+            covariate=None,
+            reference="perturbed",
+            weights="deg",
+            weights_from="all",
+            deg_method="t-test_overestim_var",
+            baselines=E.DEFAULT_BASELINES,
+            seed=0,
+            options={},
+        )
+        if not refit:
+            rctx.weights, rctx.deg_mask, rctx.scores = ctx.weights, ctx.deg_mask, ctx.scores
+        preds = {"model": model, **rctx.baselines}
+        if not refit:
+            preds["interpolated_duplicate"] = __import__(
+                "vcjax.baselines"
+            ).baselines.interpolated_duplicate(
+                rctx.baselines["technical_duplicate"], rctx.baselines["loo_mean"], ctx.pvals_adj
+            )
+        out.append(
+            E._score_sources(
+                rctx, preds, list(metrics), k=k, strict=False, gate=True, chunk_size=None
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def ds1():
+    adata, exp = load_fixture("ds1_sparse")
+    return adata, np.asarray(exp["pred_noisy"], dtype=np.float64)
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_weights_equal_explicit_loop_float64(ds1, refit):
+    adata, model = ds1
+    n_boot, seed, k = 6, 3, 10
+    with jax.enable_x64(True):
+        (ctx,) = _contexts(adata, model)
+        res = BS.context_samples(
+            ctx, n_boot=n_boot, seed=seed, refit_weights=refit, pvalue="exact", chunk_size=4
+        )
+        ref = _reference_loop(
+            adata, ctx, model, n_boot=n_boot, seed=seed, metrics=E.DEFAULT_METRICS, k=k, refit=refit
+        )
+    checked = 0
+    worst = 0.0
+    for r in range(n_boot):
+        for source, d in ref[r].items():
+            for metric, want in d.items():
+                got = res["values"][source][metric][r]
+                np.testing.assert_array_equal(
+                    np.isnan(got), np.isnan(want), err_msg=f"{source}/{metric}/{r}"
+                )
+                ok = np.isfinite(want)
+                np.testing.assert_allclose(
+                    got[ok], want[ok], rtol=1e-6, atol=1e-7, err_msg=f"{source}/{metric}"
+                )
+                if ok.any():
+                    worst = max(worst, float(np.max(np.abs(got[ok] - want[ok]))))
+                checked += ok.sum()
+    assert checked > 500
+    assert worst < 1e-7
+
+
+def test_multiplicity_weights_are_within_group_multinomial():
+    sizes = np.array([3, 5, 1, 4])
+    W = np.asarray(BS.multiplicity_weights(jax.random.PRNGKey(0), sizes, 2000))
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for g in range(sizes.size):
+        block = W[:, bounds[g] : bounds[g + 1]]
+        assert np.all(block.sum(1) == sizes[g])
+        # each cell's count is Binomial(n, 1/n): mean 1, variance 1 - 1/n
+        np.testing.assert_allclose(block.mean(0), 1.0, atol=0.1)
+        np.testing.assert_allclose(block.var(0), 1 - 1 / sizes[g], atol=0.15)
+    # chunks are independent of how they are cut
+    W2 = np.asarray(BS.multiplicity_weights(jax.random.PRNGKey(0), sizes, 7, start=5))
+    np.testing.assert_array_equal(W2, W[5:12])
+
+
+def test_resampled_group_moments_matches_numpy():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 5))
+    codes = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1, 2])
+    W = rng.integers(0, 3, size=(4, 12))
+    with jax.enable_x64(True):
+        n, S, Q = BS.resampled_group_moments(X, codes, W)
+    for r in range(4):
+        for c in range(3):
+            sel = codes == c
+            np.testing.assert_allclose(n[r, c], W[r, sel].sum())
+            np.testing.assert_allclose(S[r, c], (W[r, sel, None] * X[sel]).sum(0), rtol=1e-12)
+            np.testing.assert_allclose(Q[r, c], (W[r, sel, None] * X[sel] ** 2).sum(0), rtol=1e-12)
+
+
+def test_seed_reproducible_and_chunk_invariant(ds1):
+    adata, model = ds1
+    (ctx,) = _contexts(adata, model)
+    a = BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=3)
+    b = BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=10)
+    c = BS.context_samples(ctx, n_boot=10, seed=2, chunk_size=3)
+    differs = False
+    for s in a["values"]:
+        for m in a["values"][s]:
+            np.testing.assert_allclose(
+                a["values"][s][m], b["values"][s][m], rtol=2e-6, atol=1e-6, equal_nan=True
+            )
+            x, y = a["values"][s][m], c["values"][s][m]
+            if np.any(np.isfinite(x) & (np.abs(x - y) > 1e-6)):
+                differs = True
+    assert differs
+
+
+def test_add_intervals_via_evaluate(ds1):
+    adata, model = ds1
+    exp = load_fixture("ds1_sparse")[1]
+    pred = (list(exp["perts"]), model, list(exp["genes"]))
+    kw = dict(key="condition", control="control", normalize=None, k=10, seed=0)
+    t1 = E.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
+    t2 = E.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
+    pd.testing.assert_frame_equal(t1, t2)
+    base = t1[~t1.source.str.startswith("model-vs-")]
+    ok = base["value"].notna() & base["ci_low"].notna()
+    assert ok.sum() > 100
+    assert (base.loc[ok, "ci_low"] <= base.loc[ok, "ci_high"]).all()
+    # intervals around the point estimate for most rows
+    inside = (base.loc[ok, "ci_low"] <= base.loc[ok, "value"] + 1e-9) & (
+        base.loc[ok, "value"] <= base.loc[ok, "ci_high"] + 1e-9
+    )
+    assert inside.mean() > 0.9
+    comp = t1[t1.source.str.startswith("model-vs-")]
+    assert set(comp.source) == {f"model-vs-{b}" for b in E.DEFAULT_BASELINES}
+    # orientation: positive = model better
+    m = t1[(t1.source == "model") & (t1.metric == "mse")].set_index("perturbation")["value"]
+    c = t1[(t1.source == "control_mean") & (t1.metric == "mse")].set_index("perturbation")["value"]
+    d = comp[(comp.source == "model-vs-control_mean") & (comp.metric == "mse")].set_index(
+        "perturbation"
+    )["value"]
+    np.testing.assert_allclose(d.loc[m.index], (c - m).loc[m.index])
+    w = comp["win_rate"].dropna()
+    assert ((w >= 0) & (w <= 1)).all()
+    assert base["win_rate"].isna().all()
+    assert t1["calibrated_ci_low"].notna().any()
+
+
+def test_percentile_matches_numpy():
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(3, 501))
+    s[1, :7] = np.nan
+    lo, hi = BS.percentile_interval(s, ci=0.9)
+    for i in range(3):
+        v = s[i][np.isfinite(s[i])]
+        np.testing.assert_allclose([lo[i], hi[i]], np.quantile(v, [0.05, 0.95]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["percentile", "BCa"])
+def test_bootstrap_metric_vs_scipy(method):
+    rng = np.random.default_rng(2)
+    x = rng.exponential(size=60)  # skewed: BCa and percentile differ
+    ours = BS.bootstrap_metric(
+        lambda a: a.mean(), x, n_boot=20000, seed=0, method=method.lower(), chunk_size=5000
+    )
+    sp = scipy.stats.bootstrap((x,), np.mean, n_resamples=20000, method=method, random_state=0)
+    se = sp.standard_error
+    assert abs(ours.ci_low - sp.confidence_interval.low) < 0.05 * se * 4
+    assert abs(ours.ci_high - sp.confidence_interval.high) < 0.05 * se * 4
+    # BCa with a given jackknife acceleration equals the textbook formula on the same samples
+    if method == "BCa":
+        n = x.size
+        jk = np.array([np.delete(x, i).mean() for i in range(n)])
+        d = jk.mean() - jk
+        a = (d**3).sum() / (6 * ((d**2).sum()) ** 1.5)
+        th = ours.samples
+        z0 = scipy.stats.norm.ppf(np.mean(th < x.mean()))
+        q = [
+            scipy.stats.norm.cdf(z0 + (z0 + z) / (1 - a * (z0 + z)))
+            for z in scipy.stats.norm.ppf([0.025, 0.975])
+        ]
+        np.testing.assert_allclose([ours.ci_low, ours.ci_high], np.quantile(th, q), rtol=1e-7)
+
+
+def test_bca_default_acceleration_is_skewness_over_six():
+    rng = np.random.default_rng(3)
+    s = rng.gamma(2.0, size=(1, 4000))
+    est = np.array([2.0])
+    a = scipy.stats.skew(s[0]) / 6
+    lo1, hi1 = BS.bca_interval(s, est)
+    lo2, hi2 = BS.bca_interval(s, est, acceleration=np.array([a]))
+    np.testing.assert_allclose([lo1, hi1], [lo2, hi2], rtol=1e-10)
+
+
+def test_fast_pvalues_close_to_exact():
+    t = np.linspace(-12, 12, 2001)
+    for nu in (30.0, 60.0, 200.0):
+        p = scipy.stats.t.sf(np.abs(t), nu) * 2
+        fast = np.asarray(BS.student_t_pvalues_fast(t, np.full_like(t, nu)))
+        np.testing.assert_allclose(fast, p, rtol=2e-4, atol=1e-300)
+    assert float(BS.student_t_pvalues_fast(np.inf, 40.0)) == 0.0
+
+
+def test_summary_intervals_mean_and_median():
+    rng = np.random.default_rng(4)
+    rows = []
+    for src, mu in (("model", 0.5), ("control_mean", 0.1)):
+        for i in range(200):
+            rows.append(
+                dict(
+                    perturbation=f"p{i}",
+                    metric="r2w_delta",
+                    source=src,
+                    value=mu + rng.normal(scale=0.2),
+                )
+            )
+    t = pd.DataFrame(rows)
+    out = BS.summary_intervals(t, n_boot=2000, seed=0)
+    for _, r in out.iterrows():
+        v = t[t.source == r.source]["value"]
+        se = v.std() / np.sqrt(v.size)
+        assert abs(r.value - v.mean()) < 1e-12
+        assert abs((r.ci_high - r.ci_low) - 2 * 1.96 * se) < 0.2 * 2 * 1.96 * se
+    med = BS.summary_intervals(t, n_boot=500, seed=0, statistic="median", method="bca")
+    assert (med.ci_low < med.value).all() and (med.value < med.ci_high).all()
+
+
+def test_small_coverage_check():
+    """Mean of Gaussian cells: percentile and BCa 90% intervals cover ~90% of the time."""
+    from validation.coverage import coverage_of_mean
+
+    cov = coverage_of_mean(n_rep=300, n_cells=40, n_boot=400, ci=0.9, seed=0)
+    for method in ("percentile", "bca"):
+        assert 0.84 <= cov[method] <= 0.95, cov
+
+
+@pytest.mark.slow
+def test_coverage_validation_small():
+    """Small version of validation/coverage.py (the full run is reported in its README)."""
+    from validation.coverage import run
+
+    table = run(n_rep=30, n_boot=300, n_estimand=3000, verbose=False)
+    exp = table[table.method.str.contains("target=expected")]
+    assert len(exp) == 6
+    assert (exp.coverage_E > 0.85).all() and (exp.coverage_E < 0.995).all(), exp
+    pop = table[table.method == "percentile (target=population)"].set_index("metric")
+    # Pearson(Δ) against a noisy truth is biased: raw intervals miss the population value
+    assert pop.loc["pearson_delta", "coverage_population"] < 0.5
