@@ -556,3 +556,49 @@ def test_output_folder_missing_is_checked_first(screen, tmp_path, monkeypatch):
     _assert_input_error(res, "nodir4")
     assert not any(tmp_path.iterdir())
     assert not os.path.exists(tmp_path / "nodir")
+
+
+def test_score_with_gene_sets_and_pred_var(screen, tmp_path):
+    """--gene-sets writes the per-pathway confidence table (and a report heatmap);
+    --pred-var writes the model-uncertainty table; both equal vcjax.confidence directly."""
+    import vcjax
+
+    d, truth, pred = screen
+    genes = list(truth.var_names)
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text(
+        "SET_A\tna\t" + "\t".join(genes[:20]) + "\n"
+        "SET_B\tna\t" + "\t".join(genes[20:45] + ["NOT_A_GENE"]) + "\n"
+    )
+    var = pd.DataFrame(
+        np.full((pred.n_obs, pred.n_vars), 0.01),
+        index=pred.obs["condition"].astype(str).to_numpy(),
+        columns=pred.var_names,
+    )
+    var.index.name = "perturbation"
+    var_path = tmp_path / "var.csv"
+    var.to_csv(var_path)
+    out, rep = tmp_path / "r.csv", tmp_path / "r.html"
+    res = invoke(
+        *_score_args(d, out, "-q", "--gene-sets", gmt, "--pred-var", var_path, "--report", rep)
+    )
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    pw = _io.read_table(tmp_path / "r.pathways.csv")
+    want = vcjax.confidence(
+        truth, pred, key="condition", control="control", level="pathway", gene_sets=str(gmt)
+    )
+    assert set(pw["gene_set"]) == {"SET_A", "SET_B"}
+    np.testing.assert_allclose(
+        pw.sort_values(["gene_set", "perturbation"])["confidence"].to_numpy(float),
+        want.sort_values(["gene_set", "perturbation"])["confidence"].to_numpy(float),
+        rtol=1e-6,
+        equal_nan=True,
+    )
+    unc = _io.read_table(tmp_path / "r.uncertainty.csv")
+    assert unc["perturbation"].nunique() == pred.n_obs
+    assert 'id="pathways"' in rep.read_text()
+    # a missing gene-set file is an input error, nothing written
+    out2 = tmp_path / "r2.csv"
+    res = invoke(*_score_args(d, out2, "-q", "--gene-sets", tmp_path / "nope.gmt"))
+    _assert_input_error(res, "nope.gmt")
+    assert not out2.exists()

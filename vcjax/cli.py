@@ -450,10 +450,30 @@ def score(
     ] = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    gene_sets: Annotated[
+        str | None,
+        typer.Option(
+            "--gene-sets",
+            help="GMT file (or 'example') for per-pathway confidence, written to "
+            "<out>.pathways.<ext> and shown in the report",
+        ),
+    ] = None,
+    pred_var: Annotated[
+        str | None,
+        typer.Option(
+            "--pred-var",
+            help="the model's predictive variance, laid out like --pred: scores its "
+            "uncertainty (coverage, NLL, CRPS) into <out>.uncertainty.<ext>",
+        ),
+    ] = None,
 ) -> None:
     """Score a model's predictions against the calibration baselines: the evaluate table."""
     with _errors():
         _check_outputs((out, None), (report, (".html", ".htm")))
+        if gene_sets is not None and gene_sets != "example":
+            _check_input_file(gene_sets, "gene-set file")
+        if pred_var is not None:
+            _check_input_file(pred_var, "prediction-variance file")
         if not 0 < ci < 1:
             _fail(f"--ci must be in (0, 1), got {ci}")
         _n_boot_available(n_boot)
@@ -484,6 +504,27 @@ def score(
                 drop_small=drop_small,
                 progress=steps.show,
             )
+        extra = {}
+        if gene_sets is not None or pred_var is not None:
+            from vcjax.confidence import confidence
+
+            conf_kw = dict(
+                key=key, control=control, layer=layer, normalize=_NORMALIZE[normalize.value]
+            )
+            if gene_sets is not None:
+                with steps("per-pathway confidence"):
+                    extra["pathways"] = confidence(
+                        adata, pred_obj, level="pathway", gene_sets=gene_sets, **conf_kw
+                    )
+            if pred_var is not None:
+                with steps("scoring the model's uncertainty"):
+                    extra["uncertainty"] = confidence(
+                        adata,
+                        pred_obj,
+                        level="perturbation",
+                        pred_var=_read_pred(pred_var),
+                        **conf_kw,
+                    )
         meta = _table_meta(
             table,
             key=key,
@@ -512,6 +553,7 @@ def score(
                 pred_layer=pred_layer,
                 normalize=_NORMALIZE[normalize.value],
             ),
+            extra=extra,
         )
         if not quiet:
             n = table["perturbation"].nunique()
@@ -520,10 +562,26 @@ def score(
             steps.console.print(f"wrote {out}" + (f", {report}" if report else ""))
 
 
+def _side_path(out: str, tag: str) -> str:
+    """``results.csv`` → ``results.<tag>.csv`` (a ``.gz`` suffix is kept)."""
+    path = Path(out)
+    n = 2 if path.suffix == ".gz" and len(path.suffixes) >= 2 else 1
+    suffix = "".join(path.suffixes[-n:])
+    return str(path.with_name(path.name[: -len(suffix)] + f".{tag}{suffix}"))
+
+
 def _write_outputs(
-    table, out: str, *, report: str | None, meta: dict, steps: _Steps, per_gene_args: dict | None
+    table,
+    out: str,
+    *,
+    report: str | None,
+    meta: dict,
+    steps: _Steps,
+    per_gene_args: dict | None,
+    extra: dict | None = None,
 ) -> None:
-    """Results table (+ per-gene side-car and HTML report), all-or-nothing."""
+    """Results table (+ side tables, per-gene side-car and HTML report), all-or-nothing."""
+    extra = extra or {}
     from vcjax import report as R
     from vcjax._io import Staged, save_table, write_npz
 
@@ -534,9 +592,13 @@ def _write_outputs(
             if per_gene_args is not None:
                 genes = R.per_gene_data(**per_gene_args, contexts=table.attrs.get("contexts"))
         with steps("rendering the report"):
-            html = R.build_report(table, per_gene=genes)
+            html = R.build_report(table, per_gene=genes, pathways=extra.get("pathways"))
     with steps("writing"), Staged() as staged:
         save_table(table, out, meta=meta, staged=staged)
+        for tag, side in extra.items():
+            side = side.copy()
+            side.attrs = {}
+            save_table(side, _side_path(out, tag), meta=meta, staged=staged)
         if genes is not None:
             staged.add(R.sidecar_path(out), lambda p: write_npz(p, genes))
         if html is not None:
