@@ -593,7 +593,12 @@ def evaluate(
       A DataFrame with one row per (perturbation, metric, source) and columns
       ``perturbation``, ``metric``, ``source`` (``"model"`` or a baseline name),
       ``value``, ``calibrated`` and ``note`` (why a value is undefined, where known), plus
-      ``covariate`` when one is given and ``ci_low``/``ci_high`` with ``n_boot > 0``.
+      ``covariate`` when one is given. Dataset-level metrics (hit discovery) have one row
+      with ``perturbation = "(all)"``. With ``n_boot > 0`` (:func:`vcjax.bootstrap.add_intervals`):
+      ``ci_low``/``ci_high`` (and ``calibrated_ci_low``/``calibrated_ci_high``,
+      ``boot_nan_frac``) on every row, plus paired rows ``source = "model-vs-<baseline>"``
+      whose ``value`` is the difference oriented so that positive means the model is better,
+      with its interval and ``win_rate`` (fraction of resamples the model wins).
       ``df.attrs`` records the JAX backend and the options used.
     """
     contexts = prepare(
