@@ -315,9 +315,14 @@ def _is_backed_sparse(X) -> bool:
     )
 
 
-def _iter_chunks(X, chunk_cells: int) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(start, stop, chunk)`` with chunk a float64 ndarray or canonical CSR."""
-    n = X.shape[0]
+def _iter_chunks(
+    X, chunk_cells: int, rows: tuple[int, int] | None = None
+) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(start, stop, chunk)`` with chunk a float64 ndarray or canonical CSR.
+
+    ``rows = (first, last)`` restricts the pass to cells ``first … last - 1``.
+    """
+    first, n = (0, X.shape[0]) if rows is None else rows
     if sp.issparse(X) and X.format != "csr":
         if X.format == "csc":
             # Row slices of CSC cost O(nnz) each; convert once (O(nnz) memory, never dense).
@@ -329,7 +334,7 @@ def _iter_chunks(X, chunk_cells: int) -> Iterator[tuple[int, int, Any]]:
             "backed CSC matrix: row chunks are slow; store X as CSR for streaming",
             stacklevel=3,
         )
-    for start in range(0, n, chunk_cells):
+    for start in range(first, n, chunk_cells):
         stop = min(start + chunk_cells, n)
         chunk = X[start:stop]
         if sp.issparse(chunk):
@@ -393,6 +398,7 @@ def group_stats(
     min_cells: int = 2,
     drop_small: bool = False,
     progress: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> GroupStats | SplitStats:
     """Per-condition ``(n, Σx, Σx²)`` in one streaming pass over the cells.
 
@@ -412,6 +418,10 @@ def group_stats(
       min_cells: groups with fewer cells raise (or are dropped when ``drop_small``).
       drop_small: drop small groups with a warning instead of raising.
       progress: show a rich progress bar over chunks.
+      rows: ``(first, last)``: accumulate the sums over cells ``first … last - 1`` only,
+        while groups, counts ``n`` and validation use all cells. For multi-host use
+        (:func:`vcjax.distributed.group_stats_distributed`): each process reads its slice
+        and the sums are added across processes.
 
     Returns:
       :class:`GroupStats` (groups in order of first appearance), or :class:`SplitStats`.
@@ -525,7 +535,12 @@ def group_stats(
     SS = np.zeros((n_acc, G), dtype=np.float64)
     mode: str | None = {"log1p_cp10k": "log1p_cp10k", None: "none"}.get(normalize)
     decided_at = None
-    n_chunks = -(-adata.n_obs // chunk_cells)
+    if rows is not None:
+        first, last = int(rows[0]), int(rows[1])
+        if not 0 <= first <= last <= adata.n_obs:
+            raise ValueError(f"rows {rows} outside 0..{adata.n_obs}")
+        rows = (first, last)
+    n_chunks = -(-((rows[1] - rows[0]) if rows else adata.n_obs) // chunk_cells)
 
     bar = None
     if progress:
@@ -535,7 +550,7 @@ def group_stats(
         task = bar.add_task(f"group_stats [{key}]", total=n_chunks)
         bar.start()
     try:
-        for start, stop, chunk in _iter_chunks(X, chunk_cells):
+        for start, stop, chunk in _iter_chunks(X, chunk_cells, rows):
             vals = _chunk_values(chunk)
             finite = np.isfinite(vals)
             if not finite.all():

@@ -1,0 +1,152 @@
+"""Multi-host statistics and multi-device results equal the single-process ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vcjax import data as D
+from vcjax.distributed import group_stats_distributed, process_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def backed_file(tmp_path_factory):
+    from vcjax.simulate import simulate_screen
+
+    a = simulate_screen(
+        seed=5, n_perturbations=8, n_genes=160, cells_per_perturbation=30, n_control=60
+    )
+    path = tmp_path_factory.mktemp("dist") / "screen.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def test_process_slices_sum_to_the_whole(backed_file):
+    """Each process's slice (rows) summed over processes equals one pass over all cells."""
+    import anndata as ad
+
+    a = ad.read_h5ad(backed_file, backed="r")
+    full = D.group_stats(a, "condition", control="control", chunk_cells=37)
+    parts = [
+        D.group_stats(
+            a,
+            "condition",
+            control="control",
+            chunk_cells=37,
+            rows=process_rows(a.n_obs, index=i, count=3),
+        )
+        for i in range(3)
+    ]
+    assert (
+        sum(
+            p.stop - p.start
+            for p in [slice(*process_rows(a.n_obs, index=i, count=3)) for i in range(3)]
+        )
+        == a.n_obs
+    )
+    np.testing.assert_array_equal(parts[0].n, full.n)  # counts are global on every process
+    np.testing.assert_allclose(sum(p.sum for p in parts), full.sum, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sum(p.sumsq for p in parts), full.sumsq, rtol=1e-12, atol=1e-12)
+    # one process: the distributed entry point is group_stats
+    one = group_stats_distributed(str(backed_file), "condition", control="control", chunk_cells=37)
+    np.testing.assert_array_equal(one.sum, full.sum)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_get_the_global_stats(backed_file, tmp_path):
+    """Two JAX processes on localhost (CPU): each reads half of the cells, both end with the global sums."""
+    port = _free_port()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import jax
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2,
+                                   process_id=int(sys.argv[1]))
+        from vcjax.distributed import group_stats_distributed
+        st = group_stats_distributed({str(backed_file)!r}, "condition", control="control", chunk_cells=50)
+        json.dump({{"sum": st.sum.tolist(), "sumsq": st.sumsq.tolist()}}, open(sys.argv[2], "w"))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(i), str(outs[i])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    import anndata as ad
+
+    full = D.group_stats(ad.read_h5ad(backed_file, backed="r"), "condition", control="control")
+    for out in outs:
+        got = json.loads(out.read_text())
+        np.testing.assert_allclose(np.array(got["sum"]), full.sum, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.array(got["sumsq"]), full.sumsq, rtol=1e-12, atol=1e-12)
+
+
+def test_evaluate_on_four_devices_equals_one(backed_file, tmp_path):
+    """evaluate (and so score) sharded over 4 CPU devices gives the single-device table."""
+    code = textwrap.dedent(
+        f"""
+        import sys, anndata as ad, jax, vcjax
+        a = ad.read_h5ad({str(backed_file)!r})
+        t = vcjax.evaluate(a, None, key="condition", control="control", chunk_size=8)
+        t.to_csv(sys.argv[1], index=False)
+        print(jax.device_count())
+        """
+    )
+    out = {}
+    for n in (1, 4):
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+        )
+        path = tmp_path / f"t{n}.csv"
+        res = subprocess.run(
+            [sys.executable, "-c", code, str(path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.strip().splitlines()[-1] == str(n)
+        import pandas as pd
+
+        out[n] = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    np.testing.assert_array_equal(
+        out[1][["perturbation", "metric", "source"]].to_numpy(),
+        out[4][["perturbation", "metric", "source"]].to_numpy(),
+    )
+    np.testing.assert_allclose(
+        out[4]["value"].to_numpy(float),
+        out[1]["value"].to_numpy(float),
+        rtol=1e-5,
+        atol=1e-6,
+        equal_nan=True,
+    )
