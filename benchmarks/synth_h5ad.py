@@ -117,7 +117,10 @@ def make_screen(
             row_of = np.repeat(np.arange(stop - start), np.diff(ip))
             cc = codes[start:stop][row_of]
             if log_normalised:
-                vals = rng.exponential(1.0, size=k).astype(np.float32) + np.float32(0.2)
+                # capped at ln(1 + 1e4) ≈ 9.2, the largest value a log1p(cp10k) cell can hold
+                vals = np.minimum(rng.exponential(1.0, size=k), 9.0).astype(
+                    np.float32
+                ) + np.float32(0.2)
             else:
                 vals = (rng.poisson(2.0, size=k) + 1).astype(np.float32)
             # add the effect where the cell's perturbation targets this column
