@@ -1,0 +1,456 @@
+"""vcjax vs a NumPy float64 reference vs cell-eval vs scanpy on the same synthetic screens.
+
+Issue 9. For each size ``PxCELLSxG`` (perturbations, cells per perturbation, genes) two files
+are written with ``benchmarks/synth_h5ad.py`` (sparse CSR, log-normalised, ``target_gene``
+column, ``non-targeting`` controls ≈ 5 % of cells): the truth (seed 0) and the model's
+predicted cells (seed 1, a seeded noisy copy with the same perturbations). Every tool then
+runs in a **fresh subprocess** (``--child``), which reports its own wall time (file reading
+included, imports excluded) and peak RSS (``VmHWM``):
+
+* ``vcjax``: ``vcjax.evaluate(truth, pred)``: group statistics, DEG t-tests and weights,
+  all 11 default metrics for the model and the 7 baselines, calibration. Timed twice in the
+  same process: ``seconds`` (first call: JIT compilation included) and ``seconds_warm``;
+* ``numpy``: the same pipeline written here in vectorised NumPy float64 (sparse group sums,
+  ``t-test_overestim_var`` vs rest, BH, DEG weights and set, baselines, metrics, gates,
+  calibration); its values are compared with vcjax's table (``max_abs_diff``);
+* ``cell-eval``: ``cell_eval.MetricsEvaluator(adata_pred, adata_real, pert_col='target_gene',
+  control_pert='non-targeting').compute(profile='full')``: its full run;
+* ``scanpy``: ``sc.tl.rank_genes_groups(method='t-test_overestim_var', reference='rest')``
+  on the perturbed cells: the DE step alone;
+* ``vcjax-boot``: ``evaluate(..., n_boot=B)``; the cost per resample is
+  ``(t_warm(n_boot=B) − t_warm(n_boot=0)) / B``.
+
+Usage::
+
+    python benchmarks/bench_peers.py --quick                  # a few minutes on 2 cores
+    python benchmarks/bench_peers.py --sizes 20x100x2000 2000x100x8192 --tools vcjax numpy
+    python benchmarks/plot_results.py                          # results_time_vs_p.png
+
+Results go to ``benchmarks/results_peers.json`` (merged with earlier runs by size and tool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+KEY, CONTROL = "target_gene", "non-targeting"
+TOOLS = ("vcjax", "numpy", "scanpy", "cell-eval", "vcjax-boot")
+QUICK = ("20x100x2000", "100x100x2000")
+FULL = ("20x100x2000", "100x100x2000", "500x100x2000", "2000x100x8192")
+JSON = HERE / "results_peers.json"
+
+
+# ----------------------------------------------------------------------------- reference
+def numpy_reference(truth_path: str, pred_path: str, *, k: int = 20, seed: int = 0):
+    """The evaluate() pipeline in NumPy float64; returns ``(perts, {source: {metric: (P,)}})``.
+
+    Independent of vcjax except for the split definition (``data.split_halves``, the DbD
+    seeded shuffle) and the null derangement's seed convention, which define the inputs.
+    """
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+    from scipy import special
+
+    from vcjax.data import split_halves
+
+    def sums(path, split=None):
+        a = ad.read_h5ad(path)
+        labels = a.obs[KEY].astype(str).to_numpy()
+        codes, names = pd.factorize(labels)
+        n = labels.size
+        X = sp.csr_matrix(a.X, dtype=np.float64)
+        row = codes if split is None else codes * 2 + (split(labels) - 1)
+        ind = sp.csr_matrix((np.ones(n), (row, np.arange(n))), shape=(row.max() + 1, n))
+        s = np.asarray((ind @ X).todense())
+        X.data **= 2
+        q = np.asarray((ind @ X).todense())
+        cnt = np.bincount(row, minlength=ind.shape[0]).astype(np.float64)
+        return list(names), cnt, s, q
+
+    names, cnt, s, q = sums(truth_path, split=lambda lab: split_halves(lab, seed=42))
+    C = len(names)
+    cnt, s, q = cnt.reshape(C, 2), s.reshape(C, 2, -1), q.reshape(C, 2, -1)
+    ci = names.index(CONTROL)
+    # perturbations in order of first appearance (the null derangement's row order)
+    pi = np.array([i for i in range(C) if i != ci])
+    perts = [names[i] for i in pi]
+    mean_h = s / cnt[..., None]  # (C, 2, G) half means
+    n_f, s_f, q_f = cnt.sum(1), s.sum(1), q.sum(1)
+    mean_f = s_f / n_f[:, None]
+    u_all_h1, u_all_f = mean_h[:, 0].mean(0), mean_f.mean(0)
+    u_ntc = mean_f[ci]
+    truth = mean_h[pi, 1]
+    dup = mean_h[pi, 0]
+
+    # t-test_overestim_var, each perturbation vs the other perturbed cells
+    ng, sg, qg = n_f[pi][:, None], s_f[pi], q_f[pi]
+    nr, sr, qr = ng.sum() - ng, sg.sum(0) - sg, qg.sum(0) - qg
+    mg, mr = sg / ng, sr / nr
+    with np.errstate(all="ignore"):
+        vg = (qg / ng - mg**2) * ng / (ng - 1)
+        vr = (qr / nr - mr**2) * nr / (nr - 1)
+        a, b = vg / ng, vr / ng
+        t = (mg - mr) / np.sqrt(a + b)
+        dof = (a + b) ** 2 / ((a**2 + b**2) / (ng - 1))
+        dof = np.where(np.isnan(dof), 1.0, dof)
+        p = 2.0 * special.stdtr(dof, -np.abs(t))
+    p[np.isnan(p)] = 1.0
+    t = np.where(np.isnan(t), 0.0, t).astype(np.float32)
+    G = t.shape[1]
+    o = np.argsort(p, axis=1, kind="stable")
+    ps = np.take_along_axis(p, o, 1) * G / np.arange(1, G + 1)
+    padj = np.empty_like(p)
+    np.put_along_axis(padj, o, np.minimum(1.0, np.minimum.accumulate(ps[:, ::-1], 1)[:, ::-1]), 1)
+    with np.errstate(all="ignore"):
+        lfc = np.log2((np.expm1(mg) + 1e-9) / (np.expm1(mr) + 1e-9)).astype(np.float32)
+        sc_ = np.abs(t)
+        lo, hi = sc_.min(1, keepdims=True), sc_.max(1, keepdims=True)
+        w = np.where(hi == lo, np.where(hi == 0, 0.0, 1.0), (sc_ - lo) / (hi - lo))
+        w = np.nan_to_num(w.astype(np.float32), nan=0.0) ** 2
+    w = w.astype(np.float64)
+    deg = (padj < 0.05) & (lfc != 0)
+    P = len(pi)
+    topk = np.zeros_like(deg)
+    np.put_along_axis(topk, np.argsort(-np.abs(t), axis=1, kind="stable")[:, :k], True, 1)
+
+    # baselines
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(P)
+        if not np.any(perm == np.arange(P)):
+            break
+    loo = (mean_f[pi].sum(0) - mean_f[pi]) / (P - 1)
+    preds = {
+        "control_mean": np.broadcast_to(u_ntc, (P, G)),
+        "dataset_mean": np.broadcast_to(u_all_f, (P, G)),
+        "null": dup[perm],
+        "technical_duplicate": dup,
+        "additive": np.full((P, G), np.nan),  # no A+B combinations in these screens
+        "loo_mean": loo,
+        "interpolated_duplicate": (1 - padj) * dup + padj * loo,
+    }
+    pnames, pcnt, ps_, _ = sums(pred_path)
+    pmean = ps_ / pcnt[:, None]
+    preds = {"model": pmean[[pnames.index(x) for x in perts]], **preds}
+
+    def pearson(x, y, m=None):
+        m = np.ones_like(x, bool) if m is None else m
+        c = m.sum(1, keepdims=True)
+        xm = np.where(m, x - (x * m).sum(1, keepdims=True) / c, 0.0)
+        ym = np.where(m, y - (y * m).sum(1, keepdims=True) / c, 0.0)
+        sxx, syy = (xm * xm).sum(1), (ym * ym).sum(1)
+        r = (xm * ym).sum(1) / np.sqrt(sxx * syy)
+        return np.where((sxx > 0) & (syy > 0) & (c[:, 0] >= 2), np.clip(r, -1, 1), np.nan)
+
+    def r2(y, yh, ww=None):
+        ww = np.ones_like(y) if ww is None else ww
+        sw = ww.sum(1, keepdims=True)
+        num = (ww * (y - yh) ** 2).sum(1)
+        den = (ww * (y - (ww * y).sum(1, keepdims=True) / sw) ** 2).sum(1)
+        pos = ww > 0  # a constant truth over the weighted genes has den = 0 exactly
+        y0 = np.take_along_axis(y, np.argmax(pos, 1)[:, None], 1)
+        const = ~np.any(pos & (y != y0), axis=1)
+        den = np.where(const, 0.0, den)
+        out = np.where(den == 0, np.where(num == 0, 1.0, 0.0), 1 - num / np.where(den == 0, 1, den))
+        return np.where((sw[:, 0] > 0) & ~np.isnan(num), out, np.nan)
+
+    no_deg = ~deg.any(1)
+    values: dict[str, dict[str, np.ndarray]] = {}
+    with np.errstate(all="ignore"):
+        for src, yh in preds.items():
+            yh = np.asarray(yh, dtype=np.float64)
+            d, dh = truth - u_all_h1, yh - u_all_h1
+            e2 = (yh - truth) ** 2
+            nx, ny = np.sqrt((dh * dh).sum(1)), np.sqrt((d * d).sum(1))
+            v = {
+                "mse": e2.mean(1),
+                "wmse": (w * e2).sum(1) / w.sum(1),
+                "mae": np.abs(yh - truth).mean(1),
+                "pearson_delta": pearson(dh, d),
+                "pearson_delta_degs": pearson(dh, d, deg),
+                "pearson_delta_topk": pearson(dh, d, topk),
+                "r2_delta": r2(d, dh),
+                "r2w_delta": r2(d, dh, w),
+                "cosine_delta": np.where(
+                    (nx > 0) & (ny > 0), np.clip((d * dh).sum(1) / (nx * ny), -1, 1), np.nan
+                ),
+                "pearson_delta_ctrl": pearson(yh - u_ntc, truth - u_ntc),
+                "r2_delta_ctrl": r2(truth - u_ntc, yh - u_ntc),
+            }
+            for m in ("wmse", "r2w_delta", "pearson_delta_degs"):
+                v[m] = np.where(no_deg, np.nan, v[m])
+            if src == "dataset_mean":
+                for m in ("pearson_delta", "pearson_delta_degs", "pearson_delta_topk"):
+                    v[m] = np.full(P, np.nan)
+            values[src] = v
+    return perts, values
+
+
+def _tidy(perts, values):
+    import pandas as pd
+
+    return pd.concat(
+        [
+            pd.DataFrame({"perturbation": perts, "metric": m, "source": s, "value": v})
+            for s, d in values.items()
+            for m, v in d.items()
+        ],
+        ignore_index=True,
+    )
+
+
+# ----------------------------------------------------------------------------- children
+def child(tool: str, truth: str, pred: str, outdir: str, n_boot: int) -> dict:
+    """Run one tool in this (fresh) process; return its timings and peak RSS."""
+    os.makedirs(outdir, exist_ok=True)
+    out: dict = {}
+    t_imp = time.perf_counter()
+    if tool in ("vcjax", "vcjax-boot"):
+        import anndata as ad
+
+        import vcjax
+
+        out["import_s"] = time.perf_counter() - t_imp
+        kw = dict(key=KEY, control=CONTROL, normalize=None, pred_normalize=None)
+
+        def run(**extra):
+            t0 = time.perf_counter()
+            table = vcjax.evaluate(truth, ad.read_h5ad(pred), **kw, **extra)
+            return table, time.perf_counter() - t0
+
+        if tool == "vcjax":
+            table, out["seconds"] = run()
+            _, out["seconds_warm"] = run()
+            table[["perturbation", "metric", "source", "value"]].to_csv(
+                Path(outdir) / "values.csv", index=False
+            )
+            out["rows"] = len(table)
+        else:
+            _, out["seconds_boot_first"] = run(n_boot=n_boot)
+            _, out["seconds_boot_warm"] = run(n_boot=n_boot)
+            _, plain = run()
+            _, out["seconds_warm"] = run()
+            out["n_boot"] = n_boot
+            out["seconds"] = out["seconds_boot_first"]
+            out["per_resample_s"] = (out["seconds_boot_warm"] - out["seconds_warm"]) / n_boot
+    elif tool == "numpy":
+        import anndata  # noqa: F401
+        import scipy.sparse  # noqa: F401
+
+        out["import_s"] = time.perf_counter() - t_imp
+        t0 = time.perf_counter()
+        perts, values = numpy_reference(truth, pred)
+        out["seconds"] = time.perf_counter() - t0
+        _tidy(perts, values).to_csv(Path(outdir) / "values.csv", index=False)
+    elif tool == "cell-eval":
+        import warnings
+
+        warnings.simplefilter("ignore")
+        import anndata as ad
+        from cell_eval import MetricsEvaluator
+
+        out["import_s"] = time.perf_counter() - t_imp
+        t0 = time.perf_counter()
+        ev = MetricsEvaluator(
+            adata_pred=ad.read_h5ad(pred),
+            adata_real=ad.read_h5ad(truth),
+            control_pert=CONTROL,
+            pert_col=KEY,
+            outdir=outdir,
+            num_threads=2,
+        )
+        res, agg = ev.compute(profile="full", write_csv=False)
+        out["seconds"] = time.perf_counter() - t0
+        out["rows"] = res.height
+    elif tool == "scanpy":
+        import anndata as ad
+        import scanpy as sc
+
+        out["import_s"] = time.perf_counter() - t_imp
+        t0 = time.perf_counter()
+        a = ad.read_h5ad(truth)
+        a = a[a.obs[KEY] != CONTROL].copy()
+        sc.tl.rank_genes_groups(a, KEY, method="t-test_overestim_var", reference="rest")
+        out["seconds"] = time.perf_counter() - t0
+    else:
+        raise SystemExit(f"unknown tool {tool}")
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS in MiB: ``VmHWM`` of its address space.
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at ``fork`` over ``exec`` into it, so a
+    child of a large driver would report the driver's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_tool(tool, truth, pred, outdir, *, timeout, n_boot) -> dict:
+    cmd = [sys.executable, __file__, "--child", tool, str(truth), str(pred), str(outdir)]
+    cmd += ["--n-boot", str(n_boot)]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(status=f"not run: did not finish within {timeout:.0f} s")
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
+        return dict(status=f"failed (rc {res.returncode}): {tail}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
+    return dict(status="ok", **out)
+
+
+def compare(outdir_v: Path, outdir_n: Path) -> dict:
+    """max |vcjax − NumPy| over all (perturbation, metric, source) values; NaN agreement."""
+    import numpy as np
+    import pandas as pd
+
+    a = pd.read_csv(outdir_v / "values.csv", keep_default_na=False, na_values=[""])
+    b = pd.read_csv(outdir_n / "values.csv", keep_default_na=False, na_values=[""])
+    m = a.merge(b, on=["perturbation", "metric", "source"], suffixes=("_v", "_n"))
+    va, vb = m["value_v"].to_numpy(float), m["value_n"].to_numpy(float)
+    both = np.isfinite(va) & np.isfinite(vb)
+    d = np.abs(va - vb)[both]
+    per_metric = {
+        k: float(np.abs(g["value_v"] - g["value_n"]).max()) for k, g in m[both].groupby("metric")
+    }
+    return dict(
+        compared=int(len(m)),
+        nan_mismatch=int((np.isnan(va) != np.isnan(vb)).sum()),
+        max_abs_diff=float(d.max()) if d.size else float("nan"),
+        max_abs_diff_by_metric=per_metric,
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="*", default=None, help="PxCELLSxG, e.g. 20x100x2000")
+    ap.add_argument("--quick", action="store_true", help=f"sizes {' '.join(QUICK)}")
+    ap.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per tool and size")
+    ap.add_argument("--n-boot", type=int, default=8)
+    ap.add_argument(
+        "--boot-max-pg",
+        type=float,
+        default=2.1e6,
+        help="skip vcjax-boot above P·G (the bootstrap holds sources × resamples × P × G)",
+    )
+    ap.add_argument("--json", default=str(JSON))
+    ap.add_argument("--tmp", default=None, help="folder for the generated files (default /tmp)")
+    ap.add_argument("--child", nargs=4, metavar=("TOOL", "TRUTH", "PRED", "OUTDIR"))
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child, n_boot=args.n_boot)))
+        return
+
+    sys.path.insert(0, str(HERE))
+    import _common
+    from synth_h5ad import make_screen
+
+    sizes = args.sizes or list(QUICK if args.quick else FULL)
+    path = Path(args.json)
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    info = _common.machine_info()
+    for tool_mod in ("scanpy", "cell_eval", "anndata", "scipy"):
+        try:
+            from importlib.metadata import version
+
+            info[tool_mod] = version(tool_mod.replace("_", "-"))
+        except Exception:  # pragma: no cover
+            pass
+    print(_common.machine_note(info), flush=True)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for size in sizes:
+            P, cells, G = map(int, size.split("x"))
+            n_cells = round(P * cells / 0.95)  # synth_h5ad puts ~5 % of cells in the control
+            t0 = time.perf_counter()
+            truth = make_screen(Path(tmp) / f"truth_{size}.h5ad", n_cells, G, P + 1, seed=0)
+            pred = make_screen(Path(tmp) / f"pred_{size}.h5ad", n_cells, G, P + 1, seed=1)
+            print(f"{size}: {n_cells} cells, files in {time.perf_counter() - t0:.0f} s", flush=True)
+            got = {}
+            for tool in args.tools:
+                if tool == "vcjax-boot" and P * G > args.boot_max_pg:
+                    r = dict(status=f"not run: P·G = {P * G:.2g} > --boot-max-pg (memory)")
+                else:
+                    load = os.getloadavg()[0]
+                    r = run_tool(
+                        tool,
+                        truth,
+                        pred,
+                        Path(tmp) / f"out_{tool}_{size}",
+                        timeout=args.timeout,
+                        n_boot=args.n_boot,
+                    )
+                    r["loadavg_before"] = round(load, 2)
+                r.update(tool=tool, P=P, cells=cells, G=G, n_cells=n_cells)
+                got[tool] = r
+                print(json.dumps(r), flush=True)
+            if (
+                got.get("vcjax", {}).get("status") == "ok"
+                and got.get("numpy", {}).get("status") == "ok"
+            ):
+                cmp = compare(Path(tmp) / f"out_vcjax_{size}", Path(tmp) / f"out_numpy_{size}")
+                got["numpy"]["parity"] = cmp
+                print("parity vcjax vs numpy:", json.dumps(cmp), flush=True)
+            rows = [
+                r for r in rows if not (r["P"] == P and r["G"] == G and r["tool"] in got)
+            ] + list(got.values())
+            payload = dict(machine=info, rows=rows)
+            _common.write_json(path, payload)
+    print(markdown(rows))
+
+
+def markdown(rows) -> str:
+    """The results table (one line per size and tool) with ratios to vcjax."""
+    lines = [
+        "| P | cells/pert | G | cells | tool | seconds | seconds (warm) | peak RSS MiB "
+        "| tool / vcjax (first) | tool / vcjax (warm) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {t: i for i, t in enumerate(TOOLS)}
+    for r in sorted(rows, key=lambda r: (r["P"], r["G"], order.get(r["tool"], 99))):
+        v = next(
+            (x for x in rows if x["tool"] == "vcjax" and x["P"] == r["P"] and x["G"] == r["G"]), {}
+        )
+        ok = r.get("status") == "ok"
+        ratios = ok and v.get("status") == "ok" and r["tool"] not in ("vcjax", "vcjax-boot")
+        first = f"{r['seconds'] / v['seconds']:.1f}×" if ratios else ""
+        warm = f"{r['seconds'] / v['seconds_warm']:.1f}×" if ratios else ""
+        if r["tool"] == "vcjax-boot" and ok:
+            sec = f"{r['per_resample_s']:.3f} s per resample (n_boot={r['n_boot']})"
+        else:
+            sec = f"{r['seconds']:.2f}" if ok else r.get("status", "")
+        sw = f"{r['seconds_warm']:.2f}" if ok and r["tool"] == "vcjax" else ""
+        rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""
+        lines.append(
+            f"| {r['P']:,} | {r['cells']} | {r['G']:,} | {r.get('n_cells', 0):,} | {r['tool']} "
+            f"| {sec} | {sw} | {rss} | {first} | {warm} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
