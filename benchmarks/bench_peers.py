@@ -51,11 +51,14 @@ JSON = HERE / "results_peers.json"
 
 
 # ----------------------------------------------------------------------------- reference
-def numpy_reference(truth_path: str, pred_path: str, *, k: int = 20, seed: int = 0):
+def numpy_reference(
+    truth_path: str, pred_path: str, *, k: int = 20, seed: int = 0, gate: bool = True
+):
     """The evaluate() pipeline in NumPy float64; returns ``(perts, {source: {metric: (P,)}})``.
 
     Independent of vcjax except for the split definition (``data.split_halves``, the DbD
     seeded shuffle) and the null derangement's seed convention, which define the inputs.
+    ``gate=False`` skips DbD's NaN gates (as ``evaluate(..., gate=False)``).
     """
     import anndata as ad
     import numpy as np
@@ -190,8 +193,8 @@ def numpy_reference(truth_path: str, pred_path: str, *, k: int = 20, seed: int =
                 "r2_delta_ctrl": r2(truth - u_ntc, yh - u_ntc),
             }
             for m in ("wmse", "r2w_delta", "pearson_delta_degs"):
-                v[m] = np.where(no_deg, np.nan, v[m])
-            if src == "dataset_mean":
+                v[m] = np.where(no_deg & gate, np.nan, v[m])
+            if src == "dataset_mean" and gate:
                 for m in ("pearson_delta", "pearson_delta_degs", "pearson_delta_topk"):
                     v[m] = np.full(P, np.nan)
             values[src] = v

@@ -1,7 +1,7 @@
 """Plot wall time against the number of perturbations P for each tool (log–log).
 
 Reads ``benchmarks/results_peers.json`` (written by ``bench_peers.py``) and writes
-``benchmarks/results_time_vs_p.png`` (small: 6.4 × 4 in at 100 dpi). One line per tool and
+``benchmarks/results_time_vs_p.png`` (small: 8.6 × 4 in at 100 dpi). One line per tool and
 gene count G; vcjax is drawn twice: first call (JIT compilation included) and warm. Sizes a
 tool did not finish are left out (their reason is in the JSON and in RESULTS.md).
 
@@ -57,14 +57,20 @@ def main(argv=None) -> None:
 
     payload = json.loads(Path(args.json).read_text())
     data = series(payload["rows"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.6, 4.0), dpi=100)
     for (tool, G), pts in sorted(
         data.items(), key=lambda kv: (list(STYLE).index(kv[0][0]), kv[0][1])
     ):
         color, marker, ls = STYLE.get(tool, ("k", "x", "-"))
         xs, ys = zip(*pts)
         ax.plot(
-            xs, ys, color=color, marker=marker, ls=ls, label=f"{LABEL.get(tool, tool)}, G={G:,}"
+            xs,
+            ys,
+            color=color,
+            marker=marker,
+            ls=ls,
+            mfc=color if G <= 2000 else "none",  # open markers: the larger gene count
+            label=f"{LABEL.get(tool, tool)}, G={G:,}",
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -75,7 +81,7 @@ def main(argv=None) -> None:
         f"{m.get('cpu', '')}, {m.get('cores', '?')} cores, {m.get('date', '')}", fontsize=9
     )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1024:.0f} KiB)")

@@ -152,25 +152,18 @@ def test_evaluate_on_four_devices_equals_one(backed_file, tmp_path):
     )
 
 
-_SCORE_AND_BOOT = """
+_BOOT = """
 import sys, json, numpy as np, anndata as ad, jax, vcjax
-rng = np.random.default_rng(3)
-P, G = 37, 160  # 37 rows: chunks of 8 leave a ragged, padded last chunk
-pred, truth = rng.normal(size=(P, G)), rng.normal(size=(P, G))
-w, ref = rng.uniform(size=(P, G)), rng.normal(size=G)
-s = vcjax.score(pred, truth, reference=ref, weights=w, mask=w > 0.5, chunk_size=8)
-out = {"score": {m: np.asarray(v, np.float64).tolist() for m, v in s.items()},
-       "devices": jax.device_count(), "boot": None}
-if sys.argv[3] == "boot":
-    a = ad.read_h5ad(sys.argv[1])
-    t = vcjax.evaluate(a, None, key="condition", control="control", n_boot=20, seed=1)
-    out["boot"] = t[["value", "ci_low", "ci_high"]].to_numpy(np.float64).tolist()
-    out["boot_keys"] = (t["perturbation"] + "|" + t["metric"] + "|" + t["source"]).tolist()
+a = ad.read_h5ad(sys.argv[1])
+t = vcjax.evaluate(a, None, key="condition", control="control", n_boot=20, seed=1)
+out = {"devices": jax.device_count(),
+       "boot": t[["value", "ci_low", "ci_high"]].to_numpy(np.float64).tolist(),
+       "boot_keys": (t["perturbation"] + "|" + t["metric"] + "|" + t["source"]).tolist()}
 json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-def _one_and_four(backed_file, tmp_path, mode):
+def _one_and_four(backed_file, tmp_path):
     got = {}
     for n in (1, 4):
         env = dict(
@@ -181,7 +174,7 @@ def _one_and_four(backed_file, tmp_path, mode):
         )
         path = tmp_path / f"s{n}.json"
         res = subprocess.run(
-            [sys.executable, "-c", _SCORE_AND_BOOT, str(backed_file), str(path), mode],
+            [sys.executable, "-c", _BOOT, str(backed_file), str(path)],
             env=env,
             capture_output=True,
             text=True,
@@ -193,21 +186,58 @@ def _one_and_four(backed_file, tmp_path, mode):
     return got[1], got[4]
 
 
-def test_score_on_four_devices_equals_one(backed_file, tmp_path):
+_SCORE_DEVICES = """
+import sys, json, numpy as np, jax, vcjax
+rng = np.random.default_rng(3)
+P, G = 37, 160  # 37 rows: chunks of 8 leave a ragged, padded last chunk
+pred, truth = rng.normal(size=(P, G)), rng.normal(size=(P, G))
+w, ref = rng.uniform(size=(P, G)), rng.normal(size=G)
+kw = dict(reference=ref, weights=w, mask=w > 0.5, chunk_size=8)
+out = {n: {m: np.asarray(v, np.float64).tolist()
+           for m, v in vcjax.score(pred, truth, devices=jax.devices()[:n], **kw).items()}
+       for n in (1, 4)}
+out["default"] = {m: np.asarray(v, np.float64).tolist()
+                  for m, v in vcjax.score(pred, truth, **kw).items()}
+out["devices"] = jax.device_count()
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_score_on_four_devices_equals_one(tmp_path):
     """vcjax.score sharded over 4 CPU devices gives the single-device values, every metric."""
-    one, four = _one_and_four(backed_file, tmp_path, "score")
-    assert set(one["score"]) == set(four["score"]) and len(one["score"]) >= 8
-    for m in one["score"]:
-        a, b = np.array(one["score"][m], float), np.array(four["score"][m], float)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    )
+    path = tmp_path / "score.json"
+    res = subprocess.run(
+        [sys.executable, "-c", _SCORE_DEVICES, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(path.read_text())
+    assert got["devices"] == 4
+    one, four = got["1"], got["4"]
+    assert set(one) == set(four) == set(got["default"]) and len(one) >= 8
+    for m in one:
+        a = np.array(one[m], float)
         assert a.shape == (37,) and np.isfinite(a).any()
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=m)
+        for other in (four[m], got["default"][m]):
+            np.testing.assert_allclose(
+                np.array(other, float), a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=m
+            )
 
 
 @pytest.mark.slow
 def test_bootstrap_on_four_devices_equals_one(backed_file, tmp_path):
     """evaluate(n_boot=20) over 4 CPU devices: same values and intervals as on one device."""
     pytest.importorskip("vcjax.bootstrap")
-    one, four = _one_and_four(backed_file, tmp_path, "boot")
+    one, four = _one_and_four(backed_file, tmp_path)
     assert one["boot_keys"] == four["boot_keys"]
     a, b = np.array(one["boot"], float), np.array(four["boot"], float)
     assert np.isfinite(a[:, 1]).mean() > 0.5  # the intervals exist
