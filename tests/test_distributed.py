@@ -62,6 +62,28 @@ def test_process_slices_sum_to_the_whole(backed_file):
     np.testing.assert_array_equal(one.sum, full.sum)
 
 
+def _run_on_devices(code: str, n_devices: int, *args) -> subprocess.CompletedProcess:
+    """Run ``python -c code *args`` in a fresh process that sees ``n_devices`` CPU devices.
+
+    The XLA flag must be set before JAX initialises, hence the subprocess.
+    """
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,21 +142,8 @@ def test_evaluate_on_four_devices_equals_one(backed_file, tmp_path):
     )
     out = {}
     for n in (1, 4):
-        env = dict(
-            os.environ,
-            PYTHONPATH=str(ROOT),
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-        )
         path = tmp_path / f"t{n}.csv"
-        res = subprocess.run(
-            [sys.executable, "-c", code, str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
+        res = _run_on_devices(code, n, path)
         assert res.stdout.strip().splitlines()[-1] == str(n)
         import pandas as pd
 
@@ -166,21 +175,8 @@ json.dump(out, open(sys.argv[2], "w"))
 def _one_and_four(backed_file, tmp_path):
     got = {}
     for n in (1, 4):
-        env = dict(
-            os.environ,
-            PYTHONPATH=str(ROOT),
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-        )
         path = tmp_path / f"s{n}.json"
-        res = subprocess.run(
-            [sys.executable, "-c", _BOOT, str(backed_file), str(path)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
+        _run_on_devices(_BOOT, n, backed_file, path)
         got[n] = json.loads(path.read_text())
         assert got[n]["devices"] == n
     return got[1], got[4]
@@ -205,21 +201,8 @@ json.dump(out, open(sys.argv[1], "w"))
 
 def test_score_on_four_devices_equals_one(tmp_path):
     """vcjax.score sharded over 4 CPU devices gives the single-device values, every metric."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-    )
     path = tmp_path / "score.json"
-    res = subprocess.run(
-        [sys.executable, "-c", _SCORE_DEVICES, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    _run_on_devices(_SCORE_DEVICES, 4, path)
     got = json.loads(path.read_text())
     assert got["devices"] == 4
     one, four = got["1"], got["4"]
