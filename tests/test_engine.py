@@ -108,8 +108,13 @@ def test_default_metrics_depend_on_inputs():
 
 
 def test_chunk_size_defaults():
-    assert engine.default_chunk_size(8192) == 256
-    assert engine.default_chunk_size(20000, 4) % 4 == 0
+    assert engine.default_chunk_size(8192, backend="cpu") == 128  # 3 x 4 MiB: cache-sized
+    assert engine.default_chunk_size(8192, backend="gpu") == 256
+    assert engine.default_chunk_size(2000, backend="cpu") == 512
+    assert engine.default_chunk_size(10, backend="gpu") == 1024  # capped
+    for n_dev in (1, 3, 4):
+        rows = engine.default_chunk_size(20000, n_dev)
+        assert rows % n_dev == 0 and rows >= n_dev
 
 
 def _kernels(pred, truth, ref, w, mask, k, strict):

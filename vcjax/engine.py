@@ -79,9 +79,18 @@ def available_metrics(*, weights: bool, mask: bool) -> tuple[str, ...]:
     return tuple(n for n, s in METRICS.items() if all(have[x] for x in s.needs))
 
 
-def default_chunk_size(n_genes: int, n_devices: int = 1) -> int:
-    """Rows per chunk: about 2**21 elements per input array, a multiple of the device count."""
-    rows = max(8, min(1024, (1 << 21) // max(n_genes, 1)))
+def default_chunk_size(n_genes: int, n_devices: int = 1, *, backend: str | None = None) -> int:
+    """Rows per chunk, a power of two and a multiple of the device count.
+
+    About ``2**20`` elements per input array on CPU and ``2**21`` on accelerators. On CPU
+    the size is set by the cache: the fused kernel reads each chunk twice (two-pass
+    moments), and a chunk of ``pred``, ``truth`` and ``weights`` that fits in a typical
+    last-level cache (3 × 4 MiB in float32) makes the second read a cache hit, which
+    measured about twice as fast as ``2**21`` at ``G = 8192`` (``benchmarks/RESULTS.md``).
+    """
+    backend = jax.default_backend() if backend is None else backend
+    budget = 1 << (20 if backend == "cpu" else 21)
+    rows = max(8, min(1024, budget // max(n_genes, 1)))
     rows = 1 << (rows.bit_length() - 1)  # power of two
     return max(n_devices, (rows // n_devices) * n_devices)
 
