@@ -305,3 +305,41 @@ def test_coverage_validation_small():
     pop = table[table.method == "percentile (target=population)"].set_index("metric")
     # Pearson(Δ) against a noisy truth is biased: raw intervals miss the population value
     assert pop.loc["pearson_delta", "coverage_population"] < 0.5
+
+
+def test_host_argsort_equals_numpy_stable_argsort():
+    """The uint64-key sort used on CPU is np.argsort(kind="stable"): ties, ±0, ±inf, NaN."""
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=(6, 777)).astype(np.float32)
+    p[0, :300] = 0.5  # long tie
+    p[1, ::2], p[1, 1::2] = -0.0, 0.0  # signed zeros tie
+    p[2, :5], p[2, 5:10] = np.inf, -np.inf
+    p[3, :40] = np.nan
+    p[4] = rng.integers(0, 3, 777)
+    want = np.argsort(p, axis=-1, kind="stable")
+    np.testing.assert_array_equal(BS._stable_argsort_numpy(p), want)
+    np.testing.assert_array_equal(BS._stable_argsort_numpy(p.astype(np.float64)), want)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_resampler_bh_equals_deg_bh(x64):
+    """BH inside the resampler (host argsort on CPU) is bit-identical to deg's, and both
+    equal statsmodels-style BH computed in float64 NumPy."""
+    from vcjax import deg as DEG
+
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(x64):
+        dt = np.float64 if x64 else np.float32
+        p = rng.random((3, 5, 400)).astype(dt)
+        p[0, 0, :150] = 1.0
+        p[1, 2, ::3] = p[1, 2, 0]
+        p[2, 1] = 0.25
+        got = np.asarray(jax.jit(BS._benjamini_hochberg)(p))
+        want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
+    np.testing.assert_array_equal(got, want)
+    q = p.astype(np.float64).reshape(-1, 400)
+    o = np.argsort(q, axis=1)
+    s = np.take_along_axis(q, o, 1) * 400 / np.arange(1, 401)
+    ref = np.empty_like(q)
+    np.put_along_axis(ref, o, np.minimum(1, np.minimum.accumulate(s[:, ::-1], 1)[:, ::-1]), 1)
+    np.testing.assert_allclose(got.reshape(-1, 400), ref, rtol=1e-6 if not x64 else 1e-13)
