@@ -225,3 +225,38 @@ def test_bootstrap_on_four_devices_equals_one(backed_file, tmp_path):
     a, b = np.array(one["boot"], float), np.array(four["boot"], float)
     assert np.isfinite(a[:, 1]).mean() > 0.5  # the intervals exist
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+_BOOT_SHARDED = """
+import sys, json, importlib, numpy as np, jax
+sys.path.insert(0, sys.argv[2])
+from tests.conftest import load_fixture
+from vcjax import bootstrap as BS
+E = importlib.import_module("vcjax.evaluate")
+adata, exp = load_fixture("ds1_sparse")
+(ctx,) = E.prepare(adata, key="condition", control="control", normalize=None)
+ctx.options.update(model=np.asarray(exp["pred_noisy"]), metrics=E.DEFAULT_METRICS, k=10,
+                   strict=False, gate=True)
+runs = {n: BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=3, devices=jax.devices()[:n])
+        for n in (1, 4)}
+out = {"devices": jax.device_count(), "chunk4": runs[4]["chunk"],
+       "values": {n: {f"{s}|{m}": np.asarray(v, np.float64).tolist()
+                      for s, d in r["values"].items() for m, v in d.items()}
+                  for n, r in runs.items()}}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_bootstrap_resamples_sharded_over_four_devices(tmp_path):
+    """context_samples shards each chunk's resamples over 4 CPU devices (shard_map): the
+    chunk is rounded up to a multiple of 4 and every resampled value equals one device's."""
+    path = tmp_path / "boot.json"
+    _run_on_devices(_BOOT_SHARDED, 4, path, Path(__file__).resolve().parents[1])
+    got = json.loads(path.read_text())
+    assert got["devices"] == 4 and got["chunk4"] == 4
+    one, four = got["values"]["1"], got["values"]["4"]
+    assert set(one) == set(four) and len(one) >= 80
+    for key in one:
+        a, b = np.array(one[key], float), np.array(four[key], float)
+        assert a.shape[0] == 10  # (n_boot, P)
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, equal_nan=True, err_msg=key)

@@ -85,6 +85,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 from scipy import special
 
@@ -818,7 +819,15 @@ def _resample_values(
 
 
 @functools.lru_cache(maxsize=16)
-def _chunk_fn(cfg: _Config):
+def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
+    """The jitted resampler of one chunk of resamples: ``(keys (b, ...), arrs) -> values``.
+
+    With several ``devices`` the resample axis is sharded over a 1-D mesh
+    (:func:`jax.shard_map`): each device draws and scores its own resamples from a
+    replicated copy of the cells, so ``b`` must be a multiple of the device count.
+    Resample ``r`` depends only on its key, so the values equal one device's.
+    """
+
     def run(keys, arrs):
         def weights_one(k):
             idx = _draw(k, arrs["starts"], arrs["per"])
@@ -848,6 +857,15 @@ def _chunk_fn(cfg: _Config):
         )
         return {k: jnp.swapaxes(v, 0, 1) for k, v in out.items()}
 
+    if len(devices) > 1:
+        mesh = Mesh(np.asarray(devices), ("resamples",))
+        run = jax.shard_map(
+            run,
+            mesh=mesh,
+            in_specs=(PartitionSpec("resamples"), PartitionSpec()),
+            out_specs=PartitionSpec(None, "resamples"),  # values are (sources, b, P)
+            check_vma=False,  # the host BH sort (pure_callback) carries no replication info
+        )
     return jax.jit(run, compiler_options=engine._compiler_options())
 
 
@@ -977,6 +995,7 @@ def context_samples(
     chunk_size: int | None = None,
     pvalue: str = "auto",
     progress: bool | Callable[[int], None] = False,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Resampled metric values of one evaluation context (the engine of :func:`add_intervals`).
 
@@ -993,6 +1012,9 @@ def context_samples(
         (``betainc``) or ``"auto"``: fast when every DEG test has ``ν ≥ 30``
         (group sizes ≥ 31), else exact.
       progress: True for log messages, or a callback receiving resamples done.
+      devices: devices to shard the resamples of each chunk over (default: all of
+        ``jax.devices()``); the chunk is rounded up to a multiple of their number. Each
+        device holds a copy of the cell matrix.
 
     Returns:
       ``{"values": {source: {metric: (n_boot, P)}}, "calibrated": same, "perts", "metrics",
@@ -1002,10 +1024,17 @@ def context_samples(
     cfg, arrs, lay = _setup(ctx, refit_weights=refit_weights, pvalue=pvalue)
     sources, metrics, rows, dtype = cfg.sources, cfg.metrics, cfg.rows, _float_dtype()
     chunk = int(chunk_size or default_chunk(len(rows), cfg.G, len(sources)))
+    devices = tuple(jax.devices() if devices is None else devices)
+    n_dev = len(devices)
+    chunk = -(-chunk // n_dev) * n_dev  # a multiple of the device count
     cfg = dataclasses.replace(
-        cfg, sub_batch=min(chunk, default_sub_batch(len(rows), cfg.G, len(sources)))
+        cfg, sub_batch=min(chunk // n_dev, default_sub_batch(len(rows), cfg.G, len(sources)))
     )
-    fn = _chunk_fn(cfg)
+    fn = _chunk_fn(cfg, devices if n_dev > 1 else ())
+    if n_dev > 1:
+        arrs = jax.device_put(
+            arrs, NamedSharding(Mesh(np.asarray(devices), ("resamples",)), PartitionSpec())
+        )
     key = context_key(seed, index)
     P = len(rows)
     store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
