@@ -888,8 +888,14 @@ def _additive_index(perts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def default_chunk(n_perts: int, n_genes: int, n_sources: int) -> int:
-    """Resamples per chunk (the cells product): about 2**25 elements of group sums, 1..32."""
-    return int(max(1, min(32, (1 << 25) // max(1, 4 * (n_perts + 1) * n_genes))))
+    """Resamples per chunk (the cells product): about 2**28 elements of group sums, 1..32.
+
+    The product reads the whole cell matrix once per chunk, so its cost per resample falls
+    as the chunk grows (measured about 3.5× from 4 to 32 resamples at P = 1000, G = 2000);
+    the group sums of a chunk take ``chunk × 2(P+1) × 2G`` floats (1 GiB in float32 at that
+    size and 32 resamples).
+    """
+    return int(max(1, min(32, (1 << 28) // max(1, 4 * (n_perts + 1) * n_genes))))
 
 
 def default_sub_batch(n_perts: int, n_genes: int, n_sources: int) -> int:
