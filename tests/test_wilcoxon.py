@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
+from vcjax import wilcoxon as W
 from vcjax.wilcoxon import bh_fdr, log2_fold_change, mannwhitney_vs_control
 
 
@@ -79,6 +80,103 @@ def test_zscore_sign_and_ignored_labels():
     assert np.asarray(r.n)[0] == 20
     want = ss.mannwhitneyu(up, ctrl, method="asymptotic", axis=0)
     np.testing.assert_allclose(np.asarray(r.statistic[0]), want.statistic)
+
+
+def _mixed(seed=0, g=23, m=60, sizes=(1, 0, 17, 33, 5, 50, 2, 17)):
+    """Unequal groups (padded slots), ties within and across groups, negative values, ±0."""
+    rng = np.random.default_rng(seed)
+    lab = np.repeat(np.arange(len(sizes)), sizes)
+    lab = np.concatenate([lab, [-1, len(sizes), 99]])  # ignored labels
+    cells = np.round(rng.normal(size=(lab.size, g)), 1) + 0.3 * lab[:, None] * (lab[:, None] >= 0)
+    ctrl = np.round(rng.normal(size=(m, g)), 1)
+    cells[:, 0], ctrl[:, 0] = 0.0, -0.0  # +0 and -0 tie
+    cells[:, 1], ctrl[:, 1] = 2.5, 2.5  # all equal
+    cells[::3, 2] = -0.0
+    ctrl[:, 3] = rng.normal(size=m)  # continuous: no ties with the cells
+    perm = rng.permutation(lab.size)
+    return cells[perm], lab[perm], ctrl, len(sizes)
+
+
+@pytest.mark.parametrize(
+    "dtype,sizes",
+    [
+        (np.float32, None),
+        (np.float64, None),
+        (np.float32, tuple(range(41))),  # > 32 distinct sizes: padded slots
+    ],
+)
+def test_host_paths_agree_exactly(dtype, sizes, monkeypatch):
+    """NumPy lookup vs XLA lookup, one block vs many (threads, a short last block), and
+    both against a direct count."""
+    cells, lab, ctrl, k = _mixed() if sizes is None else _mixed(g=6, sizes=sizes)
+    if sizes is not None:
+        assert W._layout(lab, k)[0].pad.size > 0
+    cells, ctrl = cells.astype(dtype), ctrl.astype(dtype)
+    with jax.enable_x64(dtype == np.float64):
+        ref = W._host_counts(cells, lab, ctrl, k, xla=False, threads=1)
+        monkeypatch.setattr(W, "_BLOCK_ELEMENTS", 5 * (ctrl.shape[0] + cells.shape[0]))
+        for xla in (False, True):
+            got = W._host_counts(cells, lab, ctrl, k, xla=xla, threads=2)
+            for a, b in zip(ref, got):
+                np.testing.assert_array_equal(a, b)
+    u, ties, n = ref
+    np.testing.assert_array_equal(n, np.bincount(lab[(lab >= 0) & (lab < k)], minlength=k))
+    for p in range(k):  # U and the tie term against a direct computation
+        x = cells[lab == p].astype(np.float64)
+        for j in range(cells.shape[1]):
+            c = ctrl[:, j].astype(np.float64)
+            want_u = np.sum(x[:, j][:, None] > c) + 0.5 * np.sum(x[:, j][:, None] == c)
+            _, t = np.unique(np.concatenate([x[:, j], c]), return_counts=True)
+            want_t = np.sum(t.astype(np.float64) ** 3 - t) if len(x) else 0.0
+            assert u[p, j] == want_u and ties[p, j] == want_t, (p, j)
+
+
+@pytest.mark.parametrize("continuity,tie_correct", [(True, True), (False, False), (False, True)])
+def test_host_path_matches_xla_path_float64(continuity, tie_correct):
+    """The CPU (NumPy) and accelerator (XLA sort) implementations give the same results."""
+    cells, lab, ctrl, k = _mixed(seed=1)
+    kw = dict(n_groups=k, continuity=continuity, tie_correct=tie_correct)
+    with jax.enable_x64(True):
+        host = mannwhitney_vs_control(cells, lab, ctrl, **kw)
+        dev = W._mannwhitney(cells, lab, ctrl, path="jax", **kw)
+        for name in host._fields:
+            a, b = np.asarray(getattr(host, name)), np.asarray(getattr(dev, name))
+            assert a.dtype == b.dtype == np.float64
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=0, equal_nan=True, err_msg=name)
+    host32 = mannwhitney_vs_control(cells.astype(np.float32), lab, ctrl.astype(np.float32), **kw)
+    dev32 = W._mannwhitney(cells.astype(np.float32), lab, ctrl.astype(np.float32), path="jax", **kw)
+    np.testing.assert_array_equal(np.asarray(host32.statistic), np.asarray(dev32.statistic))
+    np.testing.assert_allclose(
+        np.asarray(host32.pvalue), np.asarray(dev32.pvalue), rtol=1e-4, atol=1e-7, equal_nan=True
+    )
+
+
+def test_traced_calls_use_the_callback():
+    """Under jit / vmap on CPU the NumPy counts run through pure_callback."""
+    cells, lab, ctrl, k = _mixed(seed=2, g=7)
+    cells, ctrl = cells.astype(np.float32), ctrl.astype(np.float32)
+    eager = mannwhitney_vs_control(cells, lab, ctrl, n_groups=k)
+    jitted = jax.jit(lambda c, l, r: mannwhitney_vs_control(c, l, r, n_groups=k))(cells, lab, ctrl)
+    for name in eager._fields:
+        np.testing.assert_array_equal(
+            np.asarray(getattr(eager, name)), np.asarray(getattr(jitted, name))
+        )
+    batched = jax.vmap(lambda r: mannwhitney_vs_control(cells, lab, r, n_groups=k))(
+        np.stack([ctrl, ctrl[::-1] + 1])
+    )
+    np.testing.assert_array_equal(np.asarray(batched.statistic[0]), np.asarray(eager.statistic))
+
+
+def test_no_control_cells_and_no_group_cells():
+    cells, lab, ctrl, k = _mixed(seed=3, g=5)
+    with jax.enable_x64(True):
+        for c, l, r in [(cells, lab, ctrl[:0]), (cells[:0], lab[:0], ctrl)]:
+            host = mannwhitney_vs_control(c, l, r, n_groups=k)
+            dev = W._mannwhitney(c, l, r, n_groups=k, continuity=True, tie_correct=True, path="jax")
+            for name in host._fields:
+                np.testing.assert_array_equal(
+                    np.asarray(getattr(host, name)), np.asarray(getattr(dev, name))
+                )
 
 
 def test_bh_fdr_matches_scipy():
