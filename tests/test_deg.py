@@ -260,3 +260,61 @@ def test_rank_genes_errors():
         deg.rank_genes(st.perturbed(), vs="control")
     with pytest.raises(VcjaxInputError, match="rest has fewer than 2 cells"):
         deg.rank_genes(st.select(["P1", "control"]))
+
+
+# ------------------------------------------------------ host twins (issue 9)
+def test_host_twins_equal_the_jax_kernels():
+    """rank_genes' NumPy twins reproduce the JAX kernels (x64) exactly or to 1 ulp."""
+    rng = np.random.default_rng(11)
+    P, G = 13, 57
+    ng = rng.integers(2, 40, size=(P, 1)).astype(np.float64)
+    nr = rng.integers(2, 400, size=(P, 1)).astype(np.float64)
+    mg, mr = rng.gamma(1.0, size=(P, G)), rng.gamma(1.0, size=(P, G))
+    vg, vr = rng.gamma(0.5, size=(P, G)), rng.gamma(0.5, size=(P, G))
+    vg[0, :5] = 0.0  # zero variances: NaN/inf t
+    vr[0, :5] = 0.0
+    mg[0, :2] = mr[0, :2]
+    for method in ("t-test_overestim_var", "t-test"):
+        t_h, dof_h = deg._t_host(mg, vg, ng, mr, vr, nr, method=method)
+        with jax.enable_x64(True):
+            t_j, dof_j = deg.t_from_moments(
+                mg, vg, np.broadcast_to(ng, mg.shape), mr, vr, np.broadcast_to(nr, mg.shape),
+                method=method,
+            )  # fmt: skip
+            t_j, dof_j = np.asarray(t_j), np.asarray(dof_j)
+        np.testing.assert_array_equal(np.isnan(t_h), np.isnan(t_j))
+        np.testing.assert_allclose(t_h, t_j, rtol=4e-16, atol=0)
+        np.testing.assert_allclose(dof_h, dof_j, rtol=4e-16, atol=0)
+    p = rng.uniform(size=(P, G))
+    p[:, ::7] = p[:, :1]  # ties
+    p[1] = 1.0
+    with jax.enable_x64(True):
+        q_j = np.asarray(deg.benjamini_hochberg(p))
+    q_h = deg._bh_host(p)
+    np.testing.assert_allclose(q_h, q_j, rtol=1e-15, atol=0)  # XLA may use 1/ecdf: 1 ulp
+    try:
+        from statsmodels.stats import multitest
+    except ImportError:  # pragma: no cover
+        multitest = None
+    if multitest is not None:  # the host version is statsmodels' arithmetic, exactly
+        ref = np.array([multitest.multipletests(row, method="fdr_bh")[1] for row in p])
+        np.testing.assert_array_equal(q_h, ref)
+    s = (rng.standard_t(3, size=(P, G)) * 4).astype(np.float32)
+    s[2] = 0.0
+    s[3] = 2.5
+    s[4, 3] = np.nan
+    s[5, 1] = np.inf
+    np.testing.assert_array_equal(deg._minmax_weights_host(s), np.asarray(deg.minmax_weights(s)))
+
+
+def test_rank_genes_blocks_and_threads_do_not_change_results(monkeypatch):
+    adata, _ = load_fixture("ds1_sparse")
+    st = data.group_stats(adata, "condition", control="control")
+    ref = deg.rank_genes(st)
+    monkeypatch.setattr(deg, "_BLOCK_ELEMS", 7)  # one row per block
+    for threads in (1, 3):
+        monkeypatch.setattr(deg, "_host_threads", lambda n=threads: n)
+        got = deg.rank_genes(st)
+        for f in ("scores", "pvals", "pvals_adj", "logfc"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(ref, f))
+        np.testing.assert_array_equal(got.weights(), ref.weights())

@@ -317,34 +317,132 @@ def test_peer_metrics_in_the_table():
     from vcjax.evaluate import prepare
     from vcjax.simulate import simulate_screen
 
-    adata = simulate_screen(seed=2, n_perturbations=10, n_genes=120, cells_per_perturbation=40, n_control=80)
+    adata = simulate_screen(
+        seed=2, n_perturbations=10, n_genes=120, cells_per_perturbation=40, n_control=80
+    )
     # a model given as cells, control included: cell-level metrics become available
     rng = np.random.default_rng(0)
     half = adata[rng.random(adata.n_obs) < 0.5].copy()
     table = evaluate(adata, half, key="condition", control="control", metrics="all")
     names = set(table.metric)
-    assert {"pds", "rank", "centroid_accuracy", "pearson_delta_top20", "direction_agreement",
-            "hit_recall_at_budget", "hit_recall_at_fdr", "de_overlap_at_k", "de_direction_agreement",
-            "energy_distance", "mmd"} <= names
+    assert {
+        "pds",
+        "rank",
+        "centroid_accuracy",
+        "pearson_delta_top20",
+        "direction_agreement",
+        "hit_recall_at_budget",
+        "hit_recall_at_fdr",
+        "de_overlap_at_k",
+        "de_direction_agreement",
+        "energy_distance",
+        "mmd",
+    } <= names
     (ctx,) = prepare(adata, key="condition", control="control")
     dup = ctx.baselines["technical_duplicate"]
     got = _values(table, "technical_duplicate", "rank", ctx.perts)
-    np.testing.assert_allclose(got, np.asarray(peers.rank(dup - ctx.u_ntc, ctx.truth - ctx.u_ntc)), rtol=1e-6)
+    np.testing.assert_allclose(
+        got, np.asarray(peers.rank(dup - ctx.u_ntc, ctx.truth - ctx.u_ntc)), rtol=1e-6
+    )
     got = _values(table, "technical_duplicate", "centroid_accuracy", ctx.perts)
     np.testing.assert_allclose(got, np.asarray(peers.centroid_accuracy(dup, ctx.truth)), rtol=1e-6)
     # cell-level metrics of the model equal cell-eval's definitions computed directly
     X = np.log1p(adata.X.toarray() / adata.X.toarray().sum(1, keepdims=True) * 1e4)
     Xp = np.log1p(half.X.toarray() / half.X.toarray().sum(1, keepdims=True) * 1e4)
-    res = peers.celleval_metrics(X, adata.obs["condition"].astype(str).to_numpy(), Xp,
-                                 half.obs["condition"].astype(str).to_numpy(), list(adata.var_names), control="control")
+    res = peers.celleval_metrics(
+        X,
+        adata.obs["condition"].astype(str).to_numpy(),
+        Xp,
+        half.obs["condition"].astype(str).to_numpy(),
+        list(adata.var_names),
+        control="control",
+    )
     order = [list(res["perts"]).index(p) for p in ctx.perts]
     for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
-        np.testing.assert_allclose(_values(table, "model", name, ctx.perts), np.asarray(res[name], float)[order],
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            _values(table, "model", name, ctx.perts),
+            np.asarray(res[name], float)[order],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
     # baselines are profiles, not cells: their cell-level metrics are undefined
-    assert table[(table.source == "dataset_mean") & (table.metric == "energy_distance")]["value"].isna().all()
+    assert (
+        table[(table.source == "dataset_mean") & (table.metric == "energy_distance")]["value"]
+        .isna()
+        .all()
+    )
     # dataset-level rows
     hits = table[(table.metric == "hit_recall_at_budget")]
     assert set(hits.perturbation) == {"(all)"}
     defined = hits[hits.source != "additive"]  # additive is NaN for singles: not scorable
     assert defined.value.between(0, 1).all() and hits[hits.source == "additive"].value.isna().all()
+
+
+# ---------------------------------------------------- compilation cache (issue 9)
+_CACHE_SCRIPT = r"""
+import json, os, sys
+import jax
+from tests.conftest import load_fixture
+from vcjax.evaluate import enable_compilation_cache, evaluate
+out = {}
+mode = sys.argv[1]
+out["dir"] = enable_compilation_cache()
+out["again"] = enable_compilation_cache()
+out["jax_dir"] = jax.config.jax_compilation_cache_dir
+out["min_time"] = jax.config.jax_persistent_cache_min_compile_time_secs
+if mode == "off":  # then a user who configured a cache themselves (a new decision)
+    import vcjax.evaluate
+    sys.modules["vcjax.evaluate"]._cache_state.clear()
+    del os.environ["VCJAX_COMPILATION_CACHE"]
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    out["user_dir"] = enable_compilation_cache()
+    out["user_min_time"] = jax.config.jax_persistent_cache_min_compile_time_secs
+if mode == "vcjax":
+    adata, exp = load_fixture("ds1_sparse")
+    pred = (list(exp["perts"]), exp["pred_noisy"], list(exp["genes"]))
+    evaluate(adata, pred, key="condition", control="control", normalize=None)
+    out["files"] = len(os.listdir(out["dir"]))
+print(json.dumps(out))
+"""
+
+
+def _cache_run(mode, env_value, *args):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), VCJAX_COMPILATION_CACHE=env_value)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    res = subprocess.run(
+        [sys.executable, "-c", _CACHE_SCRIPT, mode, *args],
+        capture_output=True, text=True, env=env, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_compilation_cache_enabled_by_default_and_opt_out(tmp_path):
+    folder = tmp_path / "cache"
+    got = _cache_run("vcjax", str(folder))
+    assert got["dir"] == got["again"] == got["jax_dir"] == str(folder)
+    assert got["min_time"] == 0.0 and got["files"] > 0  # every vcjax kernel is cached
+    off = _cache_run("off", "0", str(tmp_path / "mine"))
+    assert off["dir"] is None and off["jax_dir"] is None and off["min_time"] == 1.0
+    assert off["user_dir"] == str(tmp_path / "mine")
+    assert off["user_min_time"] == 1.0  # a user's own cache settings are left alone
+
+
+def test_engine_arrays_are_aligned_and_reused():
+    from vcjax.evaluate import _engine_array
+
+    x = np.arange(3 * 70, dtype=np.float64).reshape(3, 70)
+    y = _engine_array(x, np.dtype(np.float32))
+    assert y.dtype == np.float32 and y.flags.c_contiguous and y.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(y, x.astype(np.float32))
+    assert _engine_array(y, np.dtype(np.float32)) is y
+    b = _engine_array(np.broadcast_to(x[0], (5, 70)), np.dtype(np.float32))
+    assert b.shape == (5, 70) and b.flags.c_contiguous

@@ -59,6 +59,13 @@ def _preview(items: Sequence[Any], k: int = 5) -> str:
     return shown + (f", ... ({len(items)} in total)" if len(items) > k else "")
 
 
+def _mean(n: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``Σx/n`` per group (NaN where ``n == 0``); the ``mean`` of :func:`_moments`, alone."""
+    n = np.asarray(n, dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return s / n
+
+
 def _moments(n: np.ndarray, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and unbiased variance from (n, Σx, Σx²), in scanpy's order of operations.
 
@@ -114,7 +121,7 @@ class GroupStats:
     @property
     def mean(self) -> np.ndarray:
         """``(C, G)`` float64 pseudobulk ``Σx/n`` (NaN for empty groups)."""
-        return _moments(self.n, self.sum, self.sumsq)[0]
+        return _mean(self.n, self.sum)
 
     @property
     def var(self) -> np.ndarray:
@@ -315,46 +322,123 @@ def _is_backed_sparse(X) -> bool:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _CSRView:
+    """Rows of an in-memory CSR matrix: views of its ``data``/``indices`` (no copy).
+
+    What :func:`group_stats` reads chunk by chunk. Building a SciPy matrix on the views
+    would copy ``indices`` (SciPy prunes views of larger arrays), and ``X[start:stop]``
+    copies every non-zero of the slice.
+    """
+
+    data: np.ndarray  # float64 (or as stored, for validation only)
+    indices: np.ndarray
+    indptr: np.ndarray  # rebased: indptr[0] == 0
+    shape: tuple[int, int]
+
+    def tocsr(self) -> sp.csr_matrix:
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape)
+
+
+def _is_csr(chunk) -> bool:
+    return isinstance(chunk, _CSRView) or sp.issparse(chunk)
+
+
+def _csr_rows(X, start: int, stop: int, dtype=np.float64) -> _CSRView:
+    """Rows ``start:stop`` of an in-memory CSR matrix, zero-copy.
+
+    ``data`` is converted to ``dtype`` only when it differs (``None``: as stored);
+    ``indptr`` is rebased (``O(rows)``).
+    """
+    ip = X.indptr
+    a, b = int(ip[start]), int(ip[stop])
+    indptr = ip[start : stop + 1] - ip[start]
+    data = X.data[a:b] if dtype is None else np.asarray(X.data[a:b], dtype=dtype)
+    return _CSRView(data, X.indices[a:b], indptr, (stop - start, X.shape[1]))
+
+
+def _f64(x) -> np.float64:
+    """A reported value as float64 (what the values are converted to for the sums)."""
+    return np.float64(x)
+
+
+def _in_memory_csr(X):
+    """``X`` as in-memory CSR when it is an in-memory sparse matrix, else None.
+
+    CSC is converted once (row slices of CSC cost ``O(nnz)`` each; the conversion costs
+    ``O(nnz)`` memory, never dense); duplicate entries are summed once.
+    """
+    if not sp.issparse(X):
+        return None
+    if X.format != "csr":
+        X = X.tocsr() if X.format == "csc" else sp.csr_matrix(X)
+    if not _sorted_unique(X.indptr, X.indices):
+        X = X.copy()
+        X.sum_duplicates()
+    return X
+
+
+def _sorted_unique(indptr: np.ndarray, indices: np.ndarray, block: int = 1 << 20) -> bool:
+    """True when column indices strictly increase within every row (so no duplicates).
+
+    SciPy's ``has_canonical_format`` in blocks of NumPy operations (about 3x faster).
+    """
+    n = indices.size
+    for a in range(0, n, block):
+        b = min(n, a + block + 1)  # blocks overlap by one so every pair is compared
+        bad = np.diff(indices[a:b]) <= 0
+        # pairs that straddle a row boundary k (a < k < b) are not compared
+        lo, hi = np.searchsorted(indptr, [a + 1, b])
+        bad[indptr[lo:hi] - 1 - a] = False
+        if bad.any():
+            return False
+    return True
+
+
 def _iter_chunks(
-    X, chunk_cells: int, rows: tuple[int, int] | None = None
+    X, chunk_cells: int, rows: tuple[int, int] | None = None, *, views: bool = False
 ) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(start, stop, chunk)`` with chunk a float64 ndarray or canonical CSR.
 
-    ``rows = (first, last)`` restricts the pass to cells ``first … last - 1``.
+    ``rows = (first, last)`` restricts the pass to cells ``first … last - 1``. Chunks of an
+    in-memory matrix share memory with it where possible (float64 data is not copied):
+    treat them as read-only. ``views=True`` yields in-memory CSR rows as :class:`_CSRView`
+    (what :func:`group_stats` consumes) instead of SciPy matrices.
     """
     first, n = (0, X.shape[0]) if rows is None else rows
-    if sp.issparse(X) and X.format != "csr":
-        if X.format == "csc":
-            # Row slices of CSC cost O(nnz) each; convert once (O(nnz) memory, never dense).
-            X = X.tocsr()
-        else:
-            X = sp.csr_matrix(X)
-    elif _is_backed_sparse(X) and getattr(X, "format", "csr") == "csc":
+    csr = _in_memory_csr(X)
+    if csr is None and _is_backed_sparse(X) and getattr(X, "format", "csr") == "csc":
         warnings.warn(
             "backed CSC matrix: row chunks are slow; store X as CSR for streaming",
             stacklevel=3,
         )
     for start in range(first, n, chunk_cells):
         stop = min(start + chunk_cells, n)
-        chunk = X[start:stop]
-        if sp.issparse(chunk):
-            chunk = sp.csr_matrix(chunk, dtype=np.float64)
-            chunk.sum_duplicates()
+        if csr is not None:
+            chunk = _csr_rows(csr, start, stop)
+            if not views:
+                chunk = chunk.tocsr()
+                chunk.has_canonical_format = True
         else:
-            chunk = np.asarray(chunk, dtype=np.float64)
-            if chunk.ndim != 2:
-                chunk = chunk.reshape(stop - start, -1)
+            chunk = X[start:stop]
+            if sp.issparse(chunk):
+                chunk = sp.csr_matrix(chunk, dtype=np.float64)
+                chunk.sum_duplicates()
+            else:
+                chunk = np.asarray(chunk, dtype=np.float64)
+                if chunk.ndim != 2:
+                    chunk = chunk.reshape(stop - start, -1)
         yield start, stop, chunk
 
 
 def _chunk_values(chunk) -> np.ndarray:
-    return chunk.data if sp.issparse(chunk) else chunk.ravel()
+    return chunk.data if _is_csr(chunk) else chunk.ravel()
 
 
 def _locate(chunk, bad_flat: np.ndarray) -> tuple[int, int]:
     """(row, col) within the chunk of the first True in the value-array mask."""
     k = int(np.flatnonzero(bad_flat)[0])
-    if sp.issparse(chunk):
+    if _is_csr(chunk):
         row = int(np.searchsorted(chunk.indptr, k, side="right") - 1)
         return row, int(chunk.indices[k])
     return divmod(k, chunk.shape[1])
@@ -362,14 +446,155 @@ def _locate(chunk, bad_flat: np.ndarray) -> tuple[int, int]:
 
 def _normalize_chunk(chunk):
     """``ln(1 + 1e4·x/Σ_g x)`` per row; rows with zero total stay zero."""
-    totals = np.asarray(chunk.sum(axis=1)).ravel()
+    if isinstance(chunk, _CSRView):
+        # SciPy's ``csr.sum(axis=1)``: reduceat over the non-empty rows
+        totals = np.zeros(chunk.shape[0])
+        nonempty = np.flatnonzero(np.diff(chunk.indptr))
+        if nonempty.size:
+            totals[nonempty] = np.add.reduceat(chunk.data, chunk.indptr[nonempty])
+    else:
+        totals = np.asarray(chunk.sum(axis=1)).ravel()
     with np.errstate(divide="ignore"):
         scale = np.where(totals > 0, TARGET_SUM / totals, 0.0)
-    if sp.issparse(chunk):
-        out = sp.csr_matrix(sp.diags(scale) @ chunk)
-        out.data = np.log1p(out.data)
+    if _is_csr(chunk):
+        view = isinstance(chunk, _CSRView)
+        if not view:
+            chunk = sp.csr_matrix(chunk)
+        row = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+        data = np.log1p(chunk.data * scale[row])
+        if view:
+            return dataclasses.replace(chunk, data=data)
+        out = sp.csr_matrix((data, chunk.indices, chunk.indptr), shape=chunk.shape)
+        out.has_canonical_format = chunk.has_canonical_format
         return out
     return np.log1p(chunk * scale[:, None])
+
+
+#: non-zeros per scatter block of :func:`_add_group_sums` (keeps its temporaries in cache)
+_SCATTER_NNZ = 1 << 20
+
+
+def _add_group_sums(S: np.ndarray, SS: np.ndarray, codes: np.ndarray, chunk) -> None:
+    """``S[c] += Σ_{i: codes_i = c} x_i`` and ``SS[c] += Σ x_i²`` for one chunk, in place.
+
+    A CSR chunk (canonical: no duplicate entries) is scattered non-zero by non-zero into
+    the flat accumulators with ``np.add.at`` (``O(nnz)``, no indicator product, no
+    intermediate ``(groups × G)`` matrix); a dense chunk goes through a sparse one-hot
+    indicator product. Float64 throughout; each cell is added in dataset order.
+    """
+    n_acc, G = S.shape
+    m = chunk.shape[0]
+    if not _is_csr(chunk):
+        ind = sp.csr_matrix((np.ones(m), (codes, np.arange(m))), shape=(n_acc, m))
+        S += ind @ chunk
+        SS += ind @ (chunk * chunk)
+        return
+    indptr, indices, data = chunk.indptr, chunk.indices, chunk.data
+    S_flat, SS_flat = S.reshape(-1), SS.reshape(-1)
+    row_base = codes.astype(np.int64) * G
+    r0 = 0
+    while r0 < m:
+        # rows r0:r1 holding about _SCATTER_NNZ non-zeros (at least one row)
+        target = int(indptr[r0]) + _SCATTER_NNZ
+        r1 = max(r0 + 1, min(m, int(np.searchsorted(indptr, target, side="right")) - 1))
+        a, b = int(indptr[r0]), int(indptr[r1])
+        if b > a:
+            flat = np.repeat(row_base[r0:r1], np.diff(indptr[r0 : r1 + 1]))
+            flat += indices[a:b]
+            d = data[a:b]
+            np.add.at(S_flat, flat, d)
+            np.add.at(SS_flat, flat, d * d)
+        r0 = r1
+
+
+#: non-zeros gathered per block of :func:`_grouped_sums`
+_GROUP_BLOCK_NNZ = 1 << 21
+
+
+def _grouped_sums(
+    X,
+    codes: np.ndarray,
+    S: np.ndarray,
+    SS: np.ndarray,
+    cells: tuple[int, int],
+    *,
+    normalise: bool,
+    advance=None,
+) -> None:
+    """Group sums of an in-memory canonical CSR matrix, accumulated group by group.
+
+    The cells ``cells[0] … cells[1] - 1`` are ordered by accumulator row (a stable sort, so
+    each group keeps dataset order); blocks of consecutive groups with about
+    :data:`_GROUP_BLOCK_NNZ` non-zeros are gathered (row slices) into one CSR matrix
+    whose rows are the *groups*, and ``toarray`` adds every group's entries into its
+    accumulator row in one sequential pass (each output row stays in cache, where a
+    scatter in dataset order misses it at nearly every non-zero). Every entry of ``S`` and
+    ``SS`` is the same float64 sequence of additions in dataset order as a cell-by-cell
+    scatter, so the result is identical to it. ``S`` and ``SS`` must be zero on entry; the
+    two passes of a block run in two threads (SciPy releases the GIL there).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    first, last = cells
+    n_acc, G = S.shape
+    order = first + np.argsort(codes[first:last], kind="stable")
+    gstart = np.searchsorted(codes[order], np.arange(n_acc + 1))
+    ip, data, indices = X.indptr, X.data, X.indices
+    starts, stops = ip[order], ip[order + 1]
+    cum = np.zeros(order.size + 1, dtype=np.int64)
+    np.cumsum(stops - starts, out=cum[1:])
+    g_cum = cum[gstart]  # non-zeros before each group (in sorted order)
+    # sorted positions where a row does not directly follow the previous one in memory:
+    # runs of adjacent rows (cells stored by condition) are gathered as one slice
+    brk = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    starts, stops = starts.tolist(), stops.tolist()
+
+    def gather(r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = np.searchsorted(brk, [r0 + 1, r1])
+        seg = [r0, *brk[lo:hi].tolist(), r1]
+        spans = [(starts[a], stops[b - 1]) for a, b in zip(seg[:-1], seg[1:])]
+        d = np.concatenate([data[a:b] for a, b in spans], dtype=np.float64)
+        ix = np.concatenate([indices[a:b] for a, b in spans])
+        if normalise:  # as _normalize_chunk, row by row
+            rip = cum[r0 : r1 + 1] - cum[r0]
+            totals = np.zeros(r1 - r0)
+            nonempty = np.flatnonzero(np.diff(rip))
+            if nonempty.size:
+                totals[nonempty] = np.add.reduceat(d, rip[nonempty])
+            with np.errstate(divide="ignore"):
+                scale = np.where(totals > 0, TARGET_SUM / totals, 0.0)
+            d = np.log1p(d * np.repeat(scale, np.diff(rip)))
+        return d, ix
+
+    def todense(d, ix, gip, out) -> None:
+        sp.csr_matrix((d, ix, gip), shape=out.shape).toarray(out=out)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        g0 = 0
+        while g0 < n_acc:
+            g1 = int(np.searchsorted(g_cum, g_cum[g0] + _GROUP_BLOCK_NNZ, side="right")) - 1
+            g1 = min(n_acc, max(g1, g0 + 1))
+            r0, r1 = int(gstart[g0]), int(gstart[g1])
+            if g1 == g0 + 1 and g_cum[g1] - g_cum[g0] > _GROUP_BLOCK_NNZ:
+                # one large group: its rows in parts, added in order into its single row
+                lo = r0
+                while lo < r1:
+                    hi = int(np.searchsorted(cum, cum[lo] + _GROUP_BLOCK_NNZ, side="right")) - 1
+                    hi = min(r1, max(hi, lo + 1))
+                    if cum[hi] > cum[lo]:
+                        d, ix = gather(lo, hi)
+                        np.add.at(S[g0], ix, d)
+                        np.add.at(SS[g0], ix, d * d)
+                    lo = hi
+            elif g_cum[g1] > g_cum[g0]:
+                d, ix = gather(r0, r1)
+                gip = g_cum[g0 : g1 + 1] - g_cum[g0]
+                job = pool.submit(todense, d, ix, gip, S[g0:g1])
+                todense(d * d, ix, gip, SS[g0:g1])
+                job.result()
+            if advance is not None:
+                advance(r1 - r0)
+            g0 = g1
 
 
 # ----------------------------------------------------------------- main entry
@@ -492,7 +717,8 @@ def group_stats(
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise VcjaxInputError(f"split values must be 1 or 2; cell {cells[i]!r} has {half[i]!r}")
-        acc_codes = codes * 2 + (half - 1)
+        # accumulator rows: half 1 of every group, then half 2 (two contiguous blocks)
+        acc_codes = (half - 1) * C + codes
         n_acc = 2 * C
     else:
         acc_codes = codes
@@ -542,69 +768,87 @@ def group_stats(
         rows = (first, last)
     n_chunks = -(-((rows[1] - rows[0]) if rows else adata.n_obs) // chunk_cells)
 
+    def check(start: int, chunk) -> None:
+        """Validate one chunk (dataset order) and decide ``normalize="auto"``."""
+        nonlocal mode, decided_at
+        vals = _chunk_values(chunk)
+        finite = np.isfinite(vals)
+        if not finite.all():
+            r, c = _locate(chunk, ~finite)
+            raise VcjaxInputError(
+                f"non-finite value {_f64(vals[~finite][0])} at gene {genes[c]!r}, cell {cells[start + r]!r}"
+            )
+        if mode is None or mode == "log1p_cp10k":
+            neg = vals < 0
+            is_counts = (not neg.any()) and bool(np.all(vals == np.floor(vals)))
+            if mode is None and neg.any() and bool(np.all(vals == np.floor(vals))):
+                # integers with negative entries: corrupted counts, not log-normalised data
+                r, c = _locate(chunk, neg)
+                raise VcjaxInputError(
+                    f"negative value {_f64(vals[neg][0])} at gene {genes[c]!r}, cell "
+                    f"{cells[start + r]!r} in integer-valued data (raw counts must be >= 0)"
+                )
+            if mode is None:  # auto, undecided
+                if vals.size and np.any(vals != 0):
+                    mode = "log1p_cp10k" if is_counts else "none"
+                    decided_at = start
+                    logger.info(
+                        "group_stats: values %s; normalization=%s",
+                        "look like raw counts" if is_counts else "are not raw counts",
+                        mode,
+                    )
+            elif normalize == "auto" and mode == "log1p_cp10k" and not is_counts:
+                bad = neg | (vals != np.floor(vals))
+                r, c = _locate(chunk, bad)
+                raise VcjaxInputError(
+                    f"normalize='auto': cells before {cells[decided_at]!r} onward looked like raw "
+                    f"counts but gene {genes[c]!r}, cell {cells[start + r]!r} has "
+                    f"{_f64(vals[bad][0])!r}; pass normalize=None or 'log1p_cp10k' explicitly"
+                )
+            if mode == "log1p_cp10k" and neg.any():
+                r, c = _locate(chunk, neg)
+                raise VcjaxInputError(
+                    f"negative value {_f64(vals[neg][0])} at gene {genes[c]!r}, cell "
+                    f"{cells[start + r]!r}; counts are expected when normalising"
+                )
+
+    csr = _in_memory_csr(X)
     bar = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress(transient=True)
-        task = bar.add_task(f"group_stats [{key}]", total=n_chunks)
+        task = bar.add_task(f"group_stats [{key}]", total=n_chunks * (2 if csr is not None else 1))
         bar.start()
     try:
-        for start, stop, chunk in _iter_chunks(X, chunk_cells, rows):
-            vals = _chunk_values(chunk)
-            finite = np.isfinite(vals)
-            if not finite.all():
-                r, c = _locate(chunk, ~finite)
-                raise VcjaxInputError(
-                    f"non-finite value {vals[~finite][0]} at gene {genes[c]!r}, cell {cells[start + r]!r}"
-                )
-            if mode is None or mode == "log1p_cp10k":
-                neg = vals < 0
-                is_counts = (not neg.any()) and bool(np.all(vals == np.floor(vals)))
-                if mode is None and neg.any() and bool(np.all(vals == np.floor(vals))):
-                    # integers with negative entries: corrupted counts, not log-normalised data
-                    r, c = _locate(chunk, neg)
-                    raise VcjaxInputError(
-                        f"negative value {vals[neg][0]} at gene {genes[c]!r}, cell "
-                        f"{cells[start + r]!r} in integer-valued data (raw counts must be >= 0)"
-                    )
-                if mode is None:  # auto, undecided
-                    if vals.size and np.any(vals != 0):
-                        mode = "log1p_cp10k" if is_counts else "none"
-                        decided_at = start
-                        logger.info(
-                            "group_stats: values %s; normalization=%s",
-                            "look like raw counts" if is_counts else "are not raw counts",
-                            mode,
-                        )
-                elif normalize == "auto" and mode == "log1p_cp10k" and not is_counts:
-                    bad = neg | (vals != np.floor(vals))
-                    r, c = _locate(chunk, bad)
-                    raise VcjaxInputError(
-                        f"normalize='auto': cells before {cells[decided_at]!r} onward looked like raw "
-                        f"counts but gene {genes[c]!r}, cell {cells[start + r]!r} has "
-                        f"{vals[bad][0]!r}; pass normalize=None or 'log1p_cp10k' explicitly"
-                    )
-                if mode == "log1p_cp10k" and neg.any():
-                    r, c = _locate(chunk, neg)
-                    raise VcjaxInputError(
-                        f"negative value {vals[neg][0]} at gene {genes[c]!r}, cell "
-                        f"{cells[start + r]!r}; counts are expected when normalising"
-                    )
-            if mode == "log1p_cp10k":
-                chunk = _normalize_chunk(chunk)
-            m = stop - start
-            ind = sp.csr_matrix(
-                (np.ones(m), (acc_codes[start:stop], np.arange(m))), shape=(n_acc, m)
+        if csr is not None:
+            # In memory: validate in dataset order (views, no copies), then accumulate the
+            # cells group by group (cache-friendly, see _grouped_sums).
+            first, last = rows if rows is not None else (0, adata.n_obs)
+            raw = None if csr.data.dtype.kind in "fiu" else np.float64  # checks on stored values
+            for start in range(first, last, chunk_cells):
+                stop = min(start + chunk_cells, last)
+                check(start, _csr_rows(csr, start, stop, dtype=raw))
+                if bar is not None:
+                    bar.update(task, advance=1)
+            advance = None if bar is None else (lambda k: bar.update(task, advance=k / chunk_cells))
+            _grouped_sums(
+                csr,
+                acc_codes,
+                S,
+                SS,
+                (first, last),
+                normalise=mode == "log1p_cp10k",
+                advance=advance,
             )
-            if sp.issparse(chunk):
-                S += (ind @ chunk).toarray()
-                SS += (ind @ chunk.multiply(chunk)).toarray()
-            else:
-                S += ind @ chunk
-                SS += ind @ (chunk * chunk)
-            if bar is not None:
-                bar.update(task, advance=1)
+        else:
+            for start, stop, chunk in _iter_chunks(X, chunk_cells, rows, views=True):
+                check(start, chunk)
+                if mode == "log1p_cp10k":
+                    chunk = _normalize_chunk(chunk)
+                _add_group_sums(S, SS, acc_codes[start:stop], chunk)
+                if bar is not None:
+                    bar.update(task, advance=1)
     finally:
         if bar is not None:
             bar.stop()
@@ -615,12 +859,14 @@ def group_stats(
     def make(n, s, ss) -> GroupStats:
         idx = np.flatnonzero(keep)
         names = tuple(g_names[i] for i in idx)
+        if not keep.all():  # else keep the (contiguous) accumulators as they are
+            s, ss = s[idx], ss[idx]
         return GroupStats(
             names=names,
             genes=genes,
             n=np.asarray(n, dtype=np.int64)[idx],
-            sum=s[idx],
-            sumsq=ss[idx],
+            sum=s,
+            sumsq=ss,
             control=control if control in names else None,
             covariate=None if g_cov is None else tuple(g_cov[i] for i in idx),
             normalization=mode,
@@ -630,8 +876,8 @@ def group_stats(
         return make(n_full, S, SS)
     n_acc_counts = np.bincount(acc_codes, minlength=n_acc).astype(np.int64)
     return SplitStats(
-        half1=make(n_acc_counts[0::2], S[0::2], SS[0::2]),
-        half2=make(n_acc_counts[1::2], S[1::2], SS[1::2]),
+        half1=make(n_acc_counts[:C], S[:C], SS[:C]),
+        half2=make(n_acc_counts[C:], S[C:], SS[C:]),
     )
 
 
