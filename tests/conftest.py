@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Tests compile in memory only: no writes to ~/.cache from the persistent compilation cache
+# (tests/test_evaluate.py checks the cache itself in a subprocess with its own setting).
+os.environ.setdefault("VCJAX_COMPILATION_CACHE", "0")
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = Path(os.environ.get("VCJAX_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
