@@ -306,27 +306,19 @@ def main(argv=None) -> None:
                     load = os.getloadavg()[0]
                     # vcjax: a compilation cache folder that is empty for each size
                     cache = str(Path(tmp) / f"jaxcache_{size}") if tool == "vcjax" else "0"
-                    r = run_tool(
-                        tool,
-                        truth,
-                        pred,
-                        Path(tmp) / f"out_{tool}_{size}",
-                        timeout=args.timeout,
-                        n_boot=args.n_boot,
-                        cache=cache,
-                    )
+
+                    def run(name, cache=cache, size=size, truth=truth, pred=pred):
+                        out = Path(tmp) / f"out_{name}_{size}"
+                        return run_tool(
+                            name, truth, pred, out, timeout=args.timeout, n_boot=args.n_boot,
+                            cache=cache,
+                        )  # fmt: skip
+
+                    r = run(tool)
                     r["loadavg_before"] = round(load, 2)
                     if tool == "vcjax" and r["status"] == "ok":
                         r["compilation_cache"] = "cold (empty) for seconds/seconds_warm"
-                        again = run_tool(
-                            "vcjax-cached",
-                            truth,
-                            pred,
-                            Path(tmp) / f"out_vcjax-cached_{size}",
-                            timeout=args.timeout,
-                            n_boot=args.n_boot,
-                            cache=cache,
-                        )
+                        again = run("vcjax-cached")
                         if again["status"] == "ok":
                             r["seconds_cached"] = again["seconds"]
                             r["peak_rss_mb_cached"] = again["peak_rss_mb"]
