@@ -32,7 +32,15 @@ from jax.typing import ArrayLike
 
 from vcjax import metrics as M
 
-__all__ = ["MetricSpec", "METRICS", "score", "default_chunk_size", "available_metrics", "row_map"]
+__all__ = [
+    "MetricSpec",
+    "METRICS",
+    "score",
+    "default_chunk_size",
+    "chunk_rows",
+    "available_metrics",
+    "row_map",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +101,17 @@ def default_chunk_size(n_genes: int, n_devices: int = 1, *, backend: str | None 
     rows = max(8, min(1024, budget // max(n_genes, 1)))
     rows = 1 << (rows.bit_length() - 1)  # power of two
     return max(n_devices, (rows // n_devices) * n_devices)
+
+
+def chunk_rows(n_rows: int, n_genes: int, n_devices: int = 1) -> int:
+    """The chunk :func:`score` uses for ``n_rows`` rows by default.
+
+    :func:`default_chunk_size`, but no larger than the next power of two >= ``n_rows``
+    (rounded up to the device count): small screens are not padded to a full chunk, and
+    the number of distinct compiled shapes stays logarithmic in ``P``.
+    """
+    small = max(n_devices, 1 << max(n_rows - 1, 0).bit_length())
+    return min(default_chunk_size(n_genes, n_devices), -(-small // n_devices) * n_devices)
 
 
 def _mesh(devices: Sequence[jax.Device] | None) -> Mesh | None:
@@ -465,13 +484,7 @@ def score(
         per_row.append(rows)
         dtypes.append(want)
     n_dev = len(jax.devices() if devices is None else devices)
-    if chunk_size is None:
-        # no larger than the next power of two >= P: small screens are not padded to a
-        # full chunk, and the number of distinct compiled shapes stays logarithmic in P
-        small = max(n_dev, 1 << max(n_rows - 1, 0).bit_length())
-        chunk = min(default_chunk_size(n_genes, n_dev), -(-small // n_dev) * n_dev)
-    else:
-        chunk = chunk_size
+    chunk = chunk_rows(n_rows, n_genes, n_dev) if chunk_size is None else chunk_size
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")
     fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict))

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from vcjax import _peer_table
+from vcjax import _peer_table, engine
 from vcjax import baselines as B
 from vcjax import data as D
 from vcjax import deg as DEG
@@ -528,9 +528,9 @@ def _engine_metric_sets(
 def _warm_up(adata, *, key, control, metrics, weights, k, strict, chunk_size):
     """Compile the engine's kernels in a background thread while the host prepares the truth.
 
-    The scoring calls of :func:`_score_sources` are made once on zero inputs of the same
-    shapes, dtypes and options (``P`` perturbations × ``G`` genes), so their compiled
-    functions are ready (in JAX's caches) when the real calls come; XLA compiles and NumPy
+    The scoring calls of :func:`_score_sources` are made once on one chunk of zero inputs
+    with the same chunk size, ``G``, dtypes and options as the real ``P``-row calls, so
+    their compiled functions are ready (in JAX's caches) when those come; XLA compiles and NumPy
     computes with the GIL released, so on two or more cores the first call's compilation
     overlaps the streaming pass and the t-tests. Returns the thread (join it before
     scoring), or None when the shapes cannot be known yet. Never raises: it is only a
@@ -568,11 +568,14 @@ def _warm_up(adata, *, key, control, metrics, weights, k, strict, chunk_size):
         try:
             with jax.enable_x64(x64):
                 wdt = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+                # one chunk of the real calls' chunk size: the same compiled function,
+                # a chunk's work instead of P rows'
+                rows = chunk_size or engine.chunk_rows(P, G, len(jax.devices()))
                 row = np.zeros(G, wdt)
-                z = np.broadcast_to(row, (P, G))  # O(G) memory; chunks are copied as needed
-                zb = np.broadcast_to(np.zeros(G, bool), (P, G))
+                z = np.broadcast_to(row, (rows, G))  # O(G) memory; chunks are copied as needed
+                zb = np.broadcast_to(np.zeros(G, bool), (rows, G))
                 ref = np.zeros(G)
-                kw = dict(k=int(k), strict=bool(strict), chunk_size=chunk_size)
+                kw = dict(k=int(k), strict=bool(strict), chunk_size=rows)
                 if core:
                     score(
                         z,
