@@ -502,26 +502,19 @@ def _benjamini_hochberg(p: jax.Array) -> jax.Array:
 
     On CPU only the stable argsort runs in NumPy (:func:`jax.pure_callback`): XLA:CPU's
     sort is generic (a comparator call per comparison) and measured about 17× slower than
-    NumPy's on ``(200, 2000)`` rows, which made BH ~70 % of a resample. The rest is the
-    same JAX arithmetic as :func:`vcjax.deg.benjamini_hochberg` on the same order, so the
-    results are identical (tested). On accelerators, that function as it is.
+    NumPy's on ``(200, 2000)`` rows, which made BH ~70 % of a resample. The rest is
+    :func:`vcjax.deg.bh_from_order` on the same order, so the results are identical
+    (tested). On accelerators, :func:`vcjax.deg.benjamini_hochberg` as it is.
     """
     if jax.default_backend() != "cpu":
         return DEG.benjamini_hochberg(p)
-    n = p.shape[-1]
     order = jax.pure_callback(
         _stable_argsort_numpy,
         jax.ShapeDtypeStruct(p.shape, jnp.int32),
         p,
         vmap_method="sequential",
     )
-    ps = jnp.take_along_axis(p, order, axis=-1)
-    ecdf = jnp.arange(1, n + 1, dtype=p.dtype) / p.dtype.type(n)
-    q = jnp.minimum(jax.lax.cummin(ps / ecdf, axis=p.ndim - 1, reverse=True), 1)
-    flat_rows = jnp.arange(q.size // max(n, 1), dtype=jnp.int32)[:, None] * n
-    dest = (order.reshape(-1, n) + flat_rows).reshape(-1)
-    out = jnp.zeros(q.size, q.dtype).at[dest].set(q.reshape(-1), unique_indices=True)
-    return out.reshape(q.shape)
+    return DEG.bh_from_order(jnp.take_along_axis(p, order, axis=-1), order)
 
 
 # =========================================================================== cell bootstrap

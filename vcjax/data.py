@@ -555,15 +555,9 @@ def _grouped_sums(
         spans = [(starts[a], stops[b - 1]) for a, b in zip(seg[:-1], seg[1:])]
         d = np.concatenate([data[a:b] for a, b in spans], dtype=np.float64)
         ix = np.concatenate([indices[a:b] for a, b in spans])
-        if normalise:  # as _normalize_chunk, row by row
-            rip = cum[r0 : r1 + 1] - cum[r0]
-            totals = np.zeros(r1 - r0)
-            nonempty = np.flatnonzero(np.diff(rip))
-            if nonempty.size:
-                totals[nonempty] = np.add.reduceat(d, rip[nonempty])
-            with np.errstate(divide="ignore"):
-                scale = np.where(totals > 0, TARGET_SUM / totals, 0.0)
-            d = np.log1p(d * np.repeat(scale, np.diff(rip)))
+        if normalise:  # the gathered rows as one CSR view, normalised row by row
+            rows = _CSRView(d, ix, cum[r0 : r1 + 1] - cum[r0], (r1 - r0, G))
+            d = _normalize_chunk(rows).data
         return d, ix
 
     def todense(d, ix, gip, out) -> None:

@@ -126,18 +126,27 @@ def benjamini_hochberg(p: ArrayLike, *, axis: int = -1) -> jax.Array:
       Adjusted p-values, same shape and dtype as ``p``.
     """
     p = jnp.moveaxis(jnp.asarray(p), axis, -1)
-    n = p.shape[-1]
     iota = jax.lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1)
     ps, order = jax.lax.sort_key_val(p, iota, dimension=p.ndim - 1, is_stable=True)
-    ecdf = jnp.arange(1, n + 1, dtype=p.dtype) / p.dtype.type(n)
+    return jnp.moveaxis(bh_from_order(ps, order), -1, axis)
+
+
+def bh_from_order(ps: jax.Array, order: jax.Array) -> jax.Array:
+    """The rest of :func:`benjamini_hochberg` over the last axis, given the sort.
+
+    ``ps`` are the p-values sorted ascending along the last axis and ``order`` the int32
+    positions they came from (a stable argsort), so a caller can sort elsewhere (the
+    bootstrap sorts on the host on CPU) and get the same adjusted values.
+    """
+    n = ps.shape[-1]
+    ecdf = jnp.arange(1, n + 1, dtype=ps.dtype) / ps.dtype.type(n)
     q = jax.lax.cummin(ps / ecdf, axis=ps.ndim - 1, reverse=True)
     q = jnp.minimum(q, 1)
     # unsort with one scatter instead of a second argsort
     flat_rows = jnp.arange(q.size // max(n, 1), dtype=jnp.int32)[:, None] * n
     dest = (order.reshape(-1, n) + flat_rows).reshape(-1)
     out = jnp.zeros(q.size, q.dtype).at[dest].set(q.reshape(-1), unique_indices=True)
-    out = out.reshape(q.shape)
-    return jnp.moveaxis(out, -1, axis)
+    return out.reshape(q.shape)
 
 
 def log_fold_change(mean_g: ArrayLike, mean_r: ArrayLike) -> jax.Array:

@@ -598,20 +598,15 @@ def _warm_up(adata, *, key, control, metrics, weights, k, strict, chunk_size):
     return thread
 
 
-_ALIGN = 64  # bytes: XLA:CPU adopts host buffers this aligned without copying them
-
-
 def _engine_array(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``x`` as a C-contiguous, 64-byte aligned array of ``dtype`` (a copy only if needed).
 
     What :func:`vcjax.engine.score` streams to the device without a further copy.
     """
     x = np.asarray(x)
-    if x.dtype == dtype and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0:
+    if x.dtype == dtype and x.flags.c_contiguous and x.ctypes.data % engine._ALIGN == 0:
         return x
-    raw = np.empty(x.size * dtype.itemsize + _ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % _ALIGN
-    out = raw[off : off + x.size * dtype.itemsize].view(dtype).reshape(x.shape)
+    out = engine._aligned_empty(x.shape, dtype)
     np.copyto(out, x, casting="unsafe")
     return out
 

@@ -83,7 +83,6 @@ References:
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -94,6 +93,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
+
+from vcjax.deg import _host_threads
 
 __all__ = ["MannWhitneyResult", "mannwhitney_vs_control", "bh_fdr", "log2_fold_change"]
 
@@ -120,10 +121,7 @@ class MannWhitneyResult(NamedTuple):
 # elements (genes × (control + cells)) per block of genes: a block's arrays stay in cache
 _BLOCK_ELEMENTS = 1 << 19
 _NB_PER_CELL = 2  # (2m, 4m] buckets per gene, at most 4096
-try:
-    _HOST_THREADS = max(1, min(8, len(os.sched_getaffinity(0))))
-except AttributeError:  # not on Linux
-    _HOST_THREADS = max(1, min(8, os.cpu_count() or 1))
+_HOST_THREADS = _host_threads()
 
 
 def _float_keys_t(x: np.ndarray, uint) -> np.ndarray:
