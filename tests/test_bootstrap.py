@@ -307,18 +307,26 @@ def test_coverage_validation_small():
     assert pop.loc["pearson_delta", "coverage_population"] < 0.5
 
 
-def test_host_argsort_equals_numpy_stable_argsort():
-    """The uint64-key sort used on CPU is np.argsort(kind="stable"): ties, ±0, ±inf, NaN."""
+def test_host_bh_bit_identical_to_xla_bh():
+    """The float32 host BH (uint64-key sort; the bootstrap's on CPU) equals
+    deg.benjamini_hochberg bit for bit: long ties, ±0, exact 0 and 1, NaN (sorted last),
+    many row blocks on threads. (Float64 is statsmodels' arithmetic: tests/test_deg.py.)"""
+    from vcjax import deg as DEG
+
     rng = np.random.default_rng(5)
-    p = rng.normal(size=(6, 777)).astype(np.float32)
+    p = (rng.random((300, 777)) ** 3).astype(np.float32)
     p[0, :300] = 0.5  # long tie
     p[1, ::2], p[1, 1::2] = -0.0, 0.0  # signed zeros tie
-    p[2, :5], p[2, 5:10] = np.inf, -np.inf
-    p[3, :40] = np.nan
-    p[4] = rng.integers(0, 3, 777)
-    want = np.argsort(p, axis=-1, kind="stable")
-    np.testing.assert_array_equal(BS._stable_argsort_numpy(p), want)
-    np.testing.assert_array_equal(BS._stable_argsort_numpy(p.astype(np.float64)), want)
+    p[2, :40] = 0.0
+    p[3, :200] = 1.0
+    p[4] = rng.integers(0, 3, 777) / 2
+    want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
+    np.testing.assert_array_equal(DEG._bh_host(p), want)
+    p[5, :40] = np.nan  # the generic (argsort) path
+    want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
+    np.testing.assert_array_equal(DEG._bh_host(p), want)
+    # NaN sorts last and the running minimum carries it down the row, in both
+    assert np.isnan(want[5]).all() and not np.isnan(want[6]).any()
 
 
 @pytest.mark.parametrize("x64", [False, True])

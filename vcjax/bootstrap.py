@@ -89,10 +89,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 from scipy import special
 
+from vcjax import _memory, engine
 from vcjax import baselines as B
 from vcjax import data as D
 from vcjax import deg as DEG
-from vcjax import engine
 from vcjax import metrics as M
 from vcjax.engine import METRICS as ENGINE_METRICS
 from vcjax.evaluate import _CTRL_METRICS, _DEG_GATED, _PEARSON_LIKE
@@ -123,6 +123,13 @@ _DEG_ALPHA = 0.05
 def context_key(seed: int, index: int) -> jax.Array:
     """The key of context (covariate value) ``index``: ``fold_in(PRNGKey(seed), index)``."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _resample_keys(key: jax.Array, start, *, n: int) -> jax.Array:
+    """The keys ``fold_in(key, r)`` of resamples ``r = start .. start + n - 1`` (one compiled
+    function per ``n``, not a retrace per chunk)."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(start + jnp.arange(n))
 
 
 def _draw(key: jax.Array, starts: jax.Array, sizes: jax.Array) -> jax.Array:
@@ -174,7 +181,7 @@ def multiplicity_weights(
       ``(n_boot, N)`` int32 weights, ``N = Σ group_sizes``.
     """
     starts, sizes = _per_cell(np.asarray(group_sizes))
-    keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(start, start + n_boot))
+    keys = _resample_keys(key, start, n=n_boot)
     return _weights_chunk(keys, jnp.asarray(starts), jnp.asarray(sizes), n_cells=int(starts.size))
 
 
@@ -483,38 +490,22 @@ def student_t_pvalues_fast(t: ArrayLike, dof: ArrayLike) -> jax.Array:
     return jnp.where(jnp.isinf(t), jnp.zeros_like(p), p)
 
 
-def _stable_argsort_numpy(p: np.ndarray) -> np.ndarray:
-    """``np.argsort(p, axis=-1, kind="stable")`` as int32; for float32 rows by one sort of
-    uint64 keys ``(order-preserving bits of p) << 32 | index`` (about 3× faster)."""
-    p = np.asarray(p)
-    n = p.shape[-1]
-    if p.dtype != np.float32 or n >= 1 << 32:
-        return np.argsort(p, axis=-1, kind="stable").astype(np.int32)
-    b = (p + np.float32(0)).view(np.uint32)  # -0.0 + 0 = +0.0: zeros tie, as in argsort
-    b = np.where(b >> 31 == 1, ~b, b | np.uint32(0x80000000))  # float order as uint order
-    keys = (b.astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
-    keys.sort(axis=-1)
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int32)
-
-
 def _benjamini_hochberg(p: jax.Array) -> jax.Array:
     """:func:`vcjax.deg.benjamini_hochberg` over the genes of every row, inside the jit.
 
-    On CPU only the stable argsort runs in NumPy (:func:`jax.pure_callback`): XLA:CPU's
-    sort is generic (a comparator call per comparison) and measured about 17× slower than
-    NumPy's on ``(200, 2000)`` rows, which made BH ~70 % of a resample. The rest is
-    :func:`vcjax.deg.bh_from_order` on the same order, so the results are identical
-    (tested). On accelerators, :func:`vcjax.deg.benjamini_hochberg` as it is.
+    On CPU it runs on the host (:func:`jax.pure_callback` to :func:`vcjax.deg._bh_host`):
+    XLA:CPU's sort is generic (a comparator call per comparison), about 17× slower than
+    NumPy's on ``(200, 2000)`` rows, and made BH ~70 % of a resample. The host version does
+    the same arithmetic in the same dtype, so the results are bit-identical (tested). On
+    accelerators, and for float64, :func:`vcjax.deg.benjamini_hochberg` as it is (a
+    callback runs on an XLA thread, where a ``jax.enable_x64`` context does not hold, and
+    its float64 values would be cast to float32 there).
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or p.dtype != jnp.float32:
         return DEG.benjamini_hochberg(p)
-    order = jax.pure_callback(
-        _stable_argsort_numpy,
-        jax.ShapeDtypeStruct(p.shape, jnp.int32),
-        p,
-        vmap_method="sequential",
+    return jax.pure_callback(
+        DEG._bh_host, jax.ShapeDtypeStruct(p.shape, p.dtype), p, vmap_method="broadcast_all"
     )
-    return DEG.bh_from_order(jnp.take_along_axis(p, order, axis=-1), order)
 
 
 # =========================================================================== cell bootstrap
@@ -534,6 +525,19 @@ class _Layout:
     L: int
     shift: np.ndarray  # (G,) per-gene shift c (zeros: kept for generality)
     Xb: np.ndarray  # (nb, L, 2G) [x − c, (x − c)²], zero padding
+
+
+def _block_sums_index(block_gh: np.ndarray, n_gh: int) -> dict[str, np.ndarray]:
+    """How blocks add up to group-halves (sorted ``block_gh``, each half at least one block):
+    ``first_block`` (n_gh,) the first block of each, and the other blocks ``extra_block``
+    with their group-halves ``extra_gh``."""
+    nb = block_gh.size
+    starts = np.flatnonzero(np.r_[True, block_gh[1:] != block_gh[:-1]])
+    if not np.array_equal(block_gh[starts], np.arange(n_gh)):  # pragma: no cover - internal
+        raise AssertionError("every group-half needs a block")
+    first = starts.astype(np.int32)
+    extra = np.setdiff1d(np.arange(nb), starts).astype(np.int32)
+    return dict(first_block=first, extra_block=extra, extra_gh=block_gh[extra].astype(np.int32))
 
 
 def _block_size(sizes: np.ndarray) -> int:
@@ -571,7 +575,7 @@ def _read_layout(ctx, *, dtype) -> _Layout:
     if not (np.array_equal(sizes[0::2], n1) and np.array_equal(sizes[1::2], n2)):
         raise D.VcjaxInputError("bootstrap: the cells found do not match the context's group sizes")
     L = _block_size(sizes)
-    nblk = -(-sizes // L)
+    nblk = np.maximum(1, -(-sizes // L))  # an empty group-half keeps one (all-padding) block
     block_gh = np.repeat(np.arange(2 * C), nblk)
     blk_start = np.concatenate([[0], np.cumsum(nblk)[:-1]])
     gh_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -638,7 +642,8 @@ class _Config:
     k: int
     strict: bool
     gate: bool
-    sub_batch: int = 1 << 30
+    sub_batch: int = 1 << 30  # resamples per metric sub-batch
+    refit_batch: int = 1 << 30  # resamples per DEG-refit sub-batch
 
 
 def _moments_j(n, s, q):
@@ -648,17 +653,73 @@ def _moments_j(n, s, q):
     return mean, var
 
 
+def _refit_needs(cfg: _Config) -> tuple[str, ...]:
+    """The per-resample DEG arrays the metric stage reads (see :func:`_refit`)."""
+    need = ["weights", "mask"]
+    if "pearson_delta_topk" in cfg.metrics:
+        need.append("scores")
+    if "interpolated_duplicate" in cfg.sources:
+        need.append("padj")
+    return tuple(need)
+
+
+def _refit(cfg: _Config, S: jax.Array, arrs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The DEG t-scores, weights, DEG sets and adjusted p-values of resampled sums ``S``.
+
+    Each ``(b, P, G)``: ``weights`` (min-max |t|², float32), ``mask`` (BH-adjusted
+    p < 0.05 and logFC ≠ 0), and where :func:`_refit_needs` asks for them ``scores``
+    (t, NaN → 0) and ``padj``, as :func:`vcjax.deg.rank_genes` defines them.
+    """
+    G = cfg.G
+    rows = np.asarray(cfg.rows)
+    c = arrs["shift"]
+    S1, Q1 = S[:, 0::2, :G], S[:, 0::2, G:]
+    S2, Q2 = S[:, 1::2, :G], S[:, 1::2, G:]
+    pert = np.ones(cfg.C, dtype=bool)
+    pert[cfg.ctrl] = False
+    if cfg.weights_from == "all":
+        nd, Sd, Qd = arrs["n1"] + arrs["n2"], S1 + S2, Q1 + Q2
+    else:
+        nd, Sd, Qd = arrs["n1"], S1, Q1
+    pmask = jnp.asarray(pert)
+    ng = nd[rows][None, :, None].astype(S.dtype)
+    n_tot = jnp.sum(jnp.where(pmask, nd, 0)).astype(S.dtype)
+    Sg, Qg = Sd[:, rows], Qd[:, rows]
+    Sr = jnp.sum(jnp.where(pmask[None, :, None], Sd, 0), axis=1, keepdims=True) - Sg
+    Qr = jnp.sum(jnp.where(pmask[None, :, None], Qd, 0), axis=1, keepdims=True) - Qg
+    nr = n_tot - ng
+    mg, vg = _moments_j(ng, Sg, Qg)
+    mr, vr = _moments_j(nr, Sr, Qr)
+    mg, mr = mg + c, mr + c
+    t, dof = DEG.t_from_moments(mg, vg, ng, mr, vr, nr, method=cfg.deg_method)
+    p = student_t_pvalues_fast(t, dof) if cfg.pvalue == "fast" else DEG.pvalues(t, dof)
+    p = jnp.where(jnp.isnan(p), jnp.ones_like(p), p)
+    padj = _benjamini_hochberg(p)
+    scores = jnp.where(jnp.isnan(t), jnp.zeros_like(t), t).astype(jnp.float32)
+    lfc = DEG.log_fold_change(mg, mr).astype(jnp.float32)
+    out = dict(
+        weights=DEG.minmax_weights(scores),
+        mask=(padj < _DEG_ALPHA) & (lfc != 0),
+        scores=scores,
+        padj=padj,
+    )
+    return {k: out[k] for k in _refit_needs(cfg)}
+
+
 def _resample_values(
-    cfg: _Config, S: jax.Array, arrs: Mapping[str, jax.Array]
+    cfg: _Config,
+    S: jax.Array,
+    arrs: Mapping[str, jax.Array],
+    refit: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
-    """Every metric of every source for a batch of resampled sums ``S`` (b, 2C, 2G)."""
+    """Every metric of every source for a batch of resampled sums ``S`` (b, 2C, 2G), with
+    the DEG arrays of :func:`_refit` when ``cfg.deg == "refit"``."""
     G, C = cfg.G, cfg.C
     rows = np.asarray(cfg.rows)
     c = arrs["shift"]
     n1 = arrs["n1"][None, :, None]
     n2 = arrs["n2"][None, :, None]
-    S1, Q1 = S[:, 0::2, :G], S[:, 0::2, G:]
-    S2, Q2 = S[:, 1::2, :G], S[:, 1::2, G:]
+    S1, S2 = S[:, 0::2, :G], S[:, 1::2, :G]
     m1 = S1 / n1 + c
     m2 = S2 / n2 + c
     mf = (S1 + S2) / (n1 + n2) + c
@@ -683,30 +744,8 @@ def _resample_values(
 
     weights = mask = scores = padj = None
     if cfg.deg == "refit":
-        if cfg.weights_from == "all":
-            nd, Sd, Qd = arrs["n1"] + arrs["n2"], S1 + S2, Q1 + Q2
-        else:
-            nd, Sd, Qd = arrs["n1"], S1, Q1
-        pmask = jnp.asarray(pert)
-        ng = nd[rows][None, :, None].astype(S.dtype)
-        n_tot = jnp.sum(jnp.where(pmask, nd, 0)).astype(S.dtype)
-        Sg, Qg = Sd[:, rows], Qd[:, rows]
-        Sr = jnp.sum(jnp.where(pmask[None, :, None], Sd, 0), axis=1, keepdims=True) - Sg
-        Qr = jnp.sum(jnp.where(pmask[None, :, None], Qd, 0), axis=1, keepdims=True) - Qg
-        nr = n_tot - ng
-        mg, vg = _moments_j(ng, Sg, Qg)
-        mr, vr = _moments_j(nr, Sr, Qr)
-        mg, mr = mg + c, mr + c
-        t, dof = DEG.t_from_moments(mg, vg, ng, mr, vr, nr, method=cfg.deg_method)
-        p = student_t_pvalues_fast(t, dof) if cfg.pvalue == "fast" else DEG.pvalues(t, dof)
-        p = jnp.where(jnp.isnan(p), jnp.ones_like(p), p)
-        padj = _benjamini_hochberg(p)
-        scores = jnp.where(jnp.isnan(t), jnp.zeros_like(t), t).astype(jnp.float32)
-        lfc = DEG.log_fold_change(mg, mr).astype(jnp.float32)
-        weights = DEG.minmax_weights(scores)
-        mask = (padj < _DEG_ALPHA) & (lfc != 0)
-        # materialise once: otherwise XLA may re-fuse the t/p chain into every consumer
-        weights, mask, scores, padj = jax.lax.optimization_barrier((weights, mask, scores, padj))
+        weights, mask = refit["weights"], refit["mask"]
+        scores, padj = refit.get("scores"), refit.get("padj")
     elif cfg.deg == "frozen":
         weights, mask = arrs["weights"][None], arrs["deg_mask"][None]
         scores, padj = arrs["scores"][None], arrs["pvals_adj"][None]
@@ -811,9 +850,37 @@ def _resample_values(
     return out
 
 
+def _over_resamples(fn, batch: int, S: jax.Array, *rest):
+    """``fn(S_r, *rest_r)`` over sub-batches of ``batch`` resamples (bounded memory).
+
+    ``S`` is group-major ``(2C, b, 2G)``, as the cell product gives it; each sub-batch is
+    sliced and turned resample-major ``(batch, 2C, 2G)`` on its own (in cache), never the
+    whole chunk. ``rest`` are resample-major ``(b, ...)``; outputs are resample-major.
+    ``batch`` is lowered to a divisor of ``b``.
+    """
+    b = S.shape[1]
+    batch = max(d for d in range(1, min(batch, b) + 1) if b % d == 0)
+    if batch == b:
+        return fn(jnp.swapaxes(S, 0, 1), *rest)
+
+    def body(i):
+        s = jax.lax.dynamic_slice_in_dim(S, i * batch, batch, axis=1)
+        r = jax.tree.map(lambda v: jax.lax.dynamic_slice_in_dim(v, i * batch, batch), rest)
+        return fn(jnp.swapaxes(s, 0, 1), *r)
+
+    out = jax.lax.map(body, jnp.arange(b // batch))
+    return jax.tree.map(lambda v: v.reshape(b, *v.shape[2:]), out)
+
+
 @functools.lru_cache(maxsize=16)
 def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
-    """The jitted resampler of one chunk of resamples: ``(keys (b, ...), arrs) -> values``.
+    """The resampler of one chunk of resamples: ``(keys (b, ...), arrs) -> values``.
+
+    Two jitted stages: (1) the resampled group sums and, with refitted weights, the DEG
+    arrays (:func:`_refit`); (2) every metric of every source (:func:`_resample_values`).
+    They are compiled apart because XLA:CPU's two fusion emitters suit them differently:
+    the classic one vectorises the metric kernels' row reductions (about 5× faster), but
+    emits the t-test/p-value chain about 7× slower than the newer one.
 
     With several ``devices`` the resample axis is sharded over a 1-D mesh
     (:func:`jax.shard_map`): each device draws and scores its own resamples from a
@@ -821,7 +888,7 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
     Resample ``r`` depends only on its key, so the values equal one device's.
     """
 
-    def run(keys, arrs):
+    def draw(keys, arrs):
         def weights_one(k):
             idx = _draw(k, arrs["starts"], arrs["per"])
             w = jnp.zeros((cfg.n_cells,), jnp.int32).at[idx].add(1)
@@ -833,33 +900,50 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
 
         W = jax.vmap(weights_one)(keys).reshape(keys.shape[0], cfg.n_blocks, -1)  # (b, nb, L)
         Sb = jax.lax.dot_general(W, arrs["Xb"], (((2,), (1,)), ((1,), (0,))))  # (nb, b, 2G)
-        S = jnp.swapaxes(
-            jax.ops.segment_sum(
-                Sb, arrs["block_gh"], num_segments=2 * cfg.C, indices_are_sorted=True
-            ),
-            0,
-            1,
+        # group-half sums: most group-halves fill one block, so take each one's first block
+        # and add the few extra blocks of the large ones (the controls), instead of a
+        # segment sum over every block
+        # (kept group-major (2C, b, 2G): each stage turns its own sub-batches around)
+        S = (
+            jnp.take(Sb, arrs["first_block"], axis=0)
+            .at[arrs["extra_gh"]]
+            .add(Sb[arrs["extra_block"]])
         )
-        if cfg.sub_batch >= keys.shape[0]:
-            return _resample_values(cfg, S, arrs)
-        # metric stage in sub-batches (bounded memory; the product above keeps its reuse)
-        out = jax.lax.map(
-            lambda s: {k: v[:, 0] for k, v in _resample_values(cfg, s[None], arrs).items()},
-            S,
-            batch_size=cfg.sub_batch,
-        )
+        refit = {}
+        if cfg.deg == "refit":
+            refit = _over_resamples(lambda s: _refit(cfg, s, arrs), cfg.refit_batch, S)
+        return S, refit
+
+    def score(S, refit, arrs):
+        def one(s, r):  # values are (sources, b, P): resamples first while sub-batched
+            return {k: jnp.swapaxes(v, 0, 1) for k, v in _resample_values(cfg, s, arrs, r).items()}
+
+        out = _over_resamples(one, cfg.sub_batch, S, refit)
         return {k: jnp.swapaxes(v, 0, 1) for k, v in out.items()}
 
     if len(devices) > 1:
         mesh = Mesh(np.asarray(devices), ("resamples",))
-        run = jax.shard_map(
-            run,
-            mesh=mesh,
-            in_specs=(PartitionSpec("resamples"), PartitionSpec()),
-            out_specs=PartitionSpec(None, "resamples"),  # values are (sources, b, P)
-            check_vma=False,  # the host BH sort (pure_callback) carries no replication info
+        rs, rep = PartitionSpec("resamples"), PartitionSpec()
+        # the host BH sort (pure_callback) carries no replication info: check_vma off
+        rs1 = PartitionSpec(None, "resamples")  # group sums are (2C, b, 2G)
+        draw = jax.shard_map(
+            draw, mesh=mesh, in_specs=(rs, rep), out_specs=(rs1, rs), check_vma=False
         )
-    return jax.jit(run, compiler_options=engine._compiler_options())
+        score = jax.shard_map(
+            score,
+            mesh=mesh,
+            in_specs=(rs1, rs, rep),
+            out_specs=PartitionSpec(None, "resamples"),  # values are (sources, b, P)
+            check_vma=False,
+        )
+    draw = jax.jit(draw)
+    score = jax.jit(score, compiler_options=engine._compiler_options())
+
+    def run(keys, arrs):
+        S, refit = draw(keys, arrs)
+        return score(S, refit, arrs)
+
+    return run
 
 
 def _float_dtype():
@@ -894,6 +978,13 @@ def default_chunk(n_perts: int, n_genes: int, n_sources: int) -> int:
 def default_sub_batch(n_perts: int, n_genes: int, n_sources: int) -> int:
     """Resamples per metric sub-batch: about 2**21 elements per ``(sources, b, P, G)`` stack."""
     return int(max(1, (1 << 21) // max(1, n_perts * n_genes * max(n_sources, 1))))
+
+
+def default_refit_batch(n_perts: int, n_genes: int) -> int:
+    """Resamples per DEG-refit sub-batch: about 2**24 elements per ``(b, P, G)`` array
+    (larger batches than the metric stage's: the t-test chain streams, with no reuse to
+    keep in cache; measured ~15 % faster per resample at 8 than at 1 for P·G = 2e6)."""
+    return int(max(1, (1 << 24) // max(1, n_perts * n_genes)))
 
 
 def _setup(ctx, *, refit_weights: bool = True, pvalue: str = "auto"):
@@ -958,7 +1049,7 @@ def _setup(ctx, *, refit_weights: bool = True, pvalue: str = "auto"):
         per=per,
         pos=lay.pos.astype(np.int32),
         Xb=lay.Xb,
-        block_gh=lay.block_gh.astype(np.int32),
+        **_block_sums_index(lay.block_gh, 2 * C),
         shift=lay.shift.astype(dtype),
         n1=lay.n1.astype(dtype),
         n2=lay.n2.astype(dtype),
@@ -1027,7 +1118,9 @@ def context_samples(
     n_dev = len(devices)
     chunk = -(-chunk // n_dev) * n_dev  # a multiple of the device count
     cfg = dataclasses.replace(
-        cfg, sub_batch=min(chunk // n_dev, default_sub_batch(len(rows), cfg.G, len(sources)))
+        cfg,
+        sub_batch=min(chunk // n_dev, default_sub_batch(len(rows), cfg.G, len(sources))),
+        refit_batch=min(chunk // n_dev, default_refit_batch(len(rows), cfg.G)),
     )
     fn = _chunk_fn(cfg, devices if n_dev > 1 else ())
     if n_dev > 1:
@@ -1039,26 +1132,28 @@ def context_samples(
     store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     cal_store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     t0 = time.perf_counter()
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        # the last chunk is padded with extra resample indices (never recompiles); their
-        # values are dropped, and resample r depends only on r.
-        keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(start, start + chunk))
-        out = fn(keys, arrs)
-        vals: dict[str, dict[str, np.ndarray]] = {s: {} for s in sources}
-        for m in metrics:
-            arr = np.asarray(out[m], dtype=np.float64)[:, :b]
-            for i, s in enumerate(sources):
-                vals[s][m] = arr[i]
-        cal = E.calibrate(vals)
-        for s in sources:
+    # XLA's chunk buffers (GBs) are reused between chunks instead of faulted in afresh
+    with _memory.recycle_large_buffers():
+        for start in range(0, n_boot, chunk):
+            b = min(chunk, n_boot - start)
+            # the last chunk is padded with extra resample indices (never recompiles); their
+            # values are dropped, and resample r depends only on r.
+            keys = _resample_keys(key, start, n=chunk)
+            out = fn(keys, arrs)
+            vals: dict[str, dict[str, np.ndarray]] = {s: {} for s in sources}
             for m in metrics:
-                store[(s, m)][start : start + b] = vals[s][m]
-                cal_store[(s, m)][start : start + b] = cal[s].get(m, np.full((b, P), np.nan))
-        if callable(progress):
-            progress(b)
-        elif progress:
-            log.info("bootstrap: %d/%d resamples", start + b, n_boot)
+                arr = np.asarray(out[m], dtype=np.float64)[:, :b]
+                for i, s in enumerate(sources):
+                    vals[s][m] = arr[i]
+            cal = E.calibrate(vals)
+            for s in sources:
+                for m in metrics:
+                    store[(s, m)][start : start + b] = vals[s][m]
+                    cal_store[(s, m)][start : start + b] = cal[s].get(m, np.full((b, P), np.nan))
+            if callable(progress):
+                progress(b)
+            elif progress:
+                log.info("bootstrap: %d/%d resamples", start + b, n_boot)
     values = {s: {m: store[(s, m)] for m in metrics} for s in sources}
     calibrated = {s: {m: cal_store[(s, m)] for m in metrics} for s in sources}
     return dict(

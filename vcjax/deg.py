@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Literal
 
 import jax
@@ -115,7 +116,7 @@ def pvalues(t: ArrayLike, dof: ArrayLike) -> jax.Array:
 def benjamini_hochberg(p: ArrayLike, *, axis: int = -1) -> jax.Array:
     """Benjamini–Hochberg adjusted p-values along ``axis``, as statsmodels ``fdr_bh``.
 
-    Sort ascending, ``q_(i) = p_(i) / (i/n)``, running minimum from the largest rank down,
+    Sort ascending, ``q_(i) = p_(i) · n/i``, running minimum from the largest rank down,
     cap at 1, unsort. NaN inputs sort last (treat them as 1 beforehand, as scanpy does).
 
     Args:
@@ -139,8 +140,7 @@ def bh_from_order(ps: jax.Array, order: jax.Array) -> jax.Array:
     bootstrap sorts on the host on CPU) and get the same adjusted values.
     """
     n = ps.shape[-1]
-    ecdf = jnp.arange(1, n + 1, dtype=ps.dtype) / ps.dtype.type(n)
-    q = jax.lax.cummin(ps / ecdf, axis=ps.ndim - 1, reverse=True)
+    q = jax.lax.cummin(ps * _bh_scale(n, ps.dtype), axis=ps.ndim - 1, reverse=True)
     q = jnp.minimum(q, 1)
     # unsort with one scatter instead of a second argsort
     flat_rows = jnp.arange(q.size // max(n, 1), dtype=jnp.int32)[:, None] * n
@@ -342,7 +342,7 @@ def rank_genes(
         p = _host_pvalues(t, dof)
         p[np.isnan(p)] = 1.0
         pvals[r0:r1] = p
-        pvals_adj[r0:r1] = _bh_host(p)
+        pvals_adj[r0:r1] = _bh_rows(p)
         scores[r0:r1] = np.where(np.isnan(t), 0.0, t)
 
     _run_blocks(block, P, G)
@@ -404,21 +404,65 @@ def _t_host(mg, vg, n_g, mr, vr, n_r, *, method: Method) -> tuple[np.ndarray, np
     return t, dof
 
 
+def _bh_scale(n: int, dtype) -> np.ndarray:
+    """BH's ``n / i`` for ranks ``i = 1..n`` as a constant in ``dtype``.
+
+    ``q_(i) = p_(i) · (n/i)``: a product with a constant, which XLA compiles as written
+    (it may turn a division into a product with a reciprocal, depending on shapes), so
+    :func:`bh_from_order` and the host :func:`_bh_host` round alike.
+    """
+    return np.dtype(dtype).type(n) / np.arange(1, n + 1, dtype=dtype)
+
+
+def _bh_rows(p: np.ndarray) -> np.ndarray:
+    """BH over the last axis of a 2-D block, in ``p``'s dtype (see :func:`_bh_host`)."""
+    n = p.shape[-1]
+    p = p + p.dtype.type(0)  # -0.0 -> +0.0, so signed zeros tie as in a float sort
+    if p.dtype == np.float32 and n < 1 << 32 and (p >= 0).all():  # no NaN, no negatives
+        # non-negative float32 bits sort as unsigned integers: one sort of uint64 keys
+        # (bits << 32 | gene) gives the sorted values and the order (about 3x an argsort)
+        keys = p.view(np.uint32).astype(np.uint64)
+        keys <<= np.uint64(32)
+        keys |= np.arange(n, dtype=np.uint64)
+        keys.sort(axis=-1)
+        halves = keys.view(np.uint32).reshape(*keys.shape, 2)
+        lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
+        order, ps = halves[..., lo], halves[..., hi].view(np.float32)
+    else:  # NaN sorts last, as in the XLA kernel
+        order = np.argsort(p, axis=-1, kind="stable")
+        ps = np.take_along_axis(p, order, axis=-1)
+    if p.dtype == np.float64:  # statsmodels' own arithmetic (the float64 evaluate path)
+        q = ps / (np.arange(1, n + 1, dtype=np.float64) / n)
+    else:  # the XLA kernel's (the float32 bootstrap path)
+        q = ps * _bh_scale(n, p.dtype)
+    q = np.minimum.accumulate(q[..., ::-1], axis=-1)[..., ::-1]
+    q = np.minimum(q, p.dtype.type(1))
+    out = np.empty_like(p)
+    np.put_along_axis(out, order.astype(np.intp), q, axis=-1)
+    return out
+
+
 def _bh_host(p: np.ndarray) -> np.ndarray:
     """:func:`benjamini_hochberg` over the last axis in NumPy (statsmodels ``fdr_bh``).
 
-    The sort need not be stable: tied p-values all receive the adjusted value of the last
-    of them, whatever their order, so every ordering of ties gives the same result.
+    In ``p``'s dtype. Float64 uses statsmodels' arithmetic ``p_(i) / (i/n)`` exactly (within
+    1 ulp of the XLA kernel); float32 uses the XLA kernel's ``p_(i) · (n/i)``, so it is
+    bit-identical to :func:`benjamini_hochberg` (both tested). Row blocks run on the host
+    threads. Tied p-values all receive the adjusted value of the last of them, so the
+    order of ties never matters.
     """
-    n = p.shape[-1]
-    order = np.argsort(p, axis=-1)
-    ps = np.take_along_axis(p, order, axis=-1)
-    ecdf = np.arange(1, n + 1, dtype=np.float64) / n
-    q = np.minimum.accumulate((ps / ecdf)[..., ::-1], axis=-1)[..., ::-1]
-    q = np.minimum(q, 1.0)
-    out = np.empty_like(q)
-    np.put_along_axis(out, order, q, axis=-1)
-    return out
+    p = np.asarray(p)
+    if not np.issubdtype(p.dtype, np.floating):
+        p = p.astype(np.float64)
+    n = p.shape[-1] if p.ndim else 1
+    flat = p.reshape(-1, n)
+    out = np.empty_like(flat)
+
+    def block(r0: int, r1: int) -> None:
+        out[r0:r1] = _bh_rows(flat[r0:r1])
+
+    _run_blocks(block, flat.shape[0], n)
+    return out.reshape(p.shape)
 
 
 def _minmax_weights_host(scores: np.ndarray) -> np.ndarray:
