@@ -89,10 +89,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 from scipy import special
 
-from vcjax import _memory, engine
 from vcjax import baselines as B
 from vcjax import data as D
 from vcjax import deg as DEG
+from vcjax import engine
 from vcjax import metrics as M
 from vcjax.engine import METRICS as ENGINE_METRICS
 from vcjax.evaluate import _CTRL_METRICS, _DEG_GATED, _PEARSON_LIKE
@@ -1132,28 +1132,26 @@ def context_samples(
     store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     cal_store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     t0 = time.perf_counter()
-    # XLA's chunk buffers (GBs) are reused between chunks instead of faulted in afresh
-    with _memory.recycle_large_buffers():
-        for start in range(0, n_boot, chunk):
-            b = min(chunk, n_boot - start)
-            # the last chunk is padded with extra resample indices (never recompiles); their
-            # values are dropped, and resample r depends only on r.
-            keys = _resample_keys(key, start, n=chunk)
-            out = fn(keys, arrs)
-            vals: dict[str, dict[str, np.ndarray]] = {s: {} for s in sources}
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        # the last chunk is padded with extra resample indices (never recompiles); their
+        # values are dropped, and resample r depends only on r.
+        keys = _resample_keys(key, start, n=chunk)
+        out = fn(keys, arrs)
+        vals: dict[str, dict[str, np.ndarray]] = {s: {} for s in sources}
+        for m in metrics:
+            arr = np.asarray(out[m], dtype=np.float64)[:, :b]
+            for i, s in enumerate(sources):
+                vals[s][m] = arr[i]
+        cal = E.calibrate(vals)
+        for s in sources:
             for m in metrics:
-                arr = np.asarray(out[m], dtype=np.float64)[:, :b]
-                for i, s in enumerate(sources):
-                    vals[s][m] = arr[i]
-            cal = E.calibrate(vals)
-            for s in sources:
-                for m in metrics:
-                    store[(s, m)][start : start + b] = vals[s][m]
-                    cal_store[(s, m)][start : start + b] = cal[s].get(m, np.full((b, P), np.nan))
-            if callable(progress):
-                progress(b)
-            elif progress:
-                log.info("bootstrap: %d/%d resamples", start + b, n_boot)
+                store[(s, m)][start : start + b] = vals[s][m]
+                cal_store[(s, m)][start : start + b] = cal[s].get(m, np.full((b, P), np.nan))
+        if callable(progress):
+            progress(b)
+        elif progress:
+            log.info("bootstrap: %d/%d resamples", start + b, n_boot)
     values = {s: {m: store[(s, m)] for m in metrics} for s in sources}
     calibrated = {s: {m: cal_store[(s, m)] for m in metrics} for s in sources}
     return dict(
