@@ -56,8 +56,9 @@ dense, in the blocked layout below) and is independent of ``n_boot``; the stored
 values are ``n_boot × rows`` (float32, float64 under x64).
 
 Layout: the cells of each group-half are cut into blocks of ``L`` cells (zero-padded), so
-the resampled sums are one batched ``(chunk × L) @ (L × 2G)`` product per block followed by
-a segment sum of blocks into group-halves. The values are not centred before squaring, so a
+the resampled sums are one batched ``(chunk × L) @ (L × 2G)`` product per block; a
+group-half takes its first block and adds its others (only large groups, such as the
+controls, have more than one). The values are not centred before squaring, so a
 gene that is zero in every drawn cell of a group has a variance of exactly 0, as in
 :func:`vcjax.data.group_stats` (float32 variances of log-normalised data lose about
 ``eps · E[x²]/Var[x]`` relative precision to cancellation).

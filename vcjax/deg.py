@@ -428,8 +428,8 @@ def _bh_rows(p: np.ndarray) -> np.ndarray:
         halves = keys.view(np.uint32).reshape(*keys.shape, 2)
         lo, hi = (0, 1) if sys.byteorder == "little" else (1, 0)
         order, ps = halves[..., lo], halves[..., hi].view(np.float32)
-    else:  # NaN sorts last, as in the XLA kernel
-        order = np.argsort(p, axis=-1, kind="stable")
+    else:  # NaN sorts last, as in the XLA kernel; the order of ties does not matter
+        order = np.argsort(p, axis=-1)
         ps = np.take_along_axis(p, order, axis=-1)
     if p.dtype == np.float64:  # statsmodels' own arithmetic (the float64 evaluate path)
         q = ps / (np.arange(1, n + 1, dtype=np.float64) / n)
