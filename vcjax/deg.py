@@ -136,8 +136,8 @@ def bh_from_order(ps: jax.Array, order: jax.Array) -> jax.Array:
     """The rest of :func:`benjamini_hochberg` over the last axis, given the sort.
 
     ``ps`` are the p-values sorted ascending along the last axis and ``order`` the int32
-    positions they came from (a stable argsort), so a caller can sort elsewhere (the
-    bootstrap sorts on the host on CPU) and get the same adjusted values.
+    positions they came from (a stable argsort), so a caller can sort elsewhere and get
+    the same adjusted values (:func:`_bh_host` does the whole of BH on the host).
     """
     n = ps.shape[-1]
     q = jax.lax.cummin(ps * _bh_scale(n, ps.dtype), axis=ps.ndim - 1, reverse=True)
