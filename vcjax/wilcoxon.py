@@ -94,6 +94,7 @@ import numpy as np
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
 
+from vcjax import deg as DEG
 from vcjax.deg import _host_threads
 
 __all__ = ["MannWhitneyResult", "mannwhitney_vs_control", "bh_fdr", "log2_fold_change"]
@@ -635,8 +636,9 @@ def bh_fdr(pvalues: ArrayLike) -> jax.Array:
 
     .. math:: q_{(i)} = \min\big(1, \min_{j \ge i} p_{(j)} \, G / j\big)
 
-    Equal to ``scipy.stats.false_discovery_control(p)`` row by row. NaN p-values are
-    treated as 1 for the ranking and stay NaN in the output.
+    Equal to ``scipy.stats.false_discovery_control(p)`` row by row: it is
+    :func:`vcjax.deg.benjamini_hochberg` with NaN p-values treated as 1 for the ranking,
+    and they stay NaN in the output.
 
     Args:
       pvalues: ``(..., G)``.
@@ -647,15 +649,7 @@ def bh_fdr(pvalues: ArrayLike) -> jax.Array:
     p = jnp.asarray(pvalues)
     p = jnp.asarray(p, jnp.result_type(jnp.float32, p))
     isnan = jnp.isnan(p)
-    q = jnp.where(isnan, 1.0, p)
-    g = q.shape[-1]
-    order = jnp.argsort(q, axis=-1)
-    qs = jnp.take_along_axis(q, order, axis=-1)
-    ranks = jnp.arange(1, g + 1, dtype=q.dtype)
-    adj = jax.lax.cummin(qs * g / ranks, axis=q.ndim - 1, reverse=True)
-    adj = jnp.minimum(adj, 1.0)
-    inv = jnp.argsort(order, axis=-1)
-    out = jnp.take_along_axis(adj, inv, axis=-1)
+    out = DEG.benjamini_hochberg(jnp.where(isnan, 1.0, p))
     return jnp.where(isnan, jnp.nan, out)
 
 
