@@ -446,3 +446,23 @@ def test_engine_arrays_are_aligned_and_reused():
     assert _engine_array(y, np.dtype(np.float32)) is y
     b = _engine_array(np.broadcast_to(x[0], (5, 70)), np.dtype(np.float32))
     assert b.shape == (5, 70) and b.flags.c_contiguous
+
+
+def test_interpolated_duplicate_formula_nan_rule_and_broadcasting():
+    """α·duplicate + (1 − α)·negative with α = 1 − p_adj, NaN p → α = 0, for row-wise
+    p-values and for one p-value vector shared by every row (NumPy broadcasting)."""
+    from vcjax import baselines as B
+
+    rng = np.random.default_rng(3)
+    dup, neg = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    for padj in (rng.uniform(size=(4, 6)), rng.uniform(size=6)):
+        padj = padj.copy()
+        padj[..., 1] = np.nan
+        a = 1.0 - np.where(np.isnan(padj), 1.0, padj)
+        got = B.interpolated_duplicate(dup, neg, padj)
+        np.testing.assert_array_equal(got, a * dup + (1.0 - a) * neg)
+        np.testing.assert_array_equal(got[:, 1], neg[:, 1])
+    # a profile shared by every row against row-wise p-values
+    got = B.interpolated_duplicate(dup[0], neg, padj_rows := rng.uniform(size=(4, 6)))
+    a = 1.0 - padj_rows
+    np.testing.assert_array_equal(got, a * dup[0] + (1.0 - a) * neg)

@@ -139,7 +139,8 @@ def interpolated_duplicate(
     alpha = 1.0 - np.asarray(pvals_adj, dtype=np.float64)
     alpha[np.isnan(alpha)] = 0.0  # NaN p → α = 0 (as nan_to_num(p, nan=1), without its passes)
     out = alpha * duplicate
-    alpha = np.subtract(1.0, alpha, out=alpha)
-    alpha *= negative
-    out += alpha  # = α·duplicate + (1 − α)·negative, the same operations, fewer temporaries
-    return out
+    rest = np.multiply(np.subtract(1.0, alpha, out=alpha), negative)
+    # = α·duplicate + (1 − α)·negative, the same operations with fewer temporaries; in
+    # place only where that keeps NumPy's broadcasting (e.g. p per gene, rows of profiles)
+    in_place = out.shape == np.broadcast_shapes(out.shape, rest.shape)
+    return np.add(out, rest, out=out if in_place else None)
