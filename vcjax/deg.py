@@ -129,16 +129,6 @@ def benjamini_hochberg(p: ArrayLike, *, axis: int = -1) -> jax.Array:
     p = jnp.moveaxis(jnp.asarray(p), axis, -1)
     iota = jax.lax.broadcasted_iota(jnp.int32, p.shape, p.ndim - 1)
     ps, order = jax.lax.sort_key_val(p, iota, dimension=p.ndim - 1, is_stable=True)
-    return jnp.moveaxis(bh_from_order(ps, order), -1, axis)
-
-
-def bh_from_order(ps: jax.Array, order: jax.Array) -> jax.Array:
-    """The rest of :func:`benjamini_hochberg` over the last axis, given the sort.
-
-    ``ps`` are the p-values sorted ascending along the last axis and ``order`` the int32
-    positions they came from (a stable argsort), so a caller can sort elsewhere and get
-    the same adjusted values (:func:`_bh_host` does the whole of BH on the host).
-    """
     n = ps.shape[-1]
     q = jax.lax.cummin(ps * _bh_scale(n, ps.dtype), axis=ps.ndim - 1, reverse=True)
     q = jnp.minimum(q, 1)
@@ -146,7 +136,7 @@ def bh_from_order(ps: jax.Array, order: jax.Array) -> jax.Array:
     flat_rows = jnp.arange(q.size // max(n, 1), dtype=jnp.int32)[:, None] * n
     dest = (order.reshape(-1, n) + flat_rows).reshape(-1)
     out = jnp.zeros(q.size, q.dtype).at[dest].set(q.reshape(-1), unique_indices=True)
-    return out.reshape(q.shape)
+    return jnp.moveaxis(out.reshape(q.shape), -1, axis)
 
 
 def log_fold_change(mean_g: ArrayLike, mean_r: ArrayLike) -> jax.Array:
@@ -409,7 +399,7 @@ def _bh_scale(n: int, dtype) -> np.ndarray:
 
     ``q_(i) = p_(i) · (n/i)``: a product with a constant, which XLA compiles as written
     (it may turn a division into a product with a reciprocal, depending on shapes), so
-    :func:`bh_from_order` and the host :func:`_bh_host` round alike.
+    :func:`benjamini_hochberg` and the host :func:`_bh_host` round alike.
     """
     return np.dtype(dtype).type(n) / np.arange(1, n + 1, dtype=dtype)
 
