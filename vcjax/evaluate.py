@@ -545,13 +545,7 @@ def _warm_up(adata, *, key, control, metrics, weights, k, strict, chunk_size):
         P, G = n_groups - int(present), int(adata.n_vars)
         if P < 1 or G < 1:
             return None
-        names = (
-            list(DEFAULT_METRICS)
-            if metrics is None or (isinstance(metrics, str) and metrics == "all")
-            else [metrics]
-            if isinstance(metrics, str)
-            else list(metrics)
-        )
+        names = _requested_metrics(metrics)  # "all" adds only peer-table metrics
         has_w = (isinstance(weights, str) and weights == "deg") or (
             weights is not None and not isinstance(weights, str)
         )
@@ -908,14 +902,19 @@ def evaluate(
     return table
 
 
-def _resolve_metrics(metrics, ctx: EvalContext, pred) -> list[str]:
-    if metrics is None:
+def _requested_metrics(metrics) -> list[str]:
+    """The ``metrics`` argument as names: None and ``"all"`` give :data:`DEFAULT_METRICS`
+    (:func:`_resolve_metrics` adds the peer-table extras of ``"all"``), a string one name."""
+    if metrics is None or (isinstance(metrics, str) and metrics == "all"):
         return list(DEFAULT_METRICS)
+    return [metrics] if isinstance(metrics, str) else list(metrics)
+
+
+def _resolve_metrics(metrics, ctx: EvalContext, pred) -> list[str]:
     if isinstance(metrics, str) and metrics == "all":
         extra = _peer_table.available(pred, ctx.options["key"], ctx.control)
         return list(DEFAULT_METRICS) + [m for m in extra if m not in DEFAULT_METRICS]
-    if isinstance(metrics, str):
-        metrics = [metrics]
+    metrics = _requested_metrics(metrics)
     known = set(DEFAULT_METRICS) | set(ENGINE_METRICS) | set(_peer_table.TABLE_METRICS)
     unknown = [m for m in metrics if m not in known]
     if unknown:
