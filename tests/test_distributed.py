@@ -189,28 +189,40 @@ P, G = 37, 160  # 37 rows: chunks of 8 leave a ragged, padded last chunk
 pred, truth = rng.normal(size=(P, G)), rng.normal(size=(P, G))
 w, ref = rng.uniform(size=(P, G)), rng.normal(size=G)
 kw = dict(reference=ref, weights=w, mask=w > 0.5, chunk_size=8)
-out = {n: {m: np.asarray(v, np.float64).tolist()
-           for m, v in vcjax.score(pred, truth, devices=jax.devices()[:n], **kw).items()}
-       for n in (1, 4)}
-out["default"] = {m: np.asarray(v, np.float64).tolist()
-                  for m, v in vcjax.score(pred, truth, **kw).items()}
+dealt, put = set(), jax.device_put
+def record(x, target=None, *a, **k):  # the devices that row chunks are placed on
+    if isinstance(target, jax.Device) and getattr(x, "ndim", 0) == 2:
+        dealt.add(target.id)
+    return put(x, target, *a, **k)
+jax.device_put = record
+res = lambda **extra: {m: np.asarray(v, np.float64).tolist()
+                       for m, v in vcjax.score(pred, truth, **kw, **extra).items()}
+out = {n: res(devices=jax.devices()[:n]) for n in (1, 4)}
+out["dealt_to"] = sorted(dealt)
+out["default"] = res()
+# CPU devices are dealt whole chunks in turn; the mesh path (accelerators) shards each
+# chunk over the devices with a NamedSharding: force it here to check it on CPU too
+vcjax.engine._round_robin = lambda devices: None
+out["mesh"] = res()
 out["devices"] = jax.device_count()
 json.dump(out, open(sys.argv[1], "w"))
 """
 
 
 def test_score_on_four_devices_equals_one(tmp_path):
-    """vcjax.score sharded over 4 CPU devices gives the single-device values, every metric."""
+    """vcjax.score over 4 CPU devices gives the single-device values, every metric: chunks
+    dealt to the devices in turn (the CPU default), and each chunk sharded over a mesh."""
     path = tmp_path / "score.json"
     _run_on_devices(_SCORE_DEVICES, 4, path)
     got = json.loads(path.read_text())
     assert got["devices"] == 4
+    assert got["dealt_to"] == [0, 1, 2, 3]  # 5 chunks of 8 rows: every device got one
     one, four = got["1"], got["4"]
-    assert set(one) == set(four) == set(got["default"]) and len(one) >= 8
+    assert set(one) == set(four) == set(got["default"]) == set(got["mesh"]) and len(one) >= 8
     for m in one:
         a = np.array(one[m], float)
         assert a.shape == (37,) and np.isfinite(a).any()
-        for other in (four[m], got["default"][m]):
+        for other in (four[m], got["default"][m], got["mesh"][m]):
             np.testing.assert_allclose(
                 np.array(other, float), a, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=m
             )

@@ -77,8 +77,36 @@ def test_no_recompile_across_p_sharing_a_chunk_size():
     for p in (3, 17, 40, 64, 65):
         pred, truth, ref, w, _ = _case(rng, p, 24)
         engine.score(pred, truth, reference=ref, weights=w, metrics=metrics, chunk_size=16)
-    fn = engine._chunk_fn(metrics, (True, True, False, True, False), 20, False)
+    sub = engine._sub_rows(16, 24)
+    fn = engine._chunk_fn(metrics, (True, True, False, True, False), 20, False, sub)
     assert fn._cache_size() == 1  # one compilation for all five P
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_blocked_passes_match_reference(monkeypatch, shared):
+    """Chunks cut into row blocks (``lax.map`` over the fused passes) score every row right.
+
+    Blocks of 4 rows in chunks of 16 (forced: at these G one block would hold the chunk);
+    ragged last chunk, per-row or shared reference and weights, top-k beside the blocks.
+    """
+    if jax.default_backend() != "cpu":
+        pytest.skip("row blocks are used on CPU only")
+    monkeypatch.setattr(engine, "_CPU_BLOCK_ELEMENTS", 4 * 30)
+    assert engine._sub_rows(16, 30) == 4 and engine._sub_rows(6, 30) == 2
+    assert engine._sub_rows(16, 30, n_devices=2) == 16
+    rng = np.random.default_rng(11)
+    pred, truth, ref, w, mask = _case(rng, 37, 30)
+    refs = ref if shared else ref + rng.normal(scale=0.1, size=(37, 30)).astype(np.float32)
+    ws = w[0] if shared else w
+    out = engine.score(pred, truth, reference=refs, weights=ws, mask=mask, k=6, chunk_size=16)
+    want = R.reference_scores(
+        pred, truth, np.broadcast_to(refs, pred.shape), np.broadcast_to(ws, pred.shape), mask, k=6
+    )
+    assert set(out) == set(want)
+    for name, v in out.items():
+        np.testing.assert_allclose(
+            np.asarray(v, np.float64), want[name], rtol=2e-4, atol=2e-5, err_msg=name
+        )
 
 
 def test_validation_errors():

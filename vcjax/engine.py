@@ -12,16 +12,24 @@ screen of a new size never recompiles, and peak device memory is
 streamed chunk by chunk. Dispatch is asynchronous, so the transfer of chunk ``i + 1``
 overlaps the computation of chunk ``i``.
 
-With several devices (GPUs, or CPU devices from
-``XLA_FLAGS=--xla_force_host_platform_device_count=N``) each chunk is sharded over a 1-D
-mesh on its row axis with :class:`jax.sharding.NamedSharding`; results are identical to
-one device up to float rounding.
+With several accelerators each chunk is sharded over a 1-D mesh on its row axis with
+:class:`jax.sharding.NamedSharding`. Several CPU devices (``jax.config.update(
+"jax_num_cpu_devices", N)`` or ``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set
+before JAX starts) are instead dealt whole chunks in turn, so that N chunks are computed
+at once (see :func:`_round_robin`). Either way results are identical to one device up to
+float rounding.
+
+On CPU each chunk's fused passes run over blocks of rows small enough for the core's cache
+(:func:`_sub_rows`), and host inputs are copied (when misaligned) into a small ring of
+reused aligned buffers; a jax.Array on the CPU is streamed from a zero-copy view.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -119,6 +127,22 @@ def _mesh(devices: Sequence[jax.Device] | None) -> Mesh | None:
     if len(devices) <= 1:
         return None
     return Mesh(np.asarray(devices), ("rows",))
+
+
+def _round_robin(devices: Sequence[jax.Device] | None) -> list[jax.Device] | None:
+    """The devices to deal whole chunks to in turn, or None to shard each chunk instead.
+
+    Several CPU devices (``jax.config.update("jax_num_cpu_devices", n)`` or
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=n``, before JAX starts) are served
+    whole chunks in turn: XLA:CPU runs one device's programs one after another, and the
+    fused reductions on one core, so two devices are two chunks computed at once — 1.6×
+    the one-device speed on 2 cores, where sharding every chunk over a mesh was slower
+    than one device (``benchmarks/RESULTS.md``). Accelerators keep the mesh.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) > 1 and all(d.platform == "cpu" for d in devices):
+        return devices
+    return None
 
 
 def _row_sums(terms: Sequence[jax.Array]) -> list[jax.Array]:
@@ -257,20 +281,64 @@ def _fused_scores(
     return {name: out[name] for name in names}
 
 
+#: elements per input of one block of the two-pass reductions on CPU (see _sub_rows)
+_CPU_BLOCK_ELEMENTS = 1 << 17
+
+
+def _sub_rows(n_rows: int, n_genes: int, n_devices: int = 1, platform: str | None = None) -> int:
+    """Rows per block of the fused passes inside a chunk of ``n_rows`` rows.
+
+    On one CPU device the reductions of :func:`_fused_scores` run on one core at its memory
+    bandwidth, and the second (centred) pass re-reads what the first read. A block of about
+    ``2**17`` elements per input keeps both passes in the core's L2 cache; measured
+    1.2–1.4× faster than one block per chunk at ``G`` = 2,000–20,000
+    (``benchmarks/RESULTS.md``). Elsewhere (accelerators, several devices) the chunk is one
+    block. ``n_devices`` is the number of devices one chunk is sharded over, ``platform``
+    theirs (default: JAX's default backend). Always a divisor of ``n_rows``.
+    """
+    platform = jax.default_backend() if platform is None else platform
+    if n_devices > 1 or platform != "cpu":
+        return n_rows
+    want = max(1, _CPU_BLOCK_ELEMENTS // max(n_genes, 1))
+    want = 1 << (want.bit_length() - 1)
+    return math.gcd(n_rows, want)
+
+
 @functools.lru_cache(maxsize=64)
 def _chunk_fn(
-    names: tuple[str, ...], per_row: tuple[bool, ...], k: int, strict: bool
+    names: tuple[str, ...], per_row: tuple[bool, ...], k: int, strict: bool, sub_rows: int = 0
 ) -> Callable[..., dict[str, jax.Array]]:
     """A jitted function scoring one chunk; cached on the static configuration.
 
     The arguments are ``(pred, truth, reference, weights, mask)``, each ``(C, G)`` where
-    ``per_row`` says so and ``(G,)`` otherwise (``truth`` is always per row).
+    ``per_row`` says so and ``(G,)`` otherwise (``truth`` is always per row). With
+    ``0 < sub_rows < C`` the metrics other than ``pearson_delta_topk`` run over blocks of
+    ``sub_rows`` rows in a ``lax.map`` (see :func:`_sub_rows`); the top-k selection, whose
+    cost is per call rather than per byte, runs on the whole chunk.
     """
     if not per_row[1]:
         raise ValueError("truth must have a row axis")
+    topk = tuple(n for n in names if n == "pearson_delta_topk")
+    rest = tuple(n for n in names if n != "pearson_delta_topk")
 
     def chunk(pred, truth, reference, weights, mask):
-        return _fused_scores(names, k, strict, pred, truth, reference, weights, mask)
+        args = (pred, truth, reference, weights, mask)
+        n_rows = truth.shape[0]
+        if not (0 < sub_rows < n_rows and n_rows % sub_rows == 0 and rest):
+            return _fused_scores(names, k, strict, *args)
+        rows = [a for a, r in zip(args, per_row) if r]
+
+        def block(xs):
+            it = iter(xs)
+            return _fused_scores(
+                rest, k, strict, *[next(it) if r else a for a, r in zip(args, per_row)]
+            )
+
+        blocks = [a.reshape((n_rows // sub_rows, sub_rows) + a.shape[1:]) for a in rows]
+        out = {n: v.reshape(n_rows) for n, v in jax.lax.map(block, blocks).items()}
+        if topk:
+            out.update(_fused_scores(topk, k, strict, *args))
+        return {n: out[n] for n in names}
 
     return jax.jit(chunk, compiler_options=_compiler_options())
 
@@ -328,10 +396,14 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
-def _host_chunk(x: np.ndarray, start: int, stop: int, rows: int, dtype) -> np.ndarray:
+def _host_chunk(
+    x: np.ndarray, start: int, stop: int, rows: int, dtype, out: np.ndarray | None = None
+) -> np.ndarray:
     """Rows ``start:stop`` of ``x`` as an aligned, contiguous ``(rows, ...)`` array.
 
-    Zero-padded to ``rows`` and cast to ``dtype`` (when given) in the same single copy;
+    Zero-padded to ``rows`` and cast to ``dtype`` (when given) in the same single copy, into
+    ``out`` when it is given (an aligned buffer of that shape and dtype, reused between
+    chunks: fresh memory costs the kernel's page zeroing, about as much as the copy);
     returned without copying when the slice already qualifies. Aligned host memory lets
     ``jax.device_put`` on CPU adopt the buffer instead of copying it (a misaligned one
     costs a copy there that is several times slower than this NumPy one).
@@ -345,11 +417,33 @@ def _host_chunk(x: np.ndarray, start: int, stop: int, rows: int, dtype) -> np.nd
         and part.ctypes.data % _ALIGN == 0
     ):
         return part
-    out = _aligned_empty((rows,) + part.shape[1:], dtype)
+    shape = (rows,) + part.shape[1:]
+    if out is None or out.shape != shape or out.dtype != dtype:
+        out = _aligned_empty(shape, dtype)
     np.copyto(out[: stop - start], part, casting="unsafe")
     if stop - start < rows:
         out[stop - start :] = 0
     return out
+
+
+def _host_view(x: jax.Array) -> np.ndarray | None:
+    """A zero-copy NumPy view of a jax.Array held whole by one CPU device, else None.
+
+    Such an input is then streamed like a NumPy one: its chunks are adopted in place by
+    ``device_put`` instead of being sliced by one dispatched XLA operation each.
+    """
+    try:
+        devices = x.devices()
+        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            return None
+        view = np.asarray(x)  # zero-copy for a CPU buffer
+    except Exception:  # deleted, or not viewable: keep the device path
+        return None
+    return view
+
+
+#: chunks in flight at once (at least one per device dealt to) when host buffers are reused
+_IN_FLIGHT = 2
 
 
 def _row_map(
@@ -363,16 +457,36 @@ def _row_map(
 ) -> dict[str, np.ndarray]:
     n = int(row_inputs[0].shape[0])
     dtypes = [None] * len(row_inputs) if dtypes is None else list(dtypes)
-    mesh = _mesh(devices)
-    if mesh is not None:
-        target = NamedSharding(mesh, PartitionSpec("rows"))
-    else:
-        target = (jax.devices() if devices is None else list(devices))[0]
-    outs: list[dict[str, jax.Array]] = []
-    for start in range(0, max(n, 1), chunk_size):
+    cycle = _round_robin(devices)
+    mesh = None if cycle is not None else _mesh(devices)
+    if cycle is None:
+        if mesh is not None:
+            cycle = [NamedSharding(mesh, PartitionSpec("rows"))]
+        else:
+            cycle = [(jax.devices() if devices is None else list(devices))[0]]
+    in_flight = max(_IN_FLIGHT, len(cycle))
+    inputs = []
+    for x in row_inputs:
+        if isinstance(x, jax.Array):
+            view = _host_view(x)
+            x = x if view is None else view
+        inputs.append(x)
+    # Host chunks that need a copy go into a ring of reused buffers, one ring per input;
+    # a buffer is rewritten only once the call that read it has finished (device_put adopts
+    # aligned host memory on CPU, so the call reads the buffer itself).
+    # Results are copied to the host as their calls finish, before any buffer is reused
+    # (a result could alias an input chunk).
+    rings: list[list[np.ndarray | None]] = [[None] * (in_flight + 1) for _ in inputs]
+    outs: list[dict[str, np.ndarray]] = []
+    pending: collections.deque[Mapping[str, jax.Array]] = collections.deque()
+    for i, start in enumerate(range(0, max(n, 1), chunk_size)):
         stop = min(start + chunk_size, n)
+        slot = i % (in_flight + 1)
+        target = cycle[i % len(cycle)]
+        if len(pending) > in_flight - 1:
+            outs.append({k: np.array(v) for k, v in pending.popleft().items()})
         chunk = []
-        for x, dt in zip(row_inputs, dtypes):
+        for x, dt, ring in zip(inputs, dtypes, rings):
             if isinstance(x, jax.Array):
                 part = x[start:stop]
                 if dt is not None and part.dtype != dt:
@@ -381,13 +495,17 @@ def _row_map(
                     pad = [(0, chunk_size - (stop - start))] + [(0, 0)] * (part.ndim - 1)
                     part = jnp.pad(part, pad)
             else:
-                part = _host_chunk(np.asarray(x), start, stop, chunk_size, dt)
+                x = np.asarray(x)
+                part = _host_chunk(x, start, stop, chunk_size, dt, ring[slot])
+                if not np.may_share_memory(part, x):
+                    ring[slot] = part
             chunk.append(jax.device_put(part, target))
-        outs.append(fn(*chunk))
+        pending.append(fn(*chunk))
         if progress is not None:
             progress(stop - start)
+    outs.extend({k: np.array(v) for k, v in o.items()} for o in pending)
     keys = outs[0].keys() if outs else ()
-    return {key: np.concatenate([np.asarray(o[key]) for o in outs])[:n] for key in keys}
+    return {key: np.concatenate([o[key] for o in outs])[:n] for key in keys}
 
 
 def row_map(
@@ -483,21 +601,27 @@ def score(
         arrays.append(x)
         per_row.append(rows)
         dtypes.append(want)
-    n_dev = len(jax.devices() if devices is None else devices)
+    devs = list(jax.devices() if devices is None else devices)
+    dealt = _round_robin(devs)
+    n_dev = 1 if dealt is not None else len(devs)  # devices one chunk is sharded over
     chunk = chunk_rows(n_rows, n_genes, n_dev) if chunk_size is None else chunk_size
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")
-    fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict))
+    sub = _sub_rows(chunk, n_genes, n_dev, devs[0].platform)
+    fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict), sub)
     shared = [
         x if not isinstance(x, np.ndarray) else jnp.asarray(x)
         for x, r in zip(arrays, per_row)
         if not r
     ]
+    # chunks dealt to devices in turn find the shared vectors already there
+    shared_on = {d: [jax.device_put(x, d) for x in shared] for d in dealt or ()}
     row_inputs = [x for x, r in zip(arrays, per_row) if r]
     row_dtypes = [d for d, r in zip(dtypes, per_row) if r]
 
     def call(*rows):
-        it_rows, it_shared = iter(rows), iter(shared)
+        on = shared_on.get(next(iter(rows[0].devices()))) if shared_on else None
+        it_rows, it_shared = iter(rows), iter(shared if on is None else on)
         args = [next(it_rows) if r else next(it_shared) for r in per_row]
         return fn(*args)
 
