@@ -142,6 +142,12 @@ def run_one(p: int, g: int, *, repeat: int, ref_max_rows: int) -> dict[str, obje
     run = lambda: vcjax.score(pred, truth, reference=ref, weights=w)  # noqa: E731
     t_jax = _common.timeit(run, repeat=repeat, warmup=1, min_time=0.5)
     got = {k: np.asarray(v, np.float64) for k, v in run().items()}
+    # the same call on jax.Arrays already in device memory (made once, outside the timing)
+    jp, jt, jw = (jax.device_put(x) for x in (pred, truth, w))
+    run_dev = lambda: vcjax.score(jp, jt, reference=ref, weights=jw)  # noqa: E731
+    t_dev = _common.timeit(run_dev, repeat=repeat, warmup=1, min_time=0.5)
+    got_dev = {k: np.asarray(v, np.float64) for k, v in run_dev().items()}
+    dev_diff = max(float(np.nanmax(np.abs(got_dev[k] - got[k]), initial=0.0)) for k in got)
     core = [m for m in got if m != "pearson_delta_topk"]  # the same call without top-k
     run_core = lambda: vcjax.score(pred, truth, reference=ref, weights=w, metrics=core)  # noqa: E731
     t_core = _common.timeit(run_core, repeat=repeat, warmup=1, min_time=0.5)
@@ -169,6 +175,10 @@ def run_one(p: int, g: int, *, repeat: int, ref_max_rows: int) -> dict[str, obje
         "speedup": t_np["median"] * scale / t_jax["median"],
         "vcjax_gbs": nbytes / t_jax["median"] / 1e9,
         "vcjax_gbs_best": nbytes / t_jax["min"] / 1e9,
+        "vcjax_dev_s": t_dev["median"],
+        "speedup_dev": t_np["median"] * scale / t_dev["median"],
+        "vcjax_dev_gbs": nbytes / t_dev["median"] / 1e9,
+        "max_abs_diff_dev_vs_numpy_inputs": dev_diff,
         "vcjax_core_s": t_core["median"],
         "vcjax_core_gbs": nbytes / t_core["median"] / 1e9,
         "input_mb": nbytes / 2**20,
@@ -180,11 +190,16 @@ def run_one(p: int, g: int, *, repeat: int, ref_max_rows: int) -> dict[str, obje
 
 
 def _child(args) -> None:
+    n_dev = args.cpu_devices[0]
+    if n_dev > 1:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", n_dev)  # before JAX starts
     out = run_one(args.P, args.G, repeat=args.repeat, ref_max_rows=args.ref_max_rows)
     print("RESULT " + json.dumps(out))
 
 
-def _spawn(p: int, g: int, args) -> dict[str, object]:
+def _spawn(p: int, g: int, args, devices: int = 1) -> dict[str, object]:
     cmd = [
         sys.executable,
         __file__,
@@ -197,6 +212,8 @@ def _spawn(p: int, g: int, args) -> dict[str, object]:
         str(args.repeat),
         "--ref-max-rows",
         str(args.ref_max_rows),
+        "--cpu-devices",
+        str(devices),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=os.environ)
     for line in res.stdout.splitlines():
@@ -208,12 +225,16 @@ def _spawn(p: int, g: int, args) -> dict[str, object]:
 COLUMNS = [
     ("P", "P"),
     ("G", "G"),
+    ("jax_devices", "CPU devices"),
     ("vcjax_ms", "vcjax ms (median)"),
     ("numpy_ms", "NumPy f64 ms"),
     ("speedup", "speed-up ×"),
     ("vcjax_gbs", "vcjax GB/s"),
     ("pct_jax_bw", "% of jnp.sum BW"),
     ("vcjax_gbs_best", "vcjax GB/s (best run)"),
+    ("vcjax_dev_ms", "jax.Array inputs: ms"),
+    ("speedup_dev", "jax.Array: speed-up ×"),
+    ("pct_dev_bw", "jax.Array: % of BW"),
     ("vcjax_core_ms", "7 metrics, no top-k: ms"),
     ("pct_core_bw", "7 metrics: % of BW"),
     ("peak_rss_mb", "peak RSS MiB"),
@@ -228,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ref-max-rows", type=int, default=2000)
     ap.add_argument("--json", default=str(HERE / "bench_kernels.json"))
     ap.add_argument("--write-results", action="store_true", help="update RESULTS.md")
+    ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="JAX CPU device counts to run each size with (jax_num_cpu_devices), e.g. 1 2",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--P", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--G", type=int, help=argparse.SUPPRESS)
@@ -242,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         grid = [(100, 2000), (1000, 2000)]
     rows = []
-    for p, g in grid:
-        r = _spawn(p, g, args)
+    for p, g, devices in [(p, g, d) for p, g in grid for d in args.cpu_devices]:
+        r = _spawn(p, g, args, devices)
         r["vcjax_ms"] = r["vcjax_s"] * 1e3
+        r["vcjax_dev_ms"] = r["vcjax_dev_s"] * 1e3
+        r["pct_dev_bw"] = 100 * r["vcjax_dev_gbs"] / bw["jax_sum_gbs"]
         r["numpy_ms"] = r["numpy_s"] * 1e3
         r["pct_jax_bw"] = 100 * r["vcjax_gbs"] / bw["jax_sum_gbs"]
         r["vcjax_core_ms"] = r["vcjax_core_s"] * 1e3
@@ -252,7 +282,11 @@ def main(argv: list[str] | None = None) -> None:
         if r["numpy_extrapolated"]:
             r["P"] = f"{p:,}*"
         rows.append(r)
-        print(f"  done P={p} G={g}: {r['vcjax_ms']:.1f} ms, ×{r['speedup']:.1f}", flush=True)
+        print(
+            f"  done P={p} G={g} devices={devices}: {r['vcjax_ms']:.1f} ms, "
+            f"×{r['speedup']:.1f} (jax.Array inputs ×{r['speedup_dev']:.1f})",
+            flush=True,
+        )
 
     table = _common.markdown_table(rows, COLUMNS)
     note = (
