@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         "vectorised over rows. GB/s = bytes of pred+truth+weights / median time. Peak RSS: a "
         'fresh process per row, inputs included. "7 metrics": the same call without '
         "pearson_delta_topk (its exact top-k selection costs ~10 µs per row on XLA:CPU). "
+        '"jax.Array inputs": the same call on arrays already in device memory. "CPU devices": '
+        "`jax_num_cpu_devices` of the process (chunks dealt to the devices in turn). "
         f"`*`: NumPy timed on {args.ref_max_rows:,} rows and extrapolated linearly."
     )
     print()
@@ -316,6 +318,11 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "Command: `python benchmarks/bench_kernels.py"
                 + (" --quick" if args.quick else "")
+                + (
+                    " --cpu-devices " + " ".join(map(str, args.cpu_devices))
+                    if args.cpu_devices != [1]
+                    else ""
+                )
                 + " --write-results`",
                 note,
                 table,
