@@ -282,9 +282,7 @@ def test_gradients_are_finite(case):
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "g,k", [(1800, 20), (2000, 20), (1901, 9), (4096, 20), (5003, 7), (8192, 2)]
-)
+@pytest.mark.parametrize("g,k", [(4096, 20), (5003, 7), (8192, 2)])
 def test_topk_mask_blocked_path_exact(g, k):
     """The blocked top-k used for long rows selects exactly lax.top_k's genes (ties, NaN)."""
     rng = np.random.default_rng(g)

@@ -280,7 +280,7 @@ def pearson_delta_degs(
 
 
 _TOPK_BLOCKS = (32, 16, 64)  # block sizes tried by _topk_indices, preferred first
-_TOPK_MIN_GENES = 1800  # below this one lax.top_k is faster (measured crossover ~1,700)
+_TOPK_MIN_GENES = 4096  # below this a single lax.top_k is as fast (per-row overhead)
 
 
 def _nan_lowest(s: jax.Array) -> jax.Array:
