@@ -135,14 +135,21 @@ def _round_robin(devices: Sequence[jax.Device] | None) -> list[jax.Device] | Non
     Several CPU devices (``jax.config.update("jax_num_cpu_devices", n)`` or
     ``XLA_FLAGS=--xla_force_host_platform_device_count=n``, before JAX starts) are served
     whole chunks in turn: XLA:CPU runs one device's programs one after another, and the
-    fused reductions on one core, so two devices are two chunks computed at once — 1.6×
-    the one-device speed on 2 cores, where sharding every chunk over a mesh was slower
-    than one device (``benchmarks/RESULTS.md``). Accelerators keep the mesh.
+    fused reductions on one core, so two devices are two chunks computed at once — up to
+    1.6× the one-device speed on 2 cores (1.1–1.5× end to end in ``bench_kernels``), where
+    sharding every chunk over a mesh was slower than one device (``benchmarks/RESULTS.md``).
+    Accelerators keep the mesh.
     """
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) > 1 and all(d.platform == "cpu" for d in devices):
         return devices
     return None
+
+
+def _shards_per_chunk(devices: Sequence[jax.Device] | None = None) -> int:
+    """How many devices one chunk is split over: 1 when chunks are dealt whole."""
+    devices = list(jax.devices() if devices is None else devices)
+    return 1 if _round_robin(devices) is not None else len(devices)
 
 
 def _row_sums(terms: Sequence[jax.Array]) -> list[jax.Array]:
@@ -290,7 +297,7 @@ def _sub_rows(n_rows: int, n_genes: int, n_devices: int = 1, platform: str | Non
 
     On one CPU device the reductions of :func:`_fused_scores` run on one core at its memory
     bandwidth, and the second (centred) pass re-reads what the first read. A block of about
-    ``2**17`` elements per input keeps both passes in the core's L2 cache; measured
+    ``2**17`` elements per input is still in cache when the second pass reads it; measured
     1.2–1.4× faster than one block per chunk at ``G`` = 2,000–20,000
     (``benchmarks/RESULTS.md``). Elsewhere (accelerators, several devices) the chunk is one
     block. ``n_devices`` is the number of devices one chunk is sharded over, ``platform``
@@ -603,7 +610,7 @@ def score(
         dtypes.append(want)
     devs = list(jax.devices() if devices is None else devices)
     dealt = _round_robin(devs)
-    n_dev = 1 if dealt is not None else len(devs)  # devices one chunk is sharded over
+    n_dev = _shards_per_chunk(devs)
     chunk = chunk_rows(n_rows, n_genes, n_dev) if chunk_size is None else chunk_size
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")

@@ -564,7 +564,7 @@ def _warm_up(adata, *, key, control, metrics, weights, k, strict, chunk_size):
                 wdt = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
                 # one chunk of the real calls' chunk size: the same compiled function,
                 # a chunk's work instead of P rows'
-                rows = chunk_size or engine.chunk_rows(P, G, len(jax.devices()))
+                rows = chunk_size or engine.chunk_rows(P, G, engine._shards_per_chunk())
                 row = np.zeros(G, wdt)
                 z = np.broadcast_to(row, (rows, G))  # O(G) memory; chunks are copied as needed
                 zb = np.broadcast_to(np.zeros(G, bool), (rows, G))
