@@ -148,6 +148,8 @@ def run_one(p: int, g: int, *, repeat: int, ref_max_rows: int) -> dict[str, obje
     t_dev = _common.timeit(run_dev, repeat=repeat, warmup=1, min_time=0.5)
     got_dev = {k: np.asarray(v, np.float64) for k, v in run_dev().items()}
     dev_diff = max(float(np.nanmax(np.abs(got_dev[k] - got[k]), initial=0.0)) for k in got)
+    if not dev_diff <= 1e-6:  # the same kernel on the same values
+        raise RuntimeError(f"jax.Array inputs scored {dev_diff:g} away from NumPy inputs")
     core = [m for m in got if m != "pearson_delta_topk"]  # the same call without top-k
     run_core = lambda: vcjax.score(pred, truth, reference=ref, weights=w, metrics=core)  # noqa: E731
     t_core = _common.timeit(run_core, repeat=repeat, warmup=1, min_time=0.5)
