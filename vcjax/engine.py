@@ -464,9 +464,9 @@ def _row_map(
 ) -> dict[str, np.ndarray]:
     n = int(row_inputs[0].shape[0])
     dtypes = [None] * len(row_inputs) if dtypes is None else list(dtypes)
-    cycle = _round_robin(devices)
-    mesh = None if cycle is not None else _mesh(devices)
+    cycle = _round_robin(devices)  # where chunk i goes: cycle[i % len(cycle)]
     if cycle is None:
+        mesh = _mesh(devices)
         if mesh is not None:
             cycle = [NamedSharding(mesh, PartitionSpec("rows"))]
         else:
