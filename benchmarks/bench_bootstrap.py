@@ -1,4 +1,4 @@
-"""Benchmark of the cell bootstrap (vcjax.bootstrap) against a straightforward NumPy loop.
+"""Benchmark of the cell bootstrap (vcjax.pipeline.stratum_samples) against a straightforward NumPy loop.
 
 Default: n_boot = 1000 resamples of a screen with P = 1000 perturbations × 100 cells, 1000
 control cells, G = 2000 genes (dense float32 log values), the model and the 7 default
@@ -16,7 +16,6 @@ resample. Reports seconds per resample, the speed-up and peak RSS.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import platform
 import resource
@@ -34,9 +33,8 @@ import anndata as ad  # noqa: E402
 import jax  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from vcjax import bootstrap as BS  # noqa: E402
-
-E = importlib.import_module("vcjax.evaluate")
+from vcjax import pipeline as PL  # noqa: E402
+from vcjax.metrics import DEFAULT_METRICS  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -76,7 +74,7 @@ def _group_half_sums(X, order, starts, sizes, draw=None):
     return sizes.reshape(C, 2).astype(np.float64), S.reshape(C, 2, -1), Q.reshape(C, 2, -1)
 
 
-def numpy_reference(adata, ctx, pred, table, *, n_reps: int, seed: int = 0):
+def numpy_reference(adata, stratum, pred, table, *, n_reps: int, seed: int = 0):
     """The straightforward NumPy loop: per resample, draw cell indices within every
     condition-half, copy the cells (``X[idx]``), sum them, and run the whole evaluation in
     NumPy float64 (``_numpy_pipeline.evaluate_sums``: t-tests, BH, weights, baselines, 11
@@ -84,9 +82,9 @@ def numpy_reference(adata, ctx, pred, table, *, n_reps: int, seed: int = 0):
     ``table``, the point-estimate table of ``evaluate``)."""
     X = np.asarray(adata.X)
     labels = adata.obs["condition"].astype(str).to_numpy()
-    names = list(ctx.stats.half1.names)
+    names = list(stratum.groups)
     code = pd.Index(names).get_indexer(labels)
-    gh = 2 * code + np.asarray(ctx.cell_split).astype(int) - 1
+    gh = 2 * code + np.asarray(stratum.cells.half).astype(int) - 1
     order = np.argsort(gh, kind="stable")
     sizes = np.bincount(gh, minlength=2 * len(names))
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -141,27 +139,38 @@ def main(argv=None):
     out["simulate_s"] = time.perf_counter() - t
     out["rss_after_data_mb"] = rss_mb()
     t = time.perf_counter()
-    table = E.evaluate(adata, pred, key="condition", control="control", normalize=None)
+    screen = PL.prepare(adata, key="condition", control="control", normalize=None)
+    prediction = PL.align(pred, screen)
+    table = PL.evaluate(screen, prediction)
     out["evaluate_point_s"] = time.perf_counter() - t
-    (ctx,) = E.prepare(adata, key="condition", control="control", normalize=None)
-    ctx.options.update(model=pred[1], metrics=E.DEFAULT_METRICS, k=20, strict=False, gate=True)
+    (stratum,) = screen.strata
+    score = PL.ScoreSpec()
+
+    def samples(n_boot):
+        boot = PL.BootSpec(n_boot=n_boot, chunk_size=args.chunk)
+        return PL.stratum_samples(
+            stratum, screen.spec, model=prediction.matrices[0], metrics=DEFAULT_METRICS,
+            score=score, boot=boot,
+        )  # fmt: skip
+
     # compile + one chunk (warm-up), then the timed run
     t = time.perf_counter()
-    warm = BS.context_samples(ctx, n_boot=2, chunk_size=args.chunk)
+    warm = samples(2)
     out["warmup_compile_s"] = time.perf_counter() - t
     out["chunk"] = warm["chunk"]
     out["pvalue"] = warm["pvalue"]
     t = time.perf_counter()
-    res = BS.context_samples(ctx, n_boot=args.boot, chunk_size=args.chunk)
+    res = samples(args.boot)
     out["bootstrap_s"] = time.perf_counter() - t
     out["bootstrap_per_resample_s"] = out["bootstrap_s"] / args.boot
     t = time.perf_counter()
-    BS.add_intervals(table, [ctx], n_boot=min(args.boot, 50), chunk_size=args.chunk)
+    boot50 = PL.BootSpec(n_boot=min(args.boot, 50), chunk_size=args.chunk)
+    PL.add_intervals(table, screen, prediction, score=score, boot=boot50)
     out["add_intervals_50_s"] = time.perf_counter() - t
     out["rss_after_bootstrap_mb"] = rss_mb()
     del res
     out["numpy_per_resample_s"], out["numpy_point_max_abs_diff"] = numpy_reference(
-        adata, ctx, pred, table, n_reps=args.ref_reps
+        adata, stratum, pred, table, n_reps=args.ref_reps
     )
     out["speedup_per_resample"] = out["numpy_per_resample_s"] / out["bootstrap_per_resample_s"]
     out["peak_rss_mb"] = rss_mb()

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from synth_h5ad import make_screen  # noqa: E402
 
-from vcjax import data, deg  # noqa: E402
+from vcjax import data  # noqa: E402
+from vcjax import stats as deg  # noqa: E402
 
 KEY, CONTROL = "target_gene", "non-targeting"
 

@@ -9,7 +9,7 @@ included, imports excluded) and peak RSS (``VmHWM``):
 
 * ``vcjax``: ``vcjax.evaluate(truth, pred)``: group statistics, DEG t-tests and weights,
   all 11 default metrics for the model and the 7 baselines, calibration. ``evaluate`` uses
-  JAX's persistent compilation cache (:func:`vcjax.evaluate.enable_compilation_cache`), so
+  JAX's persistent compilation cache (:func:`vcjax.engine.enable_compilation_cache`), so
   vcjax runs in **two** fresh processes sharing a cache folder that starts empty for each
   size: the first gives ``seconds`` (first call, *cold* cache: every kernel compiled and
   written to the cache) and ``seconds_warm`` (a second call in the same process, nothing

@@ -11,7 +11,7 @@ z-scores are checked to agree (scanpy's wilcoxon score is vcjax's z-score withou
 continuity correction and without tie correction).
 
 On CPU vcjax counts on the host (NumPy sorts, small XLA lookups; see
-:mod:`vcjax.wilcoxon`); ``vcjax_stages_ms`` is the CPU time of each stage of that host
+:mod:`vcjax.stats._wilcoxon`); ``vcjax_stages_ms`` is the CPU time of each stage of that host
 path in one extra call, summed over its threads (the XLA computations' own threads are not
 counted, so "lookup + terms (xla)" is only their dispatch), and ``vcjax_threads`` the
 number of threads it used. ``--xla`` also times the XLA-sort path (the accelerator
@@ -69,8 +69,8 @@ def main() -> None:
     import pandas as pd
     import scanpy as sc
 
-    from vcjax import wilcoxon as W
-    from vcjax.wilcoxon import mannwhitney_vs_control
+    from vcjax.stats import _wilcoxon as W
+    from vcjax.stats import mannwhitney_vs_control
 
     x, labels = make_data(args.perts, args.cells, args.control, args.genes)
     perts = sorted(set(labels) - {"non-targeting"})

@@ -6,7 +6,7 @@ embeddings of ``A`` and ``B``, passed through an MLP to ``G`` outputs, plus a le
 baseline (initialised at the mean training profile). The same architecture is trained
 with :func:`vcjax.losses.mse_loss` and with :func:`vcjax.losses.wmse_loss`, whose DEG
 weights (``minmax(|t|)²``, METRICS.md §3.2) come from the **training perturbations
-only** (:func:`vcjax.data.group_stats` + :func:`vcjax.deg.rank_genes` on training cells).
+only** (:func:`vcjax.data.group_stats` + :func:`vcjax.stats.rank_genes` on training cells).
 
 Held-out perturbations: the eligible perturbations (every target gene also targeted in
 some training perturbation) are split into ``--folds`` cross-validation folds, so every
@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from vcjax import data as vdata  # noqa: E402
-from vcjax import deg as vdeg  # noqa: E402
+from vcjax import stats as vdeg  # noqa: E402
 from vcjax.engine import score  # noqa: E402
 from vcjax.losses import mse_loss, wmse_loss  # noqa: E402
 

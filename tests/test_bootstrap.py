@@ -1,9 +1,9 @@
-"""vcjax.bootstrap: multiplicity-weight resampling equals an explicit per-resample loop,
+"""The cell bootstrap (vcjax.pipeline): multiplicity-weight resampling equals an explicit per-resample loop,
 reproducibility, chunk invariance, intervals vs scipy, and a small coverage check."""
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 
 import jax
 import numpy as np
@@ -12,31 +12,44 @@ import pytest
 import scipy.stats
 
 from tests.conftest import load_fixture
-from vcjax import bootstrap as BS
 from vcjax import data as D
+from vcjax import pipeline as PL
+from vcjax import stats as ST
+from vcjax.metrics import DEFAULT_METRICS
 
-E = importlib.import_module("vcjax.evaluate")
-
-
-def _contexts(adata, model, *, metrics=E.DEFAULT_METRICS, k=10, **kw):
-    ctxs = E.prepare(adata, key="condition", control="control", normalize=None, **kw)
-    for ctx in ctxs:
-        ctx.options.update(model=model, metrics=tuple(metrics), k=k, strict=False, gate=True)
-    return ctxs
+SCORE = PL.ScoreSpec(k=10)
 
 
-def _reference_loop(adata, ctx, model, *, n_boot, seed, metrics, k, refit=True):
-    """Materialise every resample explicitly and run the point-estimate code path on it."""
+def _screen(adata, **kw):
+    return PL.prepare(adata, key="condition", control="control", normalize=None, **kw)
+
+
+def _samples(
+    screen, model, *, n_boot, seed, refit=True, chunk=None, pvalue="auto", metrics=DEFAULT_METRICS
+):
+    (stratum,) = screen.strata
+    boot = PL.BootSpec(
+        n_boot=n_boot, seed=seed, refit_weights=refit, chunk_size=chunk, pvalue=pvalue
+    )
+    return PL.stratum_samples(
+        stratum, screen.spec, model=model, metrics=metrics, score=SCORE, boot=boot
+    )
+
+
+def _reference_loop(adata, screen, model, *, n_boot, seed, metrics, refit=True):
+    """Materialise every resample explicitly and run the point-estimate code path on it
+    (the host derivation and the engine's scoring) against the resampled sums."""
+    (stratum,) = screen.strata
     X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X, dtype=np.float64)
-    labels = adata.obs["condition"].astype(str).to_numpy()
-    names = list(ctx.stats.half1.names)
-    code = np.array([names.index(x) for x in labels])
-    half = np.asarray(ctx.cell_split).astype(int)
+    names = list(stratum.groups)
+    code = stratum.cells.codes.astype(int)
+    half = stratum.cells.half.astype(int)
     gh = 2 * code + half - 1
     order = np.argsort(gh, kind="stable")
     Xs, ghs = X[order], gh[order]
     sizes = np.bincount(ghs, minlength=2 * len(names))
-    W = np.asarray(BS.multiplicity_weights(BS.context_key(seed, 0), sizes, n_boot))
+    W = np.asarray(PL.multiplicity_weights(PL.stratum_key(seed, 0), sizes, n_boot))
+    plan, fixed = stratum.plan(screen.spec), stratum.fixed(screen.spec)
     out = []
     for r in range(n_boot):
         Xr = np.repeat(Xs, W[r], axis=0)  # the resample, materialised
@@ -47,43 +60,16 @@ def _reference_loop(adata, ctx, model, *, n_boot, seed, metrics, k, refit=True):
         np.add.at(Q, cr, Xr * Xr)
         n = np.bincount(cr, minlength=2 * len(names))
         halves = [
-            D.GroupStats(
-                names=tuple(names),
-                genes=ctx.genes,
-                n=n[h::2],
-                sum=S[h::2],
-                sumsq=Q[h::2],
-                control="control",
-            )
+            D.GroupStats(tuple(names), stratum.genes, n[h::2], S[h::2], Q[h::2], "control")
             for h in (0, 1)
         ]
-        split = D.SplitStats(*halves)
-        rctx = E._one_context(
-            split,
-            control="control",
-            covariate=None,
-            reference="perturbed",
-            weights="deg",
-            weights_from="all",
-            deg_method="t-test_overestim_var",
-            baselines=E.DEFAULT_BASELINES,
-            seed=0,
-            options={},
+        sums = PL.Sums(
+            halves[0].n, halves[1].n, *(a[None] for a in (S[0::2], Q[0::2], S[1::2], Q[1::2]))
         )
-        if not refit:
-            rctx.weights, rctx.deg_mask, rctx.scores = ctx.weights, ctx.deg_mask, ctx.scores
-        preds = {"model": model, **rctx.baselines}
-        if not refit:
-            preds["interpolated_duplicate"] = __import__(
-                "vcjax.baselines"
-            ).baselines.interpolated_duplicate(
-                rctx.baselines["technical_duplicate"], rctx.baselines["loo_mean"], ctx.pvals_adj
-            )
-        out.append(
-            E._score_sources(
-                rctx, preds, list(metrics), k=k, strict=False, gate=True, chunk_size=None
-            )
-        )
+        derived = PL.derive(sums, plan, fixed, deg=None if refit else stratum.derived.deg)
+        rs = dataclasses.replace(stratum, stats=D.SplitStats(*halves), derived=derived)
+        preds = {"model": model, **rs.baselines}
+        out.append(PL.score_sources(rs, screen.spec, preds, list(metrics), SCORE))
     return out
 
 
@@ -96,14 +82,14 @@ def ds1():
 @pytest.mark.parametrize("refit", [True, False])
 def test_weights_equal_explicit_loop_float64(ds1, refit):
     adata, model = ds1
-    n_boot, seed, k = 6, 3, 10
+    n_boot, seed = 6, 3
     with jax.enable_x64(True):
-        (ctx,) = _contexts(adata, model)
-        res = BS.context_samples(
-            ctx, n_boot=n_boot, seed=seed, refit_weights=refit, pvalue="exact", chunk_size=4
+        screen = _screen(adata)
+        res = _samples(
+            screen, model, n_boot=n_boot, seed=seed, refit=refit, pvalue="exact", chunk=4
         )
         ref = _reference_loop(
-            adata, ctx, model, n_boot=n_boot, seed=seed, metrics=E.DEFAULT_METRICS, k=k, refit=refit
+            adata, screen, model, n_boot=n_boot, seed=seed, metrics=DEFAULT_METRICS, refit=refit
         )
     checked = 0
     worst = 0.0
@@ -127,7 +113,7 @@ def test_weights_equal_explicit_loop_float64(ds1, refit):
 
 def test_multiplicity_weights_are_within_group_multinomial():
     sizes = np.array([3, 5, 1, 4])
-    W = np.asarray(BS.multiplicity_weights(jax.random.PRNGKey(0), sizes, 2000))
+    W = np.asarray(PL.multiplicity_weights(jax.random.PRNGKey(0), sizes, 2000))
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     for g in range(sizes.size):
         block = W[:, bounds[g] : bounds[g + 1]]
@@ -136,7 +122,7 @@ def test_multiplicity_weights_are_within_group_multinomial():
         np.testing.assert_allclose(block.mean(0), 1.0, atol=0.1)
         np.testing.assert_allclose(block.var(0), 1 - 1 / sizes[g], atol=0.15)
     # chunks are independent of how they are cut
-    W2 = np.asarray(BS.multiplicity_weights(jax.random.PRNGKey(0), sizes, 7, start=5))
+    W2 = np.asarray(PL.multiplicity_weights(jax.random.PRNGKey(0), sizes, 7, start=5))
     np.testing.assert_array_equal(W2, W[5:12])
 
 
@@ -146,7 +132,7 @@ def test_resampled_group_moments_matches_numpy():
     codes = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2, 0, 1, 2])
     W = rng.integers(0, 3, size=(4, 12))
     with jax.enable_x64(True):
-        n, S, Q = BS.resampled_group_moments(X, codes, W)
+        n, S, Q = PL.resampled_group_moments(X, codes, W)
     for r in range(4):
         for c in range(3):
             sel = codes == c
@@ -157,10 +143,10 @@ def test_resampled_group_moments_matches_numpy():
 
 def test_seed_reproducible_and_chunk_invariant(ds1):
     adata, model = ds1
-    (ctx,) = _contexts(adata, model)
-    a = BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=3)
-    b = BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=10)
-    c = BS.context_samples(ctx, n_boot=10, seed=2, chunk_size=3)
+    screen = _screen(adata)
+    a = _samples(screen, model, n_boot=10, seed=1, chunk=3)
+    b = _samples(screen, model, n_boot=10, seed=1, chunk=10)
+    c = _samples(screen, model, n_boot=10, seed=2, chunk=3)
     differs = False
     for s in a["values"]:
         for m in a["values"][s]:
@@ -178,8 +164,8 @@ def test_add_intervals_via_evaluate(ds1):
     exp = load_fixture("ds1_sparse")[1]
     pred = (list(exp["perts"]), model, list(exp["genes"]))
     kw = dict(key="condition", control="control", normalize=None, k=10, seed=0)
-    t1 = E.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
-    t2 = E.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
+    t1 = PL.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
+    t2 = PL.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
     pd.testing.assert_frame_equal(t1, t2)
     base = t1[~t1.source.str.startswith("model-vs-")]
     ok = base["value"].notna() & base["ci_low"].notna()
@@ -191,7 +177,7 @@ def test_add_intervals_via_evaluate(ds1):
     )
     assert inside.mean() > 0.9
     comp = t1[t1.source.str.startswith("model-vs-")]
-    assert set(comp.source) == {f"model-vs-{b}" for b in E.DEFAULT_BASELINES}
+    assert set(comp.source) == {f"model-vs-{b}" for b in PL.DEFAULT_BASELINES}
     # orientation: positive = model better
     m = t1[(t1.source == "model") & (t1.metric == "mse")].set_index("perturbation")["value"]
     c = t1[(t1.source == "control_mean") & (t1.metric == "mse")].set_index("perturbation")["value"]
@@ -209,7 +195,7 @@ def test_percentile_matches_numpy():
     rng = np.random.default_rng(1)
     s = rng.normal(size=(3, 501))
     s[1, :7] = np.nan
-    lo, hi = BS.percentile_interval(s, ci=0.9)
+    lo, hi = ST.percentile_interval(s, ci=0.9)
     for i in range(3):
         v = s[i][np.isfinite(s[i])]
         np.testing.assert_allclose([lo[i], hi[i]], np.quantile(v, [0.05, 0.95]), rtol=1e-12)
@@ -219,7 +205,7 @@ def test_percentile_matches_numpy():
 def test_bootstrap_metric_vs_scipy(method):
     rng = np.random.default_rng(2)
     x = rng.exponential(size=60)  # skewed: BCa and percentile differ
-    ours = BS.bootstrap_metric(
+    ours = ST.bootstrap_metric(
         lambda a: a.mean(), x, n_boot=20000, seed=0, method=method.lower(), chunk_size=5000
     )
     sp = scipy.stats.bootstrap((x,), np.mean, n_resamples=20000, method=method, random_state=0)
@@ -246,8 +232,8 @@ def test_bca_default_acceleration_is_skewness_over_six():
     s = rng.gamma(2.0, size=(1, 4000))
     est = np.array([2.0])
     a = scipy.stats.skew(s[0]) / 6
-    lo1, hi1 = BS.bca_interval(s, est)
-    lo2, hi2 = BS.bca_interval(s, est, acceleration=np.array([a]))
+    lo1, hi1 = ST.bca_interval(s, est)
+    lo2, hi2 = ST.bca_interval(s, est, acceleration=np.array([a]))
     np.testing.assert_allclose([lo1, hi1], [lo2, hi2], rtol=1e-10)
 
 
@@ -255,9 +241,9 @@ def test_fast_pvalues_close_to_exact():
     t = np.linspace(-12, 12, 2001)
     for nu in (30.0, 60.0, 200.0):
         p = scipy.stats.t.sf(np.abs(t), nu) * 2
-        fast = np.asarray(BS.student_t_pvalues_fast(t, np.full_like(t, nu)))
+        fast = np.asarray(ST.student_t_pvalues_fast(t, np.full_like(t, nu)))
         np.testing.assert_allclose(fast, p, rtol=2e-4, atol=1e-300)
-    assert float(BS.student_t_pvalues_fast(np.inf, 40.0)) == 0.0
+    assert float(ST.student_t_pvalues_fast(np.inf, 40.0)) == 0.0
 
 
 def test_summary_intervals_mean_and_median():
@@ -274,13 +260,13 @@ def test_summary_intervals_mean_and_median():
                 )
             )
     t = pd.DataFrame(rows)
-    out = BS.summary_intervals(t, n_boot=2000, seed=0)
+    out = PL.summary_intervals(t, n_boot=2000, seed=0)
     for _, r in out.iterrows():
         v = t[t.source == r.source]["value"]
         se = v.std() / np.sqrt(v.size)
         assert abs(r.value - v.mean()) < 1e-12
         assert abs((r.ci_high - r.ci_low) - 2 * 1.96 * se) < 0.2 * 2 * 1.96 * se
-    med = BS.summary_intervals(t, n_boot=500, seed=0, statistic="median", method="bca")
+    med = PL.summary_intervals(t, n_boot=500, seed=0, statistic="median", method="bca")
     assert (med.ci_low < med.value).all() and (med.value < med.ci_high).all()
 
 
@@ -309,10 +295,8 @@ def test_coverage_validation_small():
 
 def test_host_bh_bit_identical_to_xla_bh():
     """The float32 host BH (uint64-key sort; the bootstrap's on CPU) equals
-    deg.benjamini_hochberg bit for bit: long ties, ±0, exact 0 and 1, NaN (sorted last),
+    stats.benjamini_hochberg bit for bit: long ties, ±0, exact 0 and 1, NaN (sorted last),
     many row blocks on threads. (Float64 is statsmodels' arithmetic: tests/test_deg.py.)"""
-    from vcjax import deg as DEG
-
     rng = np.random.default_rng(5)
     p = (rng.random((300, 777)) ** 3).astype(np.float32)
     p[0, :300] = 0.5  # long tie
@@ -320,11 +304,11 @@ def test_host_bh_bit_identical_to_xla_bh():
     p[2, :40] = 0.0
     p[3, :200] = 1.0
     p[4] = rng.integers(0, 3, 777) / 2
-    want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
-    np.testing.assert_array_equal(DEG._bh_host(p), want)
+    want = np.asarray(jax.jit(ST.benjamini_hochberg)(p))
+    np.testing.assert_array_equal(ST.benjamini_hochberg_host(p), want)
     p[5, :40] = np.nan  # the generic (argsort) path
-    want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
-    np.testing.assert_array_equal(DEG._bh_host(p), want)
+    want = np.asarray(jax.jit(ST.benjamini_hochberg)(p))
+    np.testing.assert_array_equal(ST.benjamini_hochberg_host(p), want)
     # NaN sorts last and the running minimum carries it down the row, in both
     assert np.isnan(want[5]).all() and not np.isnan(want[6]).any()
 
@@ -333,8 +317,6 @@ def test_host_bh_bit_identical_to_xla_bh():
 def test_resampler_bh_equals_deg_bh(x64):
     """BH inside the resampler (host argsort on CPU) is bit-identical to deg's, and both
     equal statsmodels-style BH computed in float64 NumPy."""
-    from vcjax import deg as DEG
-
     rng = np.random.default_rng(6)
     with jax.enable_x64(x64):
         dt = np.float64 if x64 else np.float32
@@ -342,8 +324,8 @@ def test_resampler_bh_equals_deg_bh(x64):
         p[0, 0, :150] = 1.0
         p[1, 2, ::3] = p[1, 2, 0]
         p[2, 1] = 0.25
-        got = np.asarray(jax.jit(BS._benjamini_hochberg)(p))
-        want = np.asarray(jax.jit(DEG.benjamini_hochberg)(p))
+        got = np.asarray(jax.jit(ST.benjamini_hochberg_in_jit)(p))
+        want = np.asarray(jax.jit(ST.benjamini_hochberg)(p))
     np.testing.assert_array_equal(got, want)
     q = p.astype(np.float64).reshape(-1, 400)
     o = np.argsort(q, axis=1)

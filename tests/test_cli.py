@@ -119,7 +119,7 @@ def test_score_csv_and_report(screen, tmp_path):
     got = _io.read_table(out)  # (pandas' own read_csv would turn the "null" baseline into NaN)
     assert {"perturbation", "metric", "source", "value", "calibrated"} <= set(got.columns)
     import vcjax
-    from vcjax.evaluate import DEFAULT_METRICS
+    from vcjax.metrics import DEFAULT_METRICS
 
     assert set(got["metric"]) == set(DEFAULT_METRICS)
     # the file holds exactly what the library computes
@@ -527,12 +527,13 @@ def test_empty_files(screen, tmp_path):
 
 
 def test_output_folder_missing_is_checked_first(screen, tmp_path, monkeypatch):
-    evaluate_module = sys.modules["vcjax.evaluate"]
+    import vcjax.pipeline
 
     def never(*a, **k):  # the check must come before any computation
-        raise AssertionError("evaluate was called")
+        raise AssertionError("the truth was prepared or scored")
 
-    monkeypatch.setattr(evaluate_module, "evaluate", never)
+    monkeypatch.setattr(vcjax.pipeline, "prepare", never)
+    monkeypatch.setattr(vcjax.pipeline, "evaluate", never)
     d, _, _ = screen
     res = invoke(*_score_args(d, tmp_path / "nodir" / "r.csv"))
     _assert_input_error(res, "output folder does not exist", "nodir")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import anndata as ad
@@ -12,9 +11,9 @@ import pytest
 import scipy.stats as st
 from scipy import integrate
 
-from vcjax import gene_sets as GS
-
-C = importlib.import_module("vcjax.confidence")  # the module; vcjax.confidence is the function
+from vcjax import data as GS
+from vcjax import uncertainty as C
+from vcjax.report import plot_pathway_heatmap
 
 ALPHA, DEC = 0.05, 3.0
 REPLICATE_MEAN = 100 * (1 - ALPHA / (DEC * math.log(10)))  # 99.276
@@ -335,13 +334,11 @@ def test_pathway_level(screen):
     assert (late["coverage"] == 12 / 13).all() and (late["n_present"] == 12).all()
     assert df.loc[df.gene_set == "absent", ["confidence", "r2w_delta"]].isna().all().all()
     # point estimate = the kernel on the set (uniform weights) = numpy R² of deltas on the set
-    import importlib
+    from vcjax import prepare
 
-    ctx = importlib.import_module("vcjax.evaluate").prepare(
-        screen["adata"], weights="uniform", **KW
-    )[0]
+    (ctx,) = prepare(screen["adata"], weights="uniform", **KW).strata
     idx = [screen["genes"].index(g) for g in sets["late"][:-1]]
-    i = ctx.perts.index("P2")
+    i = ctx.perturbations.index("P2")
     d_t = ctx.truth[i, idx] - ctx.reference[idx]
     d_p = screen["replicate"].loc["P2"].to_numpy()[idx] - ctx.reference[idx]
     ref = 1 - np.sum((d_t - d_p) ** 2) / np.sum((d_t - d_t.mean()) ** 2)
@@ -354,7 +351,7 @@ def test_pathway_level(screen):
     assert ok.all()
     assert (late["r2w_delta_ci_low"] <= late["r2w_delta_ci_high"]).all()
     assert late["confidence"].mean() > 90
-    fig = C.plot_pathway_heatmap(df)
+    fig = plot_pathway_heatmap(df)
     img = fig.axes[0].images[0].get_array()
     assert img.shape == (3, P_SYN)
     assert np.ma.is_masked(img[2, 0])  # the absent set is grey

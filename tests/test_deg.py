@@ -1,4 +1,4 @@
-"""vcjax.deg: t/p/BH/logFC/weights vs the DbD fixtures, scanpy, scipy and statsmodels."""
+"""vcjax.stats (differential expression): t/p/BH/logFC/weights vs the DbD fixtures, scanpy, scipy and statsmodels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_fixture
-from vcjax import data, deg
+from vcjax import data
+from vcjax import stats as deg
 from vcjax.data import VcjaxInputError
 
 ad = pytest.importorskip("anndata")
@@ -28,7 +29,7 @@ def test_fixture_parity(fixture_name):
     np.testing.assert_allclose(res.pvals_adj, exp["pvals_adj"], rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(res.logfc, exp["logfoldchanges"])
     np.testing.assert_array_equal(res.deg_mask(), exp["deg_mask"])
-    np.testing.assert_array_equal(deg.weights(st), exp["weights"])
+    np.testing.assert_array_equal(deg.rank_genes(st).weights(), exp["weights"])
     # rank_genes on stats without the control gives the same (control excluded from rest)
     res2 = deg.rank_genes(st.perturbed())
     np.testing.assert_array_equal(res2.scores, res.scores)
@@ -275,7 +276,7 @@ def test_host_twins_equal_the_jax_kernels():
     vr[0, :5] = 0.0
     mg[0, :2] = mr[0, :2]
     for method in ("t-test_overestim_var", "t-test"):
-        t_h, dof_h = deg._t_host(mg, vg, ng, mr, vr, nr, method=method)
+        t_h, dof_h = deg.t_from_moments_host(mg, vg, ng, mr, vr, nr, method=method)
         with jax.enable_x64(True):
             t_j, dof_j = deg.t_from_moments(
                 mg, vg, np.broadcast_to(ng, mg.shape), mr, vr, np.broadcast_to(nr, mg.shape),
@@ -290,7 +291,7 @@ def test_host_twins_equal_the_jax_kernels():
     p[1] = 1.0
     with jax.enable_x64(True):
         q_j = np.asarray(deg.benjamini_hochberg(p))
-    q_h = deg._bh_host(p)
+    q_h = deg.benjamini_hochberg_host(p)
     np.testing.assert_allclose(q_h, q_j, rtol=1e-15, atol=0)  # XLA may use 1/ecdf: 1 ulp
     try:
         from statsmodels.stats import multitest
@@ -304,16 +305,18 @@ def test_host_twins_equal_the_jax_kernels():
     s[3] = 2.5
     s[4, 3] = np.nan
     s[5, 1] = np.inf
-    np.testing.assert_array_equal(deg._minmax_weights_host(s), np.asarray(deg.minmax_weights(s)))
+    np.testing.assert_array_equal(deg.minmax_weights_host(s), np.asarray(deg.minmax_weights(s)))
 
 
 def test_rank_genes_blocks_and_threads_do_not_change_results(monkeypatch):
     adata, _ = load_fixture("ds1_sparse")
     st = data.group_stats(adata, "condition", control="control")
     ref = deg.rank_genes(st)
-    monkeypatch.setattr(deg, "_BLOCK_ELEMS", 7)  # one row per block
+    from vcjax import _host
+
+    monkeypatch.setattr(_host, "BLOCK_ELEMENTS", 7)  # one row per block
     for threads in (1, 3):
-        monkeypatch.setattr(deg, "_host_threads", lambda n=threads: n)
+        monkeypatch.setattr(_host, "host_threads", lambda n=threads: n)
         got = deg.rank_genes(st)
         for f in ("scores", "pvals", "pvals_adj", "logfc"):
             np.testing.assert_array_equal(getattr(got, f), getattr(ref, f))

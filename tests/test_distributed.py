@@ -231,7 +231,6 @@ def test_score_on_four_devices_equals_one(tmp_path):
 @pytest.mark.slow
 def test_bootstrap_on_four_devices_equals_one(backed_file, tmp_path):
     """evaluate(n_boot=20) over 4 CPU devices: same values and intervals as on one device."""
-    pytest.importorskip("vcjax.bootstrap")
     one, four = _one_and_four(backed_file, tmp_path)
     assert one["boot_keys"] == four["boot_keys"]
     a, b = np.array(one["boot"], float), np.array(four["boot"], float)
@@ -240,16 +239,17 @@ def test_bootstrap_on_four_devices_equals_one(backed_file, tmp_path):
 
 
 _BOOT_SHARDED = """
-import sys, json, importlib, numpy as np, jax
+import sys, json, numpy as np, jax
 sys.path.insert(0, sys.argv[2])
 from tests.conftest import load_fixture
-from vcjax import bootstrap as BS
-E = importlib.import_module("vcjax.evaluate")
+from vcjax import pipeline as PL
+from vcjax.metrics import DEFAULT_METRICS
 adata, exp = load_fixture("ds1_sparse")
-(ctx,) = E.prepare(adata, key="condition", control="control", normalize=None)
-ctx.options.update(model=np.asarray(exp["pred_noisy"]), metrics=E.DEFAULT_METRICS, k=10,
-                   strict=False, gate=True)
-runs = {n: BS.context_samples(ctx, n_boot=10, seed=1, chunk_size=3, devices=jax.devices()[:n])
+screen = PL.prepare(adata, key="condition", control="control", normalize=None)
+boot = PL.BootSpec(n_boot=10, seed=1, chunk_size=3)
+runs = {n: PL.stratum_samples(screen.strata[0], screen.spec, model=np.asarray(exp["pred_noisy"]),
+                              metrics=DEFAULT_METRICS, score=PL.ScoreSpec(k=10), boot=boot,
+                              devices=jax.devices()[:n])
         for n in (1, 4)}
 out = {"devices": jax.device_count(), "chunk4": runs[4]["chunk"],
        "values": {n: {f"{s}|{m}": np.asarray(v, np.float64).tolist()
@@ -260,7 +260,7 @@ json.dump(out, open(sys.argv[1], "w"))
 
 
 def test_bootstrap_resamples_sharded_over_four_devices(tmp_path):
-    """context_samples shards each chunk's resamples over 4 CPU devices (shard_map): the
+    """stratum_samples shards each chunk's resamples over 4 CPU devices (shard_map): the
     chunk is rounded up to a multiple of 4 and every resampled value equals one device's."""
     path = tmp_path / "boot.json"
     _run_on_devices(_BOOT_SHARDED, 4, path, Path(__file__).resolve().parents[1])

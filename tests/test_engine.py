@@ -9,6 +9,7 @@ import pytest
 from tests import reference as R
 from tests.conftest import load_fixture
 from vcjax import engine
+from vcjax.metrics import KERNELS
 
 
 def _case(rng, p, g):
@@ -212,7 +213,7 @@ def test_fused_engine_shared_inputs_and_subsets():
     rng = np.random.default_rng(11)
     pred, truth, ref, w, mask = _case(rng, 10, 50)
     want = _kernels(pred[0], truth, ref, w[0], mask[0], 4, False)
-    for name in engine.METRICS:
+    for name in KERNELS:
         got = engine.score(
             pred[0], truth, reference=ref, weights=w[0], mask=mask[0], metrics=[name], k=4
         )

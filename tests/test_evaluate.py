@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from tests.conftest import load_fixture
-from vcjax.data import VcjaxInputError
-from vcjax.evaluate import calibration_card, drf_table, evaluate, summarize
+from vcjax import VcjaxInputError
+from vcjax.pipeline import calibration_card, drf_table, evaluate, prepare, summarize
 
 SOURCES = {
     "model": "noisy",
@@ -126,9 +126,7 @@ def test_baselines_against_numpy(fixture_name):
     perts, want = _numpy_baselines(adata, exp)
     assert perts == list(exp["perts"])
     np.testing.assert_allclose(want["truth"], exp["truth"], rtol=1e-12)
-    from vcjax.evaluate import prepare
-
-    (ctx,) = prepare(adata, key="condition", control="control", normalize=None)
+    (ctx,) = prepare(adata, key="condition", control="control", normalize=None).strata
     np.testing.assert_allclose(ctx.truth, want["truth"], rtol=1e-12, atol=1e-12)
     for name in ("technical_duplicate", "control_mean", "dataset_mean", "loo_mean", "additive"):
         np.testing.assert_allclose(
@@ -172,7 +170,7 @@ def test_calibration_anchors(fixture_eval):
 
 
 def test_error_metric_calibration_orientation():
-    from vcjax.evaluate import calibrate
+    from vcjax.pipeline import calibrate
 
     vals = {
         "technical_duplicate": {"mse": np.array([1.0, 5.0])},
@@ -314,7 +312,6 @@ def test_norman19_control_bias_evidence(shared_data):
 def test_peer_metrics_in_the_table():
     """metrics="all" adds the peers' metrics, wired to the right inputs."""
     from vcjax import peers
-    from vcjax.evaluate import prepare
     from vcjax.simulate import simulate_screen
 
     adata = simulate_screen(
@@ -338,13 +335,13 @@ def test_peer_metrics_in_the_table():
         "energy_distance",
         "mmd",
     } <= names
-    (ctx,) = prepare(adata, key="condition", control="control")
+    (ctx,) = prepare(adata, key="condition", control="control").strata
     dup = ctx.baselines["technical_duplicate"]
-    got = _values(table, "technical_duplicate", "rank", ctx.perts)
+    got = _values(table, "technical_duplicate", "rank", ctx.perturbations)
     np.testing.assert_allclose(
         got, np.asarray(peers.rank(dup - ctx.u_ntc, ctx.truth - ctx.u_ntc)), rtol=1e-6
     )
-    got = _values(table, "technical_duplicate", "centroid_accuracy", ctx.perts)
+    got = _values(table, "technical_duplicate", "centroid_accuracy", ctx.perturbations)
     np.testing.assert_allclose(got, np.asarray(peers.centroid_accuracy(dup, ctx.truth)), rtol=1e-6)
     # cell-level metrics of the model equal cell-eval's definitions computed directly
     X = np.log1p(adata.X.toarray() / adata.X.toarray().sum(1, keepdims=True) * 1e4)
@@ -357,10 +354,10 @@ def test_peer_metrics_in_the_table():
         list(adata.var_names),
         control="control",
     )
-    order = [list(res["perts"]).index(p) for p in ctx.perts]
+    order = [list(res["perts"]).index(p) for p in ctx.perturbations]
     for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
         np.testing.assert_allclose(
-            _values(table, "model", name, ctx.perts),
+            _values(table, "model", name, ctx.perturbations),
             np.asarray(res[name], float)[order],
             rtol=1e-5,
             atol=1e-6,
@@ -384,7 +381,8 @@ _CACHE_SCRIPT = r"""
 import json, os, sys
 import jax
 from tests.conftest import load_fixture
-from vcjax.evaluate import enable_compilation_cache, evaluate
+from vcjax import evaluate
+from vcjax.engine import enable_compilation_cache
 out = {}
 mode = sys.argv[1]
 out["dir"] = enable_compilation_cache()
@@ -392,8 +390,8 @@ out["again"] = enable_compilation_cache()
 out["jax_dir"] = jax.config.jax_compilation_cache_dir
 out["min_time"] = jax.config.jax_persistent_cache_min_compile_time_secs
 if mode == "off":  # then a user who configured a cache themselves (a new decision)
-    import vcjax.evaluate
-    sys.modules["vcjax.evaluate"]._cache_state.clear()
+    import vcjax._host
+    vcjax._host._cache_state.clear()
     del os.environ["VCJAX_COMPILATION_CACHE"]
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     out["user_dir"] = enable_compilation_cache()
@@ -437,7 +435,7 @@ def test_compilation_cache_enabled_by_default_and_opt_out(tmp_path):
 
 
 def test_engine_arrays_are_aligned_and_reused():
-    from vcjax.evaluate import _engine_array
+    from vcjax.engine import engine_array as _engine_array
 
     x = np.arange(3 * 70, dtype=np.float64).reshape(3, 70)
     y = _engine_array(x, np.dtype(np.float32))
@@ -451,7 +449,7 @@ def test_engine_arrays_are_aligned_and_reused():
 def test_interpolated_duplicate_formula_nan_rule_and_broadcasting():
     """α·duplicate + (1 − α)·negative with α = 1 − p_adj, NaN p → α = 0, for row-wise
     p-values and for one p-value vector shared by every row (NumPy broadcasting)."""
-    from vcjax import baselines as B
+    from vcjax import pipeline as B
 
     rng = np.random.default_rng(3)
     dup, neg = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))

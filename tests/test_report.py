@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from vcjax import _io
-from vcjax import report as R
+from vcjax.report import _html as R
 
 SOURCES = ("model", "technical_duplicate", "dataset_mean", "control_mean", "null")
 HIGHER = {
@@ -285,7 +285,7 @@ def test_per_gene_data_against_numpy():
         var=pd.DataFrame(index=truth.var_names.copy()),
     )
 
-    g = R.per_gene_data(truth, pred, key="condition", control="control", top_n=10)
+    g = vcjax.per_gene_data(truth, pred, key="condition", control="control", top_n=10)
     assert list(g["perturbations"]) == perts
     assert list(g["sources"]) == ["model", "technical_duplicate", "dataset_mean", "control_mean"]
     gene_pos = {n: j for j, n in enumerate(truth.var_names)}

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
 
     assert len(jax.devices()) == 4, jax.devices()
     seen = {"in": [], "out": []}
-    orig = engine._row_map
+    orig = engine.row_map
 
     def spy(fn, row_inputs, **kw):
         def wrapped(*chunk):
@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
             return out
         return orig(wrapped, row_inputs, **kw)
 
-    engine._row_map = spy
+    engine.row_map = spy
     # the mesh path, which accelerators take; several CPU devices are dealt whole chunks
     # instead (engine._round_robin, checked in test_distributed.py)
     engine._round_robin = lambda devices: None

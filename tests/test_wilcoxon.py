@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.stats as ss
 
-from vcjax import wilcoxon as W
-from vcjax.wilcoxon import bh_fdr, log2_fold_change, mannwhitney_vs_control
+from vcjax.stats import _wilcoxon as W
+from vcjax.stats import bh_fdr, log2_fold_change, mannwhitney_vs_control
 
 
 def _data(seed=0, g=25, m=70, sizes=(3, 12, 40, 1, 0, 7), lam=0.8):

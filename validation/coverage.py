@@ -34,7 +34,6 @@ markdown table of validation/README.md.
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 
 import anndata as ad
@@ -43,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from vcjax import bootstrap as BS
-
-E = importlib.import_module("vcjax.evaluate")
+from vcjax import pipeline as PL
+from vcjax.stats import interval
 
 METRICS = ("r2w_delta", "wmse", "pearson_delta")
 
@@ -88,57 +86,53 @@ def simulate_cells(mu, sd, n_cells, n_control, rng):
     return a
 
 
-def _context(adata, model):
-    (ctx,) = E.prepare(adata, key="condition", control="control", normalize=None)
-    ctx.options.update(model=model, metrics=METRICS, k=20, strict=False, gate=True)
-    return ctx
+def _screen(adata):
+    return PL.prepare(adata, key="condition", control="control", normalize=None)
 
 
-def _point(ctx, model):
-    preds = {"model": model, **ctx.baselines}
-    v = E._score_sources(ctx, preds, list(METRICS), k=20, strict=False, gate=True, chunk_size=None)
+def _point(screen, model):
+    (stratum,) = screen.strata
+    preds = {"model": model, **stratum.baselines}
+    v = PL.score_sources(stratum, screen.spec, preds, list(METRICS), PL.ScoreSpec())
     return {m: v["model"][m] for m in METRICS}
 
 
 # --------------------------------------------------------------------------- estimands
 
 
-def _stats_batch(mu, sd, n1, n2, n_exp, rng):
-    """Exact sufficient statistics of ``n_exp`` experiments: (n_exp, 2C, 2G) [Σx, Σx²]."""
+def _stats_batch(mu, sd, n1, n2, n_exp, rng) -> PL.Sums:
+    """Exact sufficient statistics of ``n_exp`` experiments (each ``(n_exp, C, G)``)."""
     C, G = mu.shape
-    S = np.empty((n_exp, 2 * C, 2 * G))
-    for h, n in ((0, n1), (1, n2)):
+    out = []
+    for n in (n1, n2):
         nn = n[:, None]
         mean = mu[None] + rng.standard_normal((n_exp, C, G)) * sd / np.sqrt(nn)
         ss = rng.chisquare(nn - 1, size=(n_exp, C, G)) * sd**2  # Σ (x − x̄)²
-        S[:, h::2, :G] = nn * mean
-        S[:, h::2, G:] = ss + nn * mean**2
-    return S
+        out += [nn * mean, ss + nn * mean**2]
+    return PL.Sums(n1, n2, *(jnp.asarray(a) for a in out))
 
 
-def estimands(ctx, mu, sd, *, n_exp=20000, seed=1, batch=500):
+def estimands(screen, model, mu, sd, *, n_exp=20000, seed=1, batch=500):
     """``E[θ̂_p]`` over ``n_exp`` experiments and the population value, per metric ``(P,)``."""
+    (stratum,) = screen.strata
     with jax.enable_x64(True):
-        cfg, arrs, lay = BS._setup(ctx, refit_weights=True, pvalue="exact")
-        fn = jax.jit(lambda S: BS._resample_values(cfg, S, arrs))
-        n1, n2 = lay.n1.astype(float), lay.n2.astype(float)
+        fn, sources = PL.sums_scorer(stratum, screen.spec, model=model, metrics=METRICS)
+        row = sources.index("model")
+        n1 = np.asarray(stratum.stats.half1.n, float)
+        n2 = np.asarray(stratum.stats.half2.n, float)
         rng = np.random.default_rng(seed)
         acc = {m: [] for m in METRICS}
         for s in range(0, n_exp, batch):
-            out = fn(jnp.asarray(_stats_batch(mu, sd, n1, n2, min(batch, n_exp - s), rng)))
+            out = fn(_stats_batch(mu, sd, n1, n2, min(batch, n_exp - s), rng))
             for m in METRICS:
-                acc[m].append(np.asarray(out[m])[cfg.sources.index("model")])
+                acc[m].append(np.asarray(out[m])[row])
         expected = {m: np.nanmean(np.concatenate(acc[m]), axis=0) for m in METRICS}
         nan_frac = {m: float(np.mean(np.isnan(np.concatenate(acc[m])))) for m in METRICS}
         # population: huge n with exact means and variances
-        big = 1e8
-        arrs_pop = dict(arrs, n1=jnp.full_like(arrs["n1"], big), n2=jnp.full_like(arrs["n2"], big))
-        S = np.empty((1, 2 * mu.shape[0], 2 * mu.shape[1]))
-        for h in (0, 1):
-            S[0, h::2, : mu.shape[1]] = big * mu
-            S[0, h::2, mu.shape[1] :] = big * (sd**2 + mu**2)
-        pop_out = jax.jit(lambda S: BS._resample_values(cfg, S, arrs_pop))(jnp.asarray(S))
-        population = {m: np.asarray(pop_out[m])[cfg.sources.index("model"), 0] for m in METRICS}
+        big = np.full_like(n1, 1e8)
+        pop = [jnp.asarray((big[:, None] * a)[None]) for a in (mu, sd**2 + mu**2)]
+        pop_out = fn(PL.Sums(big, big, pop[0], pop[1], pop[0], pop[1]))
+        population = {m: np.asarray(pop_out[m])[row, 0] for m in METRICS}
     return expected, population, nan_frac
 
 
@@ -160,9 +154,11 @@ def run(
     """Coverage table (DataFrame) of percentile and BCa intervals; see the module docstring."""
     mu, sd, model = design(seed=seed, **design_kw)
     rng = np.random.default_rng(seed + 1000)
-    ctx0 = _context(simulate_cells(mu, sd, n_cells, n_control, rng), model)
+    screen0 = _screen(simulate_cells(mu, sd, n_cells, n_control, rng))
     t0 = time.time()
-    expected, population, est_nan = estimands(ctx0, mu, sd, n_exp=n_estimand, seed=seed + 1)
+    expected, population, est_nan = estimands(
+        screen0, model, mu, sd, n_exp=n_estimand, seed=seed + 1
+    )
     t_est = time.time() - t0
     kinds = [(meth, tg) for tg in ("expected", "population") for meth in ("percentile", "bca")]
     hits = {(m, k, tgt): [] for m in METRICS for k in kinds for tgt in ("E", "pop")}
@@ -172,15 +168,22 @@ def run(
     t0 = time.time()
     for rep in range(n_rep):
         adata = simulate_cells(mu, sd, n_cells, n_control, rng)
-        ctx = _context(adata, model)
-        point = _point(ctx, model)
-        res = BS.context_samples(ctx, n_boot=n_boot, seed=seed * 100003 + rep)
+        screen = _screen(adata)
+        point = _point(screen, model)
+        res = PL.stratum_samples(
+            screen.strata[0],
+            screen.spec,
+            model=model,
+            metrics=METRICS,
+            score=PL.ScoreSpec(),
+            boot=PL.BootSpec(n_boot=n_boot, seed=seed * 100003 + rep),
+        )
         for m in METRICS:
             samp = res["values"]["model"][m].T  # (P, B)
             boot_nan[m].append(np.mean(np.isnan(samp)))
             point_all[m].append(point[m])
             for kd in kinds:
-                lo, hi = BS._interval(samp, point[m], ci=ci, method=kd[0], target=kd[1])
+                lo, hi = interval(samp, point[m], ci=ci, method=kd[0], target=kd[1])
                 ok = np.isfinite(lo) & np.isfinite(hi)
                 hits[(m, kd, "E")].append(
                     np.where(ok, (lo <= expected[m]) & (expected[m] <= hi), np.nan)
@@ -230,14 +233,14 @@ def coverage_of_mean(*, n_rep=300, n_cells=40, n_boot=400, ci=0.9, seed=0) -> di
     the sample mean, using :func:`vcjax.bootstrap.multiplicity_weights` (fast sanity check)."""
     rng = np.random.default_rng(seed)
     W = np.asarray(
-        BS.multiplicity_weights(jax.random.PRNGKey(seed), [n_cells], n_boot), dtype=np.float64
+        PL.multiplicity_weights(jax.random.PRNGKey(seed), [n_cells], n_boot), dtype=np.float64
     )
     x = rng.standard_normal((n_rep, n_cells))
     est = x.mean(1)
     samples = x @ W.T / n_cells  # (n_rep, n_boot): resampled means, one weight matrix reused
     out = {}
     for meth in ("percentile", "bca"):
-        lo, hi = BS._interval(samples, est, ci=ci, method=meth, target="expected")
+        lo, hi = interval(samples, est, ci=ci, method=meth, target="expected")
         out[meth] = float(np.mean((lo <= 0) & (0 <= hi)))
     return out
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import enum
-import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -88,8 +87,8 @@ def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """Turn input errors into ``error: <message>`` and exit 2; anything else exits 1."""
+    from vcjax._errors import VcjaxInputError
     from vcjax._io import OutputPathError
-    from vcjax.data import VcjaxInputError
 
     try:
         yield
@@ -216,6 +215,68 @@ def _read_truth(path: str, *, backed: bool):
     return read_h5ad(path, backed=backed)  # checks the content, whatever the name
 
 
+def _is_screen_file(path: str) -> bool:
+    """A prepared truth (``vcjax prepare``): a ZIP archive, where an h5ad is HDF5."""
+    if path.lower().endswith(".vcjax"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+#: truth-side options of `score`/`baselines` and their defaults: a prepared truth fixes them
+_TRUTH_FLAGS = {
+    "--reference": "perturbed",
+    "--normalize": "auto",
+    "--layer": None,
+    "--backed": False,
+    "--drop-small": False,
+}
+
+
+def _screen(
+    truth: str,
+    *,
+    key: str | None,
+    control: str | None,
+    steps,
+    seed: int,
+    flags: dict[str, Any],
+    **options: Any,
+):
+    """The prepared truth of a run: loaded from a ``.vcjax`` file, or prepared (once) from
+    an ``.h5ad`` with the truth-side options."""
+    from vcjax.pipeline import Screen, prepare
+
+    _check_input_file(truth, "truth")
+    if _is_screen_file(truth):
+        set_flags = [f for f, v in flags.items() if v != _TRUTH_FLAGS[f]]
+        if set_flags:
+            _fail(
+                f"{', '.join(set_flags)} cannot be used with a prepared truth ({truth}): it was "
+                "fixed by `vcjax prepare`"
+            )
+        with steps("reading the prepared truth"):
+            screen = Screen.load(truth)
+        for flag, given, have in (
+            ("--key", key, screen.spec.key),
+            ("--control", control, screen.spec.control),
+        ):
+            if given is not None and given != have:
+                _fail(f"{flag} {given!r} differs from the prepared truth's {have!r} ({truth})")
+        return screen
+    if key is None or control is None:
+        _fail(
+            "--key and --control are required with an .h5ad truth (or give a prepared .vcjax truth)"
+        )
+    with steps("reading the truth"):
+        adata = _read_truth(truth, backed=bool(flags["--backed"]))
+    with steps("statistics, DEGs and baselines of the truth"):
+        return prepare(adata, key=key, control=control, seed=seed, progress=steps.show, **options)
+
+
 def _read_pred(path: str):
     """A prediction: ``.h5ad`` (cells or one row per perturbation), or a wide table
     (rows: perturbations, first column their names; columns: genes)."""
@@ -282,13 +343,6 @@ def _table_meta(table, **extra: Any) -> dict[str, Any]:
     return meta
 
 
-def _n_boot_available(n_boot: int) -> None:
-    if n_boot < 0:
-        _fail(f"--n-boot must be >= 0, got {n_boot}")
-    if n_boot and importlib.util.find_spec("vcjax.bootstrap") is None:
-        _fail("--n-boot needs vcjax.bootstrap, which this installation lacks")
-
-
 # ------------------------------------------------------------------------------ summaries
 
 
@@ -297,7 +351,8 @@ def _summary_table(table, *, title: str, max_rows: int = 14):
     import numpy as np
     from rich.table import Table
 
-    from vcjax.report import SOURCE_ORDER, _label
+    from vcjax.metrics import label
+    from vcjax.report import SOURCE_ORDER
 
     table = table[~table["source"].astype(str).str.startswith("model-vs-")]
     present = list(dict.fromkeys(table["source"].astype(str)))
@@ -329,7 +384,7 @@ def _summary_table(table, *, title: str, max_rows: int = 14):
         return "—" if v is None or not np.isfinite(v) else f"{v:.4g}"
 
     for m in metrics[:max_rows]:
-        row = [_label(m)]
+        row = [label(m)]
         if cal is not None:
             row.append(fmt(cal.get(m, np.nan)))
         row += [fmt(med.get((m, s), np.nan)) for s in main]
@@ -343,7 +398,7 @@ def _card_table(card, table):
     import numpy as np
     from rich.table import Table
 
-    from vcjax.report import _label
+    from vcjax.metrics import label
 
     med = table.groupby(["metric", "source"], sort=False)["value"].median()
     t = Table(
@@ -360,7 +415,7 @@ def _card_table(card, table):
     for _, r in card.iterrows():
         m = r["metric"]
         t.add_row(
-            _label(m),
+            label(m),
             fmt(r.get("drf_median")),
             fmt(r.get("discrimination")),
             fmt(med.get((m, "technical_duplicate"), np.nan)),
@@ -384,10 +439,21 @@ def _quiet_warnings() -> Iterator[None]:
 # ------------------------------------------------------------------------------ options
 
 TruthOpt = Annotated[
-    str, typer.Option("--truth", "-t", help="measured screen (.h5ad): cells × genes")
+    str,
+    typer.Option(
+        "--truth", "-t", help="measured screen (.h5ad, cells × genes) or a prepared truth (.vcjax)"
+    ),
 ]
-KeyOpt = Annotated[str, typer.Option("--key", "-k", help="obs column with the condition labels")]
-ControlOpt = Annotated[str, typer.Option("--control", "-c", help="the control label in obs[KEY]")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key", "-k", help="obs column with the condition labels (not for a .vcjax truth)"
+    ),
+]
+ControlOpt = Annotated[
+    str | None,
+    typer.Option("--control", "-c", help="the control label in obs[KEY] (not for a .vcjax truth)"),
+]
 ReferenceOpt = Annotated[Reference, typer.Option(help="delta reference (METRICS.md §2)")]
 MetricsOpt = Annotated[
     list[str] | None,
@@ -417,8 +483,6 @@ DropSmallOpt = Annotated[
 @app.command()
 def score(
     truth: TruthOpt,
-    key: KeyOpt,
-    control: ControlOpt,
     out: Annotated[
         str, typer.Option("--out", "-o", help="results table: .csv, .tsv, .parquet (.csv.gz)")
     ],
@@ -431,6 +495,8 @@ def score(
             "perturbation) or a table .csv/.tsv/.parquet (rows: perturbations)",
         ),
     ],
+    key: KeyOpt = None,
+    control: ControlOpt = None,
     reference: ReferenceOpt = Reference.perturbed,
     metrics: MetricsOpt = None,
     n_boot: Annotated[
@@ -467,7 +533,11 @@ def score(
         ),
     ] = None,
 ) -> None:
-    """Score a model's predictions against the calibration baselines: the evaluate table."""
+    """Score a model's predictions against the calibration baselines: the evaluate table.
+
+    The truth is read and prepared once (or loaded from `vcjax prepare`'s .vcjax file);
+    the table, the pathway and uncertainty side tables and the report all use it.
+    """
     with _errors():
         _check_outputs((out, None), (report, (".html", ".htm")))
         if gene_sets is not None and gene_sets != "example":
@@ -476,62 +546,62 @@ def score(
             _check_input_file(pred_var, "prediction-variance file")
         if not 0 < ci < 1:
             _fail(f"--ci must be in (0, 1), got {ci}")
-        _n_boot_available(n_boot)
+        if n_boot < 0:
+            _fail(f"--n-boot must be >= 0, got {n_boot}")
         _select_device(device)
         steps = _Steps(quiet)
-        with steps("reading the truth"):
-            adata = _read_truth(truth, backed=backed)
-        with steps("reading the prediction"):
-            pred_obj = _read_pred(pred)
-        from vcjax.evaluate import evaluate
+        screen = _screen(
+            truth,
+            key=key,
+            control=control,
+            steps=steps,
+            seed=seed,
+            flags={"--reference": reference.value, "--normalize": normalize.value,
+                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
+            reference=reference.value,
+            layer=layer,
+            normalize=_NORMALIZE[normalize.value],
+            drop_small=drop_small,
+        )  # fmt: skip
+        from vcjax.pipeline import align, evaluate
+        from vcjax.uncertainty import confidence
 
-        with steps(
-            "scoring: statistics, DEGs, baselines, metrics" + (", bootstrap" if n_boot else "")
-        ):
+        with steps("reading the prediction"):
+            prediction = align(_read_pred(pred), screen, layer=pred_layer)
+        with steps("scoring" + (", bootstrap" if n_boot else "")):
             table = evaluate(
-                adata,
-                pred_obj,
-                key=key,
-                control=control,
-                reference=reference.value,
+                screen,
+                prediction,
                 metrics=_metric_list(metrics),
                 seed=seed,
                 n_boot=n_boot,
                 ci=ci,
-                layer=layer,
-                pred_layer=pred_layer,
-                normalize=_NORMALIZE[normalize.value],
-                drop_small=drop_small,
                 progress=steps.show,
             )
         extra = {}
-        if gene_sets is not None or pred_var is not None:
-            from vcjax.confidence import confidence
-
-            conf_kw = dict(
-                key=key, control=control, layer=layer, normalize=_NORMALIZE[normalize.value]
-            )
-            if gene_sets is not None:
-                with steps("per-pathway confidence"):
-                    extra["pathways"] = confidence(
-                        adata, pred_obj, level="pathway", gene_sets=gene_sets, **conf_kw
-                    )
-            if pred_var is not None:
-                with steps("scoring the model's uncertainty"):
-                    extra["uncertainty"] = confidence(
-                        adata,
-                        pred_obj,
-                        level="perturbation",
-                        pred_var=_read_pred(pred_var),
-                        **conf_kw,
-                    )
+        if gene_sets is not None:
+            with steps("per-pathway confidence"):
+                extra["pathways"] = confidence(
+                    screen, prediction, level="pathway", gene_sets=gene_sets, seed=seed
+                )
+        if pred_var is not None:
+            with steps("scoring the model's uncertainty"):
+                extra["uncertainty"] = confidence(
+                    screen,
+                    prediction,
+                    level="perturbation",
+                    pred_var=_read_pred(pred_var),
+                    n_boot=n_boot,
+                    ci=ci,
+                    seed=seed,
+                )
         meta = _table_meta(
             table,
-            key=key,
-            control=control,
+            key=screen.spec.key,
+            control=screen.spec.control,
             truth=os.path.abspath(truth),
             pred=os.path.abspath(pred),
-            reference=reference.value,
+            reference=screen.spec.reference_name,
             seed=seed,
             n_boot=n_boot,
             ci=ci if n_boot else None,
@@ -543,16 +613,8 @@ def score(
             report=report,
             meta=meta,
             steps=steps,
-            per_gene_args=dict(
-                truth=adata,
-                pred=pred_obj,
-                key=key,
-                control=control,
-                reference=reference.value,
-                layer=layer,
-                pred_layer=pred_layer,
-                normalize=_NORMALIZE[normalize.value],
-            ),
+            screen=screen,
+            prediction=prediction,
             extra=extra,
         )
         if not quiet:
@@ -577,24 +639,34 @@ def _write_outputs(
     report: str | None,
     meta: dict,
     steps: _Steps,
-    per_gene_args: dict | None,
+    screen,
+    prediction=None,
     extra: dict | None = None,
+    others: dict | None = None,
+    title: str = "vcjax evaluation report",
 ) -> None:
-    """Results table (+ side tables, per-gene side-car and HTML report), all-or-nothing."""
+    """Results table (+ side tables, per-gene side-car and HTML report), all-or-nothing.
+
+    ``extra`` maps a tag to a side table written at ``<out>.<tag>.<ext>``; ``others`` maps a
+    path to a ``(table, meta)`` written there.
+    """
     extra = extra or {}
     from vcjax import report as R
     from vcjax._io import Staged, save_table, write_npz
+    from vcjax.pipeline import per_gene_data
 
     html = genes = None
     if report is not None:
         with steps("per-gene data for the report"):
-            genes = None
-            if per_gene_args is not None:
-                genes = R.per_gene_data(**per_gene_args, contexts=table.attrs.get("contexts"))
+            genes = per_gene_data(screen, prediction)
         with steps("rendering the report"):
-            html = R.build_report(table, per_gene=genes, pathways=extra.get("pathways"))
+            html = R.build_report(
+                table, per_gene=genes, pathways=extra.get("pathways"), title=title
+            )
     with steps("writing"), Staged() as staged:
         save_table(table, out, meta=meta, staged=staged)
+        for path, (df, df_meta) in (others or {}).items():
+            save_table(df, path, meta=df_meta, staged=staged)
         for tag, side in extra.items():
             side = side.copy()
             side.attrs = {}
@@ -609,14 +681,14 @@ def _write_outputs(
 @app.command()
 def baselines(
     truth: TruthOpt,
-    key: KeyOpt,
-    control: ControlOpt,
     out: Annotated[
         str,
         typer.Option(
             "--out", "-o", help="every baseline's per-perturbation scores: .csv, .tsv, .parquet"
         ),
     ],
+    key: KeyOpt = None,
+    control: ControlOpt = None,
     card: Annotated[
         str | None, typer.Option(help="also write the per-metric calibration card (.csv/.parquet)")
     ] = None,
@@ -636,77 +708,98 @@ def baselines(
         _check_outputs((out, None), (card, None), (report, (".html", ".htm")))
         _select_device(device)
         steps = _Steps(quiet)
-        with steps("reading the truth"):
-            adata = _read_truth(truth, backed=backed)
-        from vcjax.evaluate import calibration_card, evaluate
+        screen = _screen(
+            truth,
+            key=key,
+            control=control,
+            steps=steps,
+            seed=seed,
+            flags={"--reference": reference.value, "--normalize": normalize.value,
+                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
+            reference=reference.value,
+            layer=layer,
+            normalize=_NORMALIZE[normalize.value],
+            drop_small=drop_small,
+        )  # fmt: skip
+        from vcjax.pipeline import calibration_card, evaluate
 
         with steps("scoring the baselines"):
-            table = evaluate(
-                adata,
-                None,
-                key=key,
-                control=control,
-                reference=reference.value,
-                metrics=_metric_list(metrics),
-                seed=seed,
-                layer=layer,
-                normalize=_NORMALIZE[normalize.value],
-                drop_small=drop_small,
-                progress=steps.show,
-            )
+            table = evaluate(screen, None, metrics=_metric_list(metrics), progress=steps.show)
             with _quiet_warnings():
                 card_df = calibration_card(table)
         meta = _table_meta(
             table,
-            key=key,
-            control=control,
+            key=screen.spec.key,
+            control=screen.spec.control,
             truth=os.path.abspath(truth),
-            reference=reference.value,
+            reference=screen.spec.reference_name,
             seed=seed,
         )
-        meta["calibration_card"] = card_df
-        table.attrs.update(
-            {k: v for k, v in meta.items() if k not in ("command", "calibration_card")}
+        table.attrs.update({k: v for k, v in meta.items() if k != "command"})
+        _write_outputs(
+            table,
+            out,
+            report=report,
+            meta={**meta, "calibration_card": card_df},
+            steps=steps,
+            screen=screen,
+            others={card: (card_df, meta)} if card is not None else None,
+            title="vcjax calibration card",
         )
-        per_gene_args = dict(
-            truth=adata,
-            pred=None,
-            key=key,
-            control=control,
-            reference=reference.value,
-            layer=layer,
-            normalize=_NORMALIZE[normalize.value],
-        )
-        if card is None:
-            _write_outputs(
-                table, out, report=report, meta=meta, steps=steps, per_gene_args=per_gene_args
-            )
-        else:
-            from vcjax import report as R
-            from vcjax._io import Staged, save_table, write_npz
-
-            html = genes = None
-            if report is not None:
-                with steps("rendering the report"):
-                    genes = R.per_gene_data(**per_gene_args, contexts=table.attrs.get("contexts"))
-                    html = R.build_report(table, per_gene=genes, title="vcjax calibration card")
-            with steps("writing"), Staged() as staged:
-                save_table(table, out, meta=meta, staged=staged)
-                save_table(
-                    card_df,
-                    card,
-                    meta={k: v for k, v in meta.items() if k != "calibration_card"},
-                    staged=staged,
-                )
-                if genes is not None:
-                    staged.add(R.sidecar_path(out), lambda p: write_npz(p, genes))
-                if html is not None:
-                    staged.add(report, lambda p: p.write_text(html, encoding="utf-8"))
-                staged.commit()
         if not quiet:
             _stdout().print(_card_table(card_df, table))
             steps.console.print(_backend_line())
             steps.console.print("wrote " + ", ".join(p for p in (out, card, report) if p))
+
+
+@app.command()
+def prepare(
+    truth: Annotated[
+        str, typer.Option("--truth", "-t", help="measured screen (.h5ad): cells × genes")
+    ],
+    key: Annotated[str, typer.Option("--key", "-k", help="obs column with the condition labels")],
+    control: Annotated[str, typer.Option("--control", "-c", help="the control label in obs[KEY]")],
+    out: Annotated[
+        str,
+        typer.Option(
+            "--out", "-o", help="the prepared truth (.vcjax), for --truth of score/baselines"
+        ),
+    ],
+    reference: ReferenceOpt = Reference.perturbed,
+    seed: Annotated[int, typer.Option(help="seed of the null baseline")] = 0,
+    quiet: QuietOpt = False,
+    normalize: NormalizeOpt = Normalize.auto,
+    layer: LayerOpt = None,
+    backed: BackedOpt = False,
+    drop_small: DropSmallOpt = False,
+) -> None:
+    """Read and prepare a truth once (statistics, DEG weights, baselines) into a .vcjax file.
+
+    `vcjax score --truth truth.vcjax` and `vcjax baselines --truth truth.vcjax` then skip the
+    truth's streaming pass and t-tests; the cell bootstrap (--n-boot) re-reads the cells from
+    the .h5ad the file records.
+    """
+    with _errors():
+        _check_outputs((out, (".vcjax",)))
+        steps = _Steps(quiet)
+        screen = _screen(
+            truth,
+            key=key,
+            control=control,
+            steps=steps,
+            seed=seed,
+            flags={"--reference": reference.value, "--normalize": normalize.value,
+                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
+            reference=reference.value,
+            layer=layer,
+            normalize=_NORMALIZE[normalize.value],
+            drop_small=drop_small,
+        )  # fmt: skip
+        with steps("writing"):
+            screen.save(out)
+        if not quiet:
+            steps.console.print(f"{screen!r}")
+            steps.console.print(f"wrote {out}")
 
 
 @app.command("report")
@@ -750,17 +843,21 @@ def report_cmd(
             control = control or table.attrs.get("control")
             if not key or not control:
                 _fail("--truth needs --key and --control (the results carry no metadata for them)")
-            with steps("per-gene data from the h5ad files"):
-                adata = _read_truth(truth, backed=False)
+            ref = table.attrs.get("reference", "perturbed")
+            screen = _screen(
+                truth,
+                key=key,
+                control=control,
+                steps=steps,
+                seed=int(table.attrs.get("seed", 0) or 0),
+                flags=dict(_TRUTH_FLAGS),
+                reference=ref if isinstance(ref, str) and ref != "array" else "perturbed",
+            )
+            with steps("per-gene data"):
+                from vcjax.pipeline import per_gene_data
+
                 pred_obj = _read_pred(pred) if pred is not None else None
-                ref = table.attrs.get("reference", "perturbed")
-                per_gene = R.per_gene_data(
-                    adata,
-                    pred_obj,
-                    key=key,
-                    control=control,
-                    reference=ref if isinstance(ref, str) else "perturbed",
-                )
+                per_gene = per_gene_data(screen, pred_obj)
         elif genes is not None:
             per_gene = R.load_per_gene(genes)
         elif os.path.exists(R.sidecar_path(results)):
@@ -814,7 +911,7 @@ def demo(
             with steps("reading the screen"):
                 adata = _read_truth(h5ad, backed=False)
             source = h5ad
-        from vcjax.evaluate import evaluate
+        from vcjax.pipeline import evaluate
 
         with steps("scoring the baselines"):
             table = evaluate(

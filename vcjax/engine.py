@@ -27,7 +27,6 @@ reused aligned buffers; a jax.Array on the CPU is streamed from a zero-copy view
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,61 +37,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from vcjax import metrics as M
+from vcjax._host import ALIGN, aligned_empty, enable_compilation_cache, engine_array
+from vcjax.metrics import KERNELS, fused_scores, kernel_metrics
 
 __all__ = [
-    "MetricSpec",
-    "METRICS",
+    "enable_compilation_cache",
+    "engine_array",
     "score",
     "default_chunk_size",
     "chunk_rows",
-    "available_metrics",
     "row_map",
+    "shards_per_chunk",
+    "compiler_options",
+    "dtype_of",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricSpec:
-    """How the engine calls a kernel.
-
-    Attributes:
-      fn: ``fn(pred, truth, reference, weights, mask, *, k, strict) -> (...)`` on one row.
-      needs: which optional inputs must be given (``"weights"``, ``"mask"``).
-      higher_is_better: orientation (used by calibration).
-      perfect: the value of a perfect prediction.
-    """
-
-    fn: Callable[..., jax.Array]
-    needs: tuple[str, ...] = ()
-    higher_is_better: bool = True
-    perfect: float = 1.0
-
-
-METRICS: dict[str, MetricSpec] = {
-    "mse": MetricSpec(lambda p, t, r, w, m, **_: M.mse(p, t), (), False, 0.0),
-    "wmse": MetricSpec(lambda p, t, r, w, m, **_: M.wmse(p, t, w), ("weights",), False, 0.0),
-    "mae": MetricSpec(lambda p, t, r, w, m, **_: M.mae(p, t), (), False, 0.0),
-    "pearson_delta": MetricSpec(lambda p, t, r, w, m, **_: M.pearson_delta(p, t, r)),
-    "pearson_delta_degs": MetricSpec(
-        lambda p, t, r, w, m, **_: M.pearson_delta_degs(p, t, r, m), ("mask",)
-    ),
-    "pearson_delta_topk": MetricSpec(
-        lambda p, t, r, w, m, *, k, **_: M.pearson_delta_topk(p, t, r, w, k=k), ("weights",)
-    ),
-    "r2_delta": MetricSpec(
-        lambda p, t, r, w, m, *, strict, **_: M.r2_delta(p, t, r, strict=strict)
-    ),
-    "r2w_delta": MetricSpec(
-        lambda p, t, r, w, m, *, strict, **_: M.r2w_delta(p, t, r, w, strict=strict), ("weights",)
-    ),
-    "cosine_delta": MetricSpec(lambda p, t, r, w, m, **_: M.cosine_delta(p, t, r)),
-}
-
-
-def available_metrics(*, weights: bool, mask: bool) -> tuple[str, ...]:
-    """Names of the registered metrics whose inputs are available."""
-    have = {"weights": weights, "mask": mask}
-    return tuple(n for n, s in METRICS.items() if all(have[x] for x in s.needs))
 
 
 def default_chunk_size(n_genes: int, n_devices: int = 1, *, backend: str | None = None) -> int:
@@ -146,146 +104,10 @@ def _round_robin(devices: Sequence[jax.Device] | None) -> list[jax.Device] | Non
     return None
 
 
-def _shards_per_chunk(devices: Sequence[jax.Device] | None = None) -> int:
+def shards_per_chunk(devices: Sequence[jax.Device] | None = None) -> int:
     """How many devices one chunk is split over: 1 when chunks are dealt whole."""
     devices = list(jax.devices() if devices is None else devices)
     return 1 if _round_robin(devices) is not None else len(devices)
-
-
-def _row_sums(terms: Sequence[jax.Array]) -> list[jax.Array]:
-    """``[jnp.sum(t, -1) for t in terms]`` as ONE variadic reduction.
-
-    XLA:CPU does not fuse sibling reductions into one loop: separate ``jnp.sum`` calls
-    materialise every shared intermediate (``pred - reference`` …) and re-read the inputs
-    once per sum. A single ``lax.reduce`` over a tuple of operands is one fused loop that
-    reads each input element once and updates every accumulator.
-    """
-    shape = jnp.broadcast_shapes(*(t.shape for t in terms))
-    ops = tuple(jnp.broadcast_to(t, shape) for t in terms)
-    init = tuple(jnp.zeros((), t.dtype) for t in ops)
-    out = jax.lax.reduce(
-        ops, init, lambda a, b: tuple(x + y for x, y in zip(a, b)), (len(shape) - 1,)
-    )
-    return list(out)
-
-
-def _gather(a: jax.Array, idx: jax.Array) -> jax.Array:
-    """``a[..., idx]`` row-wise for ``a`` of shape ``(G,)`` or ``(C, G)`` and ``idx`` ``(C, k)``."""
-    if a.ndim == 1:
-        return a[idx]
-    return jnp.take_along_axis(a, idx, axis=-1)
-
-
-def _fused_scores(
-    names: tuple[str, ...],
-    k: int,
-    strict: bool,
-    pred: jax.Array,
-    truth: jax.Array,
-    reference: jax.Array,
-    weights: jax.Array,
-    mask: jax.Array,
-) -> dict[str, jax.Array]:
-    """All requested core metrics of one chunk from shared per-row moments.
-
-    Equal to the kernels of :mod:`vcjax.metrics` up to float rounding (same two-pass
-    centred sums, same finishing steps ``metrics._*_from_moments``), but the inputs are
-    read twice in total instead of several times per metric: pass 1 is one variadic
-    reduction giving every mean and uncentred sum, pass 2 one giving every centred sum.
-    ``pearson_delta_topk`` gathers its ``k`` genes (exact top-k, ties to the lower index)
-    and runs the kernel on them. Inputs are ``(C, G)`` or shared ``(G,)`` arrays already in
-    the working float dtype (``mask`` bool); outputs are ``(C,)``.
-    """
-    want = set(names)
-    dtype = truth.dtype
-    n_rows, g = truth.shape
-    n = jnp.full((n_rows,), g, dtype)
-    x = pred - reference  # predicted delta
-    y = truth - reference  # true delta
-    pass1: dict[str, jax.Array] = {}
-
-    if want & {"mse", "mae", "wmse"}:
-        e = pred - truth
-        if "mse" in want:
-            pass1["e2"] = e * e
-        if "mae" in want:
-            pass1["ae"] = jnp.abs(e)
-        if "wmse" in want:
-            pass1["we2"] = weights * (e * e)
-    if want & {"wmse", "r2w_delta"}:
-        pass1["sw"] = weights
-    if want & {"pearson_delta", "r2_delta"}:
-        pass1["sy"] = y
-    if "pearson_delta" in want:
-        pass1["sx"] = x
-    if want & {"r2_delta", "r2w_delta"}:
-        d = y - x  # the "truth - pred" of r2_score on deltas, as metrics.r2 computes it
-        if "r2_delta" in want:
-            pass1["d2"] = d * d
-        if "r2w_delta" in want:
-            pass1["wd2"] = weights * (d * d)
-    if "r2w_delta" in want:
-        pass1["swy"] = weights * y
-    if "cosine_delta" in want:
-        pass1.update(cxx=x * x, cyy=y * y, cxy=x * y)
-    if "pearson_delta_degs" in want:
-        m = mask.astype(dtype)
-        pass1.update(sm=m, smx=m * x, smy=m * y)
-    s = dict(zip(pass1, _row_sums(list(pass1.values())))) if pass1 else {}
-
-    # pass 2: centred sums around the pass-1 means
-    pass2: dict[str, jax.Array] = {}
-    if want & {"pearson_delta", "r2_delta"}:
-        my = s["sy"] / jnp.maximum(n, 1.0)
-        dy = y - my[:, None]
-        pass2["yy"] = dy * dy
-        if "pearson_delta" in want:
-            mx = s["sx"] / jnp.maximum(n, 1.0)
-            dx = x - mx[:, None]
-            pass2.update(xx=dx * dx, xy=dx * dy)
-    if "r2w_delta" in want:
-        w_ok = (n >= 2) & (s["sw"] > 0)
-        mw = s["swy"] / jnp.where(w_ok, s["sw"], 1.0)
-        pass2["wyy"] = weights * jnp.square(y - mw[:, None])
-    if "pearson_delta_degs" in want:
-        nm = s["sm"]
-        mxm = s["smx"] / jnp.maximum(nm, 1.0)
-        mym = s["smy"] / jnp.maximum(nm, 1.0)
-        dxm = (x - mxm[:, None]) * m
-        dym = (y - mym[:, None]) * m
-        pass2.update(mxx=dxm * dxm, myy=dym * dym, mxy=dxm * dym)
-    s.update(zip(pass2, _row_sums(list(pass2.values()))) if pass2 else {})
-
-    out: dict[str, jax.Array] = {}
-    positive = n > 0
-    if "mse" in want:
-        out["mse"] = M._safe_div(s["e2"], n, positive)
-    if "mae" in want:
-        out["mae"] = M._safe_div(s["ae"], n, positive)
-    if "wmse" in want:
-        out["wmse"] = M._safe_div(s["we2"], s["sw"], s["sw"] > 0)
-    if "pearson_delta" in want:
-        out["pearson_delta"] = M._pearson_from_moments(s["xx"], s["yy"], s["xy"], n, mx, my)
-    if "pearson_delta_degs" in want:
-        out["pearson_delta_degs"] = M._pearson_from_moments(
-            s["mxx"], s["myy"], s["mxy"], nm, mxm, mym
-        )
-    if "r2_delta" in want:
-        ok = n >= 2
-        out["r2_delta"] = M._r2_from_moments(s["d2"], s["yy"], n, my, ok, strict=strict)
-    if "r2w_delta" in want:
-        out["r2w_delta"] = M._r2_from_moments(s["wd2"], s["wyy"], s["sw"], mw, w_ok, strict=strict)
-    if "cosine_delta" in want:
-        out["cosine_delta"] = M._cosine_from_moments(s["cxx"], s["cyy"], s["cxy"])
-    if "pearson_delta_topk" in want:
-        if k > g or k < 2:
-            out["pearson_delta_topk"] = jnp.full((n_rows,), jnp.nan, dtype)
-        else:
-            idx = M._topk_indices(jnp.broadcast_to(weights, truth.shape), k)
-            out["pearson_delta_topk"] = M.pearson_delta(
-                _gather(pred, idx), _gather(truth, idx), _gather(reference, idx)
-            )
-    return {name: out[name] for name in names}
 
 
 #: elements per input of one block of the two-pass reductions on CPU (see _sub_rows)
@@ -332,22 +154,22 @@ def _chunk_fn(
         args = (pred, truth, reference, weights, mask)
         n_rows = truth.shape[0]
         if not (0 < sub_rows < n_rows and n_rows % sub_rows == 0 and rest):
-            return _fused_scores(names, k, strict, *args)
+            return fused_scores(names, k, strict, *args)
         rows = [a for a, r in zip(args, per_row) if r]
 
         def block(xs):
             it = iter(xs)
-            return _fused_scores(
+            return fused_scores(
                 rest, k, strict, *[next(it) if r else a for a, r in zip(args, per_row)]
             )
 
         blocks = [a.reshape((n_rows // sub_rows, sub_rows) + a.shape[1:]) for a in rows]
         out = {n: v.reshape(n_rows) for n, v in jax.lax.map(block, blocks).items()}
         if topk:
-            out.update(_fused_scores(topk, k, strict, *args))
+            out.update(fused_scores(topk, k, strict, *args))
         return {n: out[n] for n in names}
 
-    return jax.jit(chunk, compiler_options=_compiler_options())
+    return jax.jit(chunk, compiler_options=compiler_options())
 
 
 # XLA:CPU's newer fusion emitters compile the variadic row reductions of _fused_scores to
@@ -357,7 +179,7 @@ _CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 @functools.lru_cache(maxsize=1)
-def _compiler_options() -> dict[str, object] | None:
+def compiler_options() -> dict[str, object] | None:
     if jax.default_backend() != "cpu":
         return None
     try:
@@ -385,22 +207,10 @@ def _as_rows(x: ArrayLike | None, n_rows: int, n_genes: int, name: str) -> tuple
     return x, True
 
 
-def _dtype_of(*xs) -> np.dtype:
+def dtype_of(*xs) -> np.dtype:
     """float32, or float64 when an input is float64 and x64 is enabled."""
     dt = np.result_type(np.float32, *[x.dtype for x in xs if x is not None])
     return np.dtype(jax.dtypes.canonicalize_dtype(dt))
-
-
-_ALIGN = 64  # bytes; XLA:CPU adopts host buffers this aligned without a copy
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data pointer is 64-byte aligned."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % _ALIGN
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def _host_chunk(
@@ -421,12 +231,12 @@ def _host_chunk(
         stop - start == rows
         and part.dtype == dtype
         and part.flags.c_contiguous
-        and part.ctypes.data % _ALIGN == 0
+        and part.ctypes.data % ALIGN == 0
     ):
         return part
     shape = (rows,) + part.shape[1:]
     if out is None or out.shape != shape or out.dtype != dtype:
-        out = _aligned_empty(shape, dtype)
+        out = aligned_empty(shape, dtype)
     np.copyto(out[: stop - start], part, casting="unsafe")
     if stop - start < rows:
         out[stop - start :] = 0
@@ -453,15 +263,24 @@ def _host_view(x: jax.Array) -> np.ndarray | None:
 _IN_FLIGHT = 2
 
 
-def _row_map(
+def row_map(
     fn: Callable[..., Mapping[str, jax.Array]],
     row_inputs: Sequence[np.ndarray | jax.Array],
     *,
     chunk_size: int,
-    devices: Sequence[jax.Device] | None,
-    progress: Callable[[int], None] | None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: Callable[[int], None] | None = None,
     dtypes: Sequence[np.dtype | None] | None = None,
 ) -> dict[str, np.ndarray]:
+    """Apply a jitted chunk function over the leading axis of ``row_inputs`` in padded chunks.
+
+    ``fn(*chunks) -> dict`` must map arrays of leading size ``chunk_size`` to arrays whose
+    leading axis is the row axis. The last chunk is padded with zeros (so a new number of
+    rows never recompiles) and the padding is cut off the results. Host (NumPy) inputs are
+    streamed chunk by chunk, cast to ``dtypes`` (one per input; None keeps its dtype) in the
+    same copy; each chunk is placed on ``devices`` (sharded over its rows when there are
+    several accelerators, dealt whole in turn to several CPU devices) before ``fn`` is called.
+    """
     n = int(row_inputs[0].shape[0])
     dtypes = [None] * len(row_inputs) if dtypes is None else list(dtypes)
     cycle = _round_robin(devices)  # where chunk i goes: cycle[i % len(cycle)]
@@ -515,25 +334,6 @@ def _row_map(
     return {key: np.concatenate([o[key] for o in outs])[:n] for key in keys}
 
 
-def row_map(
-    fn: Callable[..., Mapping[str, jax.Array]],
-    row_inputs: Sequence[np.ndarray | jax.Array],
-    *,
-    chunk_size: int,
-    devices: Sequence[jax.Device] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Apply a jitted chunk function over the leading axis of ``row_inputs`` in padded chunks.
-
-    ``fn(*chunks) -> dict`` must map arrays of leading size ``chunk_size`` to arrays whose
-    leading axis is the row axis. The last chunk is padded with zeros (so a new number of
-    rows never recompiles) and the padding is cut off the results. Host (NumPy) inputs are
-    streamed chunk by chunk; each chunk is placed on ``devices`` (sharded over its rows
-    when there are several) before ``fn`` is called.
-    """
-    return _row_map(fn, row_inputs, chunk_size=chunk_size, devices=devices, progress=progress)
-
-
 def score(
     pred: ArrayLike,
     truth: ArrayLike,
@@ -558,7 +358,8 @@ def score(
       weights: gene weights ``(P, G)`` or ``(G,)`` (e.g. :func:`vcjax.deg.minmax_weights`);
         needed by ``wmse``, ``r2w_delta`` and ``pearson_delta_topk``.
       mask: boolean gene subsets ``(P, G)`` (e.g. the DEG sets) for ``pearson_delta_degs``.
-      metrics: names from :data:`METRICS`; default: every metric whose inputs are given.
+      metrics: core kernel names (:data:`vcjax.metrics.KERNELS`); default: every kernel
+        whose inputs are given.
       k: genes used by ``pearson_delta_topk``.
       strict: passed to the R² kernels (NaN instead of sklearn's forced values).
       chunk_size: rows per chunk; default :func:`default_chunk_size`, or the next power of
@@ -578,12 +379,12 @@ def score(
     names = (
         tuple(metrics)
         if metrics is not None
-        else available_metrics(weights=weights is not None, mask=mask is not None)
+        else kernel_metrics(weights=weights is not None, mask=mask is not None)
     )
     for name in names:
-        if name not in METRICS:
-            raise ValueError(f"unknown metric {name!r}; available: {sorted(METRICS)}")
-        missing = [x for x in METRICS[name].needs if {"weights": weights, "mask": mask}[x] is None]
+        if name not in KERNELS:
+            raise ValueError(f"unknown metric {name!r}; available: {sorted(KERNELS)}")
+        missing = [x for x in KERNELS[name][1] if {"weights": weights, "mask": mask}[x] is None]
         if missing:
             raise ValueError(f"metric {name!r} needs {', '.join(missing)}")
     inputs = {
@@ -593,9 +394,9 @@ def score(
         "weights": _as_rows(weights, n_rows, n_genes, "weights"),
         "mask": _as_rows(mask, n_rows, n_genes, "mask"),
     }
-    dtype = _dtype_of(*(v for v, _ in inputs.values() if v is not None and v.dtype != bool))
+    dtype = dtype_of(*(v for v, _ in inputs.values() if v is not None and v.dtype != bool))
     used = {"pred", "truth", "reference"}
-    used |= {x for name in names for x in METRICS[name].needs}
+    used |= {x for name in names for x in KERNELS[name][1]}
     order = ("pred", "truth", "reference", "weights", "mask")
     arrays, per_row, dtypes = [], [], []
     for key in order:
@@ -610,7 +411,7 @@ def score(
         dtypes.append(want)
     devs = list(jax.devices() if devices is None else devices)
     dealt = _round_robin(devs)
-    n_dev = _shards_per_chunk(devs)
+    n_dev = shards_per_chunk(devs)
     chunk = chunk_rows(n_rows, n_genes, n_dev) if chunk_size is None else chunk_size
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")
@@ -632,7 +433,7 @@ def score(
         args = [next(it_rows) if r else next(it_shared) for r in per_row]
         return fn(*args)
 
-    out = _row_map(
+    out = row_map(
         call,
         row_inputs,
         chunk_size=chunk,

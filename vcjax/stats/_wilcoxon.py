@@ -94,8 +94,8 @@ import numpy as np
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
 
-from vcjax import deg as DEG
-from vcjax.deg import _host_threads
+from vcjax._host import host_threads
+from vcjax.stats._deg import benjamini_hochberg
 
 __all__ = ["MannWhitneyResult", "mannwhitney_vs_control", "bh_fdr", "log2_fold_change"]
 
@@ -122,7 +122,7 @@ class MannWhitneyResult(NamedTuple):
 # elements (genes × (control + cells)) per block of genes: a block's arrays stay in cache
 _BLOCK_ELEMENTS = 1 << 19
 _NB_PER_CELL = 2  # (2m, 4m] buckets per gene, at most 4096
-_HOST_THREADS = _host_threads()
+_HOST_THREADS = host_threads()
 
 
 def _float_keys_t(x: np.ndarray, uint) -> np.ndarray:
@@ -637,7 +637,7 @@ def bh_fdr(pvalues: ArrayLike) -> jax.Array:
     .. math:: q_{(i)} = \min\big(1, \min_{j \ge i} p_{(j)} \, G / j\big)
 
     Equal to ``scipy.stats.false_discovery_control(p)`` row by row: it is
-    :func:`vcjax.deg.benjamini_hochberg` with NaN p-values treated as 1 for the ranking,
+    :func:`vcjax.stats.benjamini_hochberg` with NaN p-values treated as 1 for the ranking,
     and they stay NaN in the output.
 
     Args:
@@ -649,7 +649,7 @@ def bh_fdr(pvalues: ArrayLike) -> jax.Array:
     p = jnp.asarray(pvalues)
     p = jnp.asarray(p, jnp.result_type(jnp.float32, p))
     isnan = jnp.isnan(p)
-    out = DEG.benjamini_hochberg(jnp.where(isnan, 1.0, p))
+    out = benjamini_hochberg(jnp.where(isnan, 1.0, p))
     return jnp.where(isnan, jnp.nan, out)
 
 

@@ -5,21 +5,21 @@ scripts. Sections:
 
 1. run information and the per (source, metric) summary;
 2. the calibration card (can each metric tell the technical duplicate from trivial
-   baselines on this data set? :func:`vcjax.evaluate.calibration_card`);
+   baselines on this data set? :func:`vcjax.calibration_card`);
 3. per-perturbation calibrated scores of the model, sorted, with intervals when the table
    has them (0 = best negative/null baseline, 1 = technical duplicate);
 4. model vs baselines, per metric (distribution over perturbations);
 5. the control-bias view: Pearson(Δ vs control) against R²w(Δ vs u_ALL) per perturbation
-   and source (METRICS.md §6): a trivial baseline can look good on the first and not on
+   and source (docs/metrics.md §1): a trivial baseline can look good on the first and not on
    the second;
 6. per-gene errors on the top DEGs of the worst and the best perturbation, from per-gene
-   data (:func:`per_gene_data`, written by ``vcjax score --report`` as a side-car
+   data (:func:`vcjax.pipeline.per_gene_data`, written by ``vcjax score --report`` as a side-car
    ``.genes.npz``, or computed from the h5ad files).
 
 Example::
 
     table = vcjax.evaluate(truth, pred, key="condition", control="control")
-    genes = vcjax.report.per_gene_data(truth, pred, key="condition", control="control")
+    genes = vcjax.pipeline.per_gene_data(truth, pred, key="condition", control="control")
     vcjax.report.write_report(table, "report.html", per_gene=genes)
 """
 
@@ -36,9 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vcjax._io import TABLE_FORMATS, atomic_path
+from vcjax.metrics import METRICS, label
+from vcjax.pipeline import NEGATIVES, calibration_card, wide
+from vcjax.report._figures import plot_pathway_heatmap
+
 __all__ = [
     "SOURCE_ORDER",
-    "per_gene_data",
     "load_per_gene",
     "build_report",
     "write_report",
@@ -67,27 +71,7 @@ _COLORS = {
     "null": "#7f7f7f",
     "truth": "#000000",
 }
-_LABELS = {
-    "mse": "MSE",
-    "wmse": "WMSE",
-    "mae": "MAE",
-    "pearson_delta": "Pearson(Δ)",
-    "pearson_delta_degs": "Pearson(Δ) on DEGs",
-    "pearson_delta_topk": "Pearson(Δ) top-k",
-    "r2_delta": "R²(Δ)",
-    "r2w_delta": "R²w(Δ)",
-    "cosine_delta": "cosine(Δ)",
-    "pearson_delta_ctrl": "Pearson(Δ vs control)",
-    "r2_delta_ctrl": "R²(Δ vs control)",
-}
 _HEADLINE = ("r2w_delta", "wmse", "pearson_delta_degs", "pearson_delta", "r2_delta", "mse")
-_NEGATIVES = ("control_mean", "dataset_mean", "null")
-#: baselines shown in the per-gene side-car besides the model.
-PER_GENE_SOURCES = ("technical_duplicate", "dataset_mean", "control_mean")
-
-
-def _label(metric: str) -> str:
-    return _LABELS.get(metric, metric)
 
 
 def _color(source: str, i: int = 0) -> str:
@@ -98,18 +82,13 @@ def _color(source: str, i: int = 0) -> str:
 
 
 def _higher_is_better(metric: str) -> bool:
-    try:
-        from vcjax.evaluate import higher_is_better
-
-        return bool(higher_is_better(metric))
-    except Exception:  # noqa: BLE001 - unknown metric: errors are named so
-        return not any(s in metric for s in ("mse", "mae", "error", "distance"))
+    """Orientation from the registry (a metric it does not know is shown higher-is-better)."""
+    spec = METRICS.get(metric)
+    return True if spec is None else spec.higher_is_better
 
 
 def sidecar_path(table_path: str | os.PathLike) -> str:
     """The per-gene side-car of a results table: ``results.parquet`` → ``results.genes.npz``."""
-    from vcjax._io import TABLE_FORMATS
-
     p = os.fspath(table_path)
     low = p.lower()
     for ext in sorted(TABLE_FORMATS, key=len, reverse=True):
@@ -121,118 +100,8 @@ def sidecar_path(table_path: str | os.PathLike) -> str:
 # ---------------------------------------------------------------------------- per-gene data
 
 
-def per_gene_data(
-    truth,
-    pred=None,
-    *,
-    key: str,
-    control: str,
-    reference: str = "perturbed",
-    layer: str | None = None,
-    pred_layer: str | None = None,
-    normalize: str | None = "auto",
-    pred_normalize: str | None = "auto",
-    top_n: int = 25,
-    sources: Sequence[str] = PER_GENE_SOURCES,
-    contexts: Sequence[Any] | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-gene deltas on each perturbation's top DEGs, for the report's per-gene view.
-
-    For every perturbation ``p``, the ``top_n`` genes with the largest DEG weight
-    (ties: larger ``|t|``, then gene order) and, on those genes, the truth delta
-    ``Δ = y − r`` and each source's ``Δ̂ = ŷ − r`` (``r`` the delta reference of
-    :func:`vcjax.evaluate.evaluate`). Also, over all genes and per source, the
-    control-referenced Pearson ``corr(ŷ − u_NTC, y − u_NTC)`` (METRICS.md §6), so that the
-    control-bias view works even when the table lacks ``pearson_delta_ctrl``.
-
-    Args:
-      truth: AnnData or ``.h5ad`` path (the same as given to ``evaluate``).
-      pred: the model's predictions (any form ``evaluate`` accepts) or None.
-      key, control, reference, layer, pred_layer, normalize, pred_normalize: as in
-        :func:`vcjax.evaluate.evaluate`.
-      top_n: genes kept per perturbation.
-      sources: baselines kept besides the model.
-      contexts: ``vcjax.evaluate.prepare``'s output, to skip recomputing it.
-
-    Returns:
-      A dict of arrays (all saveable with ``np.savez``): ``perturbations (P,)``,
-      ``genes (P, n)``, ``weight (P, n)``, ``deg (P, n)`` bool, ``truth_delta (P, n)``,
-      ``delta__<source> (P, n)``, ``pearson_ctrl__<source> (P,)``, ``sources (S,)``,
-      ``reference ()``.
-    """
-    from vcjax.data import read_h5ad
-    from vcjax.evaluate import _align_prediction, prepare
-
-    if contexts is None:
-        adata = read_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
-        contexts = prepare(
-            adata,
-            key=key,
-            control=control,
-            reference=reference,
-            layer=layer,
-            normalize=normalize,
-            baselines=tuple(s for s in sources if s != "model"),
-        )
-    ctx = contexts[0]
-    preds: dict[str, np.ndarray] = {}
-    if pred is not None:
-        model = ctx.options.get("model")
-        if model is None:
-            model = _align_prediction(
-                pred, ctx, key=key, layer=pred_layer, normalize=pred_normalize
-            )
-        preds["model"] = np.asarray(model, dtype=np.float64)
-    for s in sources:
-        if s in ctx.baselines:
-            preds[s] = np.asarray(ctx.baselines[s], dtype=np.float64)
-    y = np.asarray(ctx.truth, dtype=np.float64)
-    P, G = y.shape
-    n = int(min(top_n, G))
-    r = np.asarray(ctx.reference, dtype=np.float64)
-    w = np.zeros((P, G), np.float64) if ctx.weights is None else np.asarray(ctx.weights, np.float64)
-    t = (
-        np.zeros((P, G), np.float64)
-        if ctx.scores is None
-        else np.abs(np.asarray(ctx.scores, np.float64))
-    )
-    mask = np.zeros((P, G), bool) if ctx.deg_mask is None else np.asarray(ctx.deg_mask, bool)
-    # lexsort: last key is primary → weight desc, |t| desc, gene index asc
-    gidx = np.arange(G)
-    top = np.stack(
-        [np.lexsort((gidx, -np.nan_to_num(t[i]), -np.nan_to_num(w[i])))[:n] for i in range(P)]
-    )
-    take = lambda a: np.take_along_axis(a, top, axis=1)  # noqa: E731
-    genes = np.asarray(ctx.genes, dtype=str)
-    out: dict[str, np.ndarray] = {
-        "perturbations": np.asarray(ctx.perts, dtype=str),
-        "genes": genes[top],
-        "weight": take(w),
-        "deg": take(mask),
-        "truth_delta": take(y - r),
-        "sources": np.asarray(list(preds), dtype=str),
-        "reference": np.asarray(str(ctx.options.get("reference", reference))),
-    }
-    u = np.asarray(ctx.u_ntc, dtype=np.float64)
-    for name, yhat in preds.items():
-        out[f"delta__{name}"] = take(yhat - r)
-        out[f"pearson_ctrl__{name}"] = _rowwise_pearson(yhat - u, y - u)
-    return out
-
-
-def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson correlation of matching rows; NaN where a row is constant."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    num = (a * b).sum(axis=1)
-    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    with np.errstate(all="ignore"):
-        r = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-    return np.clip(r, -1.0, 1.0)
-
-
 def load_per_gene(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a per-gene side-car written by :func:`per_gene_data` + ``np.savez``."""
+    """Read a per-gene side-car written by :func:`vcjax.pipeline.per_gene_data` + ``np.savez``."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"per-gene file not found: {path}")
@@ -262,8 +131,7 @@ def _sources(table: pd.DataFrame) -> list[str]:
 
 
 def _wide(table: pd.DataFrame, metric: str, column: str = "value") -> pd.DataFrame:
-    sub = table[table["metric"] == metric]
-    return sub.pivot_table(index="unit", columns="source", values=column, dropna=False, sort=False)
+    return wide(table, metric, column, index=["unit"])
 
 
 def _fig_to_img(fig, alt: str) -> str:
@@ -341,7 +209,7 @@ def _section_summary(table: pd.DataFrame, sources: list[str]) -> str:
     metrics = list(dict.fromkeys(table["metric"]))
     med = table.groupby(["metric", "source"], sort=False)["value"].median().unstack("source")
     med = med.reindex(index=metrics, columns=sources)
-    med.insert(0, "metric", [_label(m) for m in med.index])
+    med.insert(0, "metric", [label(m) for m in med.index])
     out = [
         '<h2 id="summary">Summary: median over perturbations</h2>',
         "<p>Raw metric values; lower is better for MSE/WMSE/MAE, higher for the others.</p>",
@@ -351,7 +219,7 @@ def _section_summary(table: pd.DataFrame, sources: list[str]) -> str:
         cal = table[table["source"] == "model"].groupby("metric", sort=False)["calibrated"]
         calt = pd.DataFrame(
             {
-                "metric": [_label(m) for m in cal.median().index],
+                "metric": [label(m) for m in cal.median().index],
                 "calibrated median": cal.median().to_numpy(),
                 "calibrated mean": cal.mean().to_numpy(),
                 "perturbations": cal.apply(lambda v: int(np.isfinite(v).sum())).to_numpy(),
@@ -371,8 +239,6 @@ def _section_card(table: pd.DataFrame) -> str:
             "duplicate: no calibration card.</p>"
         )
     try:
-        from vcjax.evaluate import calibration_card
-
         with np.errstate(all="ignore"):
             import warnings
 
@@ -382,7 +248,7 @@ def _section_card(table: pd.DataFrame) -> str:
     except Exception as exc:  # noqa: BLE001 - the rest of the report still renders
         return f'<h2 id="card">Calibration card</h2><p class="note">not available: {html.escape(str(exc))}</p>'
     card = card.copy()
-    card["metric"] = [_label(m) for m in card["metric"]]
+    card["metric"] = [label(m) for m in card["metric"]]
     return "\n".join(
         [
             '<h2 id="card">Calibration card</h2>',
@@ -413,7 +279,7 @@ def _neg_and_span(table: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Serie
     """Best negative/null value and (duplicate − it), per unit (the calibration's affine map)."""
     w = _wide(table, metric)
     hib = _higher_is_better(metric)
-    negs = [w[s] for s in _NEGATIVES if s in w]
+    negs = [w[s] for s in NEGATIVES if s in w]
     if not negs or "technical_duplicate" not in w:
         nan = pd.Series(np.nan, index=w.index)
         return nan, nan
@@ -481,7 +347,7 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
                 ms=4,
                 label="model",
             )
-            ax.set_xlabel(f"calibrated {_label(metric)}")
+            ax.set_xlabel(f"calibrated {label(metric)}")
             vals = y.to_numpy(float)
             finite = vals[np.isfinite(vals)]
             if finite.size:
@@ -500,10 +366,10 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
                 ax.plot(
                     w[s].reindex(order).to_numpy(float), pos, "o", ms=3, color=_color(s, i), label=s
                 )
-            ax.set_xlabel(_label(metric))
+            ax.set_xlabel(label(metric))
         ax.set_yticks(pos)
         ax.set_yticklabels(list(order) if show_labels else [""] * len(order), fontsize=7)
-        ax.set_title(_label(metric), fontsize=10)
+        ax.set_title(label(metric), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")
     _layout(fig, left=1.4 if show_labels else 0.3, wspace=1.5 if show_labels else 0.3)
@@ -576,7 +442,7 @@ def _section_vs_baselines(table: pd.DataFrame, sources: list[str]) -> str:
         ax.set_yticklabels(srcs if ax.get_subplotspec().is_first_col() else [], fontsize=7)
         ax.tick_params(axis="x", labelsize=7)
         arrow = "↑ better" if _higher_is_better(metric) else "↓ better"
-        ax.set_title(f"{_label(metric)} ({arrow})", fontsize=9)
+        ax.set_title(f"{label(metric)} ({arrow})", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
@@ -604,7 +470,7 @@ def _section_paired(comp: pd.DataFrame) -> str:
         with np.errstate(all="ignore"):
             rows.append(
                 {
-                    "metric": _label(metric),
+                    "metric": label(metric),
                     "baseline": source.removeprefix("model-vs-"),
                     "median difference": np.nanmedian(v) if fin.any() else np.nan,
                     "model better (CI > 0)": f"{int(np.sum(lo > 0))}/{int(fin.sum())}",
@@ -634,7 +500,7 @@ def _section_control_bias(
     if "pearson_delta_ctrl" in metrics:
         w = _wide(table, "pearson_delta_ctrl")
         xs = {s: w[s] for s in sources if s in w}
-        xlabel = _label("pearson_delta_ctrl")
+        xlabel = label("pearson_delta_ctrl")
     elif per_gene is not None and any(k.startswith("pearson_ctrl__") for k in per_gene):
         idx = pd.Index(np.asarray(per_gene["perturbations"], dtype=str))
         xs = {
@@ -642,7 +508,7 @@ def _section_control_bias(
             for k, v in per_gene.items()
             if k.startswith("pearson_ctrl__")
         }
-        xlabel = _label("pearson_delta_ctrl")
+        xlabel = label("pearson_delta_ctrl")
         notes.append(
             "The table has no control-referenced Pearson (pearson_delta_ctrl); it was taken "
             "from the per-gene data (all genes) for the sources listed there."
@@ -650,7 +516,7 @@ def _section_control_bias(
     elif "pearson_delta" in metrics:
         w = _wide(table, "pearson_delta")
         xs = {s: w[s] for s in sources if s in w}
-        xlabel = _label("pearson_delta") + " vs u_ALL (no control-referenced Pearson available)"
+        xlabel = label("pearson_delta") + " vs u_ALL (no control-referenced Pearson available)"
         notes.append(
             "The table has no control-referenced Pearson (pearson_delta_ctrl) and no per-gene "
             "data were given: the x axis shows Pearson(Δ) against the table's own reference "
@@ -701,14 +567,14 @@ def _section_control_bias(
     ax.set_xlabel(xlabel)
     ref = str(table.attrs.get("reference", "perturbed"))
     ref = {"perturbed": "u_ALL", "control": "control"}.get(ref, ref)
-    ax.set_ylabel(f"{_label(ymetric)} vs {ref} (clipped at −2)")
+    ax.set_ylabel(f"{label(ymetric)} vs {ref} (clipped at −2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     _layout(fig, left=0.8, bottom=0.6, top=0.2)
     summ = pd.DataFrame(rows).rename(
         columns={
             "median x": f"median {xlabel.split(' (')[0]}",
-            "median y": f"median {_label(ymetric)}",
+            "median y": f"median {label(ymetric)}",
         }
     )
     text = (
@@ -751,7 +617,7 @@ def _pick_worst_best(
     if s.empty:
         return "", []
     worst, best = s.idxmin(), s.idxmax()
-    why = f"by {who} {_label(metric)}"
+    why = f"by {who} {label(metric)}"
     picks = [("worst", worst)] + ([("best", best)] if best != worst else [])
     return why, picks
 
@@ -783,7 +649,7 @@ def _section_per_gene(
         "DEG weight (filled markers: significant DEGs). Truth Δ in black, each source's "
         f"predicted Δ in colour (Δ against {html.escape(str(per_gene.get('reference', 'the reference')))}).</p>",
     ]
-    for label, pert in picks:
+    for which, pert in picks:
         i = perts.index(pert)
         genes = [str(g) for g in per_gene["genes"][i]]
         truth = np.asarray(per_gene["truth_delta"][i], float)
@@ -817,12 +683,12 @@ def _section_per_gene(
         ax.set_xticks(x)
         ax.set_xticklabels(genes, rotation=70, fontsize=7)
         ax.set_ylabel("Δ")
-        ax.set_title(f"{label}: {pert}", fontsize=10)
+        ax.set_title(f"{which}: {pert}", fontsize=10)
         ax.legend(fontsize=7, ncol=3, loc="best")
         ax.grid(axis="y", alpha=0.3)
         _layout(fig, left=0.7, bottom=1.3, top=0.35)
-        parts.append(f"<h3>{html.escape(label)}: {html.escape(pert)}</h3>")
-        parts.append(_fig_to_img(fig, f"per-gene {label}"))
+        parts.append(f"<h3>{html.escape(which)}: {html.escape(pert)}</h3>")
+        parts.append(_fig_to_img(fig, f"per-gene {which}"))
         tab = pd.DataFrame(
             {"gene": genes, "weight": weight, "DEG": np.where(deg, "yes", ""), "truth Δ": truth}
         )
@@ -856,10 +722,10 @@ def build_report(
     """The report as one self-contained HTML string.
 
     Args:
-      table: an :func:`vcjax.evaluate.evaluate` table (in memory, or read back from CSV or
+      table: an :func:`vcjax.evaluate` table (in memory, or read back from CSV or
         parquet): columns ``perturbation, metric, source, value, calibrated`` and optionally
         ``ci_low, ci_high``, ``covariate``, ``note``.
-      per_gene: :func:`per_gene_data` output (or :func:`load_per_gene`), for the per-gene
+      per_gene: :func:`vcjax.pipeline.per_gene_data` output (or :func:`load_per_gene`), for the per-gene
         view; None leaves that section with a note.
       per_gene_note: text shown in place of the per-gene view when ``per_gene`` is None.
       title: page title.
@@ -949,8 +815,9 @@ def build_report(
         f"<h1>{html.escape(title)}</h1><nav>{nav}</nav>"
         f'<table class="meta">{meta}</table>'
         + body
-        + '<p class="meta">Generated by vcjax. Metric definitions: METRICS.md (Diversity-by-Design '
-        "code path); calibration: 0 = best negative/null baseline, 1 = technical duplicate.</p>"
+        + '<p class="meta">Generated by vcjax. Metric definitions: docs/metrics.md (the '
+        "Diversity-by-Design code path); calibration: 0 = best negative/null baseline, "
+        "1 = technical duplicate.</p>"
         "</body></html>\n"
     )
 
@@ -959,8 +826,6 @@ def _section_pathways(pathways: pd.DataFrame | None) -> str:
     """Per-pathway confidence heatmap (gene sets × perturbations), when given."""
     if pathways is None or pathways.empty:
         return ""
-    from vcjax.confidence import plot_pathway_heatmap
-
     fig = plot_pathway_heatmap(pathways)
     return (
         '<section id="pathways"><h2>Per-pathway confidence</h2>'
@@ -972,8 +837,6 @@ def _section_pathways(pathways: pd.DataFrame | None) -> str:
 
 def write_report(table: pd.DataFrame, path: str | os.PathLike, **kwargs) -> None:
     """:func:`build_report` written atomically to ``path`` (keyword arguments passed on)."""
-    from vcjax._io import atomic_path
-
     text = build_report(table, **kwargs)
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

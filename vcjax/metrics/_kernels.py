@@ -33,6 +33,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from vcjax.metrics._moments import (
+    cosine_from_moments,
+    pearson_from_moments,
+    r2_from_moments,
+    safe_div,
+)
+
 __all__ = [
     "mse",
     "wmse",
@@ -47,6 +54,7 @@ __all__ = [
     "cosine",
     "cosine_delta",
     "topk_mask",
+    "topk_indices",
 ]
 
 
@@ -80,65 +88,6 @@ def _count(m: jax.Array | None, like: jax.Array) -> jax.Array:
     return jnp.sum(m, axis=-1)
 
 
-def _safe_div(num: jax.Array, den: jax.Array, ok: jax.Array) -> jax.Array:
-    """``num / den`` where ``ok``; NaN elsewhere, with finite gradients (double ``where``)."""
-    safe_den = jnp.where(ok, den, jnp.ones_like(den))
-    return jnp.where(ok, num / safe_den, jnp.nan)
-
-
-def _negligible(ss: jax.Array, n: jax.Array, mean: jax.Array) -> jax.Array:
-    """True where a centred sum of squares ``ss`` over ``n`` values is zero up to rounding.
-
-    A constant vector ``c`` gives deviations ``c - fl(mean)`` of the order of one rounding
-    unit of the mean, not exactly zero; such a vector is treated as constant (NaN Pearson,
-    zero R² denominator), as ``np.corrcoef`` and ``r2_score`` do in exact cases. The bound
-    is ``ss <= n · (4 · eps · |mean|)²``, which is 0 for an all-zero vector.
-    """
-    eps = jnp.finfo(ss.dtype).eps
-    return ss <= n * jnp.square(4 * eps * jnp.abs(mean))
-
-
-# Finishing steps shared by the kernels and the fused engine path (vcjax.engine), which
-# computes the same per-row moments for many metrics in one pass over the data.
-
-
-def _pearson_from_moments(
-    sxx: jax.Array, syy: jax.Array, sxy: jax.Array, n: jax.Array, mx: jax.Array, my: jax.Array
-) -> jax.Array:
-    """Pearson r from centred sums over ``n`` values with means ``mx``, ``my`` (NaN rules)."""
-    ok = (n >= 2) & ~_negligible(sxx, n, mx) & ~_negligible(syy, n, my)
-    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
-    r = sxy / jnp.sqrt(den)
-    return jnp.where(ok, jnp.clip(r, -1.0, 1.0), jnp.nan)
-
-
-def _r2_from_moments(
-    num: jax.Array,
-    den: jax.Array,
-    sw: jax.Array,
-    mean: jax.Array,
-    ok: jax.Array,
-    *,
-    strict: bool,
-) -> jax.Array:
-    """sklearn R² (``force_finite``) from the weighted residual and centred sums of squares."""
-    den_zero = _negligible(den, sw, mean)
-    num_zero = num == 0
-    ratio = num / jnp.where(den_zero, jnp.ones_like(den), den)
-    forced = jnp.where(num_zero, 1.0, 0.0).astype(num.dtype)
-    if strict:
-        forced = jnp.full_like(forced, jnp.nan)
-    value = jnp.where(den_zero, forced, jnp.where(num_zero, 1.0, 1.0 - ratio))
-    return jnp.where(ok, value, jnp.nan)
-
-
-def _cosine_from_moments(sxx: jax.Array, syy: jax.Array, sxy: jax.Array) -> jax.Array:
-    """Cosine similarity from uncentred sums (NaN when either vector is zero)."""
-    ok = (sxx > 0) & (syy > 0)
-    den = jnp.where(ok, sxx * syy, jnp.ones_like(sxx))
-    return jnp.where(ok, jnp.clip(sxy / jnp.sqrt(den), -1.0, 1.0), jnp.nan)
-
-
 # --------------------------------------------------------------------------- errors
 
 
@@ -162,7 +111,7 @@ def mse(pred: ArrayLike, truth: ArrayLike, *, where: ArrayLike | None = None) ->
     err = jnp.square(pred - truth)
     m = _mask(where, err)
     n = _count(m, err)
-    return _safe_div(_sum(err, m), n, n > 0)
+    return safe_div(_sum(err, m), n, n > 0)
 
 
 def mae(pred: ArrayLike, truth: ArrayLike, *, where: ArrayLike | None = None) -> jax.Array:
@@ -175,7 +124,7 @@ def mae(pred: ArrayLike, truth: ArrayLike, *, where: ArrayLike | None = None) ->
     err = jnp.abs(pred - truth)
     m = _mask(where, err)
     n = _count(m, err)
-    return _safe_div(_sum(err, m), n, n > 0)
+    return safe_div(_sum(err, m), n, n > 0)
 
 
 def wmse(
@@ -206,7 +155,7 @@ def wmse(
     m = _mask(where, err)
     w = jnp.broadcast_to(weights, err.shape) if m is None else weights * m
     sw = jnp.sum(w, axis=-1)
-    return _safe_div(jnp.sum(w * err, axis=-1), sw, sw > 0)
+    return safe_div(jnp.sum(w * err, axis=-1), sw, sw > 0)
 
 
 # --------------------------------------------------------------------------- correlation
@@ -240,7 +189,7 @@ def pearson(x: ArrayLike, y: ArrayLike, *, where: ArrayLike | None = None) -> ja
     sxx = jnp.sum(dx * dx, axis=-1)
     syy = jnp.sum(dy * dy, axis=-1)
     sxy = jnp.sum(dx * dy, axis=-1)
-    return _pearson_from_moments(sxx, syy, sxy, n, mx, my)
+    return pearson_from_moments(sxx, syy, sxy, n, mx, my)
 
 
 def pearson_delta(
@@ -279,7 +228,7 @@ def pearson_delta_degs(
     return pearson_delta(pred, truth, reference, where=mask)
 
 
-_TOPK_BLOCKS = (32, 16, 64)  # block sizes tried by _topk_indices, preferred first
+_TOPK_BLOCKS = (32, 16, 64)  # block sizes tried by topk_indices, preferred first
 _TOPK_MIN_GENES = 4096  # below this a single lax.top_k is as fast (per-row overhead)
 
 
@@ -306,7 +255,7 @@ def _block_max(blocks: jax.Array) -> jax.Array:
     )
 
 
-def _topk_indices(scores: jax.Array, k: int) -> jax.Array:
+def topk_indices(scores: jax.Array, k: int) -> jax.Array:
     """Indices ``(..., k)`` of the ``k`` largest ``scores`` (NaN lowest, ties to the lower index).
 
     Exactly the set ``lax.top_k`` returns, found without a full top-k over long rows: the
@@ -342,7 +291,7 @@ def topk_mask(scores: ArrayLike, *, k: int) -> jax.Array:
     rank below every number. Requires ``1 <= k <= G`` (checked by callers).
     """
     scores = jnp.asarray(scores)
-    idx = _topk_indices(scores, k)
+    idx = topk_indices(scores, k)
     flat_idx = idx.reshape(-1, k)
     rows = jnp.arange(flat_idx.shape[0])[:, None]
     g = scores.shape[-1]
@@ -406,7 +355,7 @@ def r2(
     mean = jnp.sum(w * truth, axis=-1) / jnp.where(ok, sw, 1.0)
     num = jnp.sum(w * jnp.square(truth - pred), axis=-1)
     den = jnp.sum(w * jnp.square(truth - mean[..., None]), axis=-1)
-    return _r2_from_moments(num, den, sw, mean, ok, strict=strict)
+    return r2_from_moments(num, den, sw, mean, ok, strict=strict)
 
 
 def r2_delta(
@@ -478,7 +427,7 @@ def cosine(x: ArrayLike, y: ArrayLike, *, where: ArrayLike | None = None) -> jax
     sxx = _sum(x * x, m)
     syy = _sum(y * y, m)
     sxy = _sum(x * y, m)
-    return _cosine_from_moments(sxx, syy, sxy)
+    return cosine_from_moments(sxx, syy, sxy)
 
 
 def cosine_delta(

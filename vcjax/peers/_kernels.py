@@ -35,7 +35,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from vcjax.metrics import cosine_delta, mae, pearson_delta_topk
-from vcjax.wilcoxon import bh_fdr, log2_fold_change, mannwhitney_vs_control
+from vcjax.stats import bh_fdr, log2_fold_change, mannwhitney_vs_control
 
 __all__ = [
     # per-perturbation (..., G)

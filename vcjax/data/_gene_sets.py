@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vcjax.data import VcjaxInputError
+from vcjax._errors import VcjaxInputError
 
 __all__ = [
     "GeneSetMasks",
@@ -45,7 +45,7 @@ GeneSets = Mapping[str, Sequence[str]]
 
 def example_gmt_path() -> Path:
     """Path of the small example GMT shipped with vcjax (``vcjax/data/example_pathways.gmt``)."""
-    return Path(__file__).resolve().parent / "data" / "example_pathways.gmt"
+    return Path(__file__).resolve().parent / "example_pathways.gmt"
 
 
 def _open_text(path: Path):

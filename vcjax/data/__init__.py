@@ -1,0 +1,50 @@
+"""AnnData in, validated per-group sufficient statistics out: the data edge of vcjax.
+
+:func:`group_stats` streams a dense, sparse or backed AnnData once and returns per-condition
+cell counts, sums and sums of squares (:class:`GroupStats`, or :class:`SplitStats` for the
+two halves of the technical-duplicate split, :func:`split_halves`). :func:`read_h5ad` reads
+a file with one-line errors; :func:`read_gmt` and :func:`gene_set_masks` read gene sets.
+"""
+
+from vcjax._errors import VcjaxInputError
+from vcjax.data._gene_sets import (
+    GeneSetMasks,
+    example_gmt_path,
+    gene_set_masks,
+    load_gene_sets,
+    read_gmt,
+    write_gmt,
+)
+from vcjax.data._group_stats import group_stats, obs_labels, split_halves
+from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, read_h5ad
+from vcjax.data._stats import (
+    REFERENCES,
+    GroupStats,
+    SplitStats,
+    moments,
+    reference_from_sums,
+    reference_vector,
+)
+
+__all__ = [
+    "REFERENCES",
+    "TARGET_SUM",
+    "GeneSetMasks",
+    "GroupStats",
+    "SplitStats",
+    "VcjaxInputError",
+    "example_gmt_path",
+    "gene_set_masks",
+    "group_stats",
+    "iter_chunks",
+    "load_gene_sets",
+    "moments",
+    "normalize_chunk",
+    "obs_labels",
+    "read_gmt",
+    "read_h5ad",
+    "reference_from_sums",
+    "reference_vector",
+    "split_halves",
+    "write_gmt",
+]

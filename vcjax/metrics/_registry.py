@@ -1,0 +1,183 @@
+"""The metric registry: every fact about a metric that code outside its kernel needs.
+
+One entry per metric name the evaluation table can hold. Calibration reads the orientation,
+scoring reads which reference and inputs a metric takes and which DbD gates apply to it, the
+report reads the label; nothing else keeps its own list of metric names.
+
+* ``kernel``: the core kernel that computes it (:func:`vcjax.metrics.fused_scores`); a
+  ``*_ctrl`` metric runs the kernel of its base metric against the control mean. ``None``
+  for the peers' metrics, which :mod:`vcjax.peers` computes.
+* ``reference``: ``"delta"`` (the evaluation's Δ reference, ``u_ALL`` of half 1 by default),
+  ``"control"`` (``u_NTC``) or ``"none"`` (raw pseudobulks: MSE, WMSE, MAE).
+* ``gated_by_degs``: NaN for a perturbation without significant DEGs (DbD's ``|D| > 0``
+  gate, docs/metrics.md §1).
+* ``undefined_for``: sources whose prediction carries no perturbation-specific Δ against a
+  ``u_ALL``-type reference (the dataset mean), for which the metric is NaN there (DbD's
+  special case). Against the control mean the same source has a defined Δ, so the gate
+  does not apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import jax
+
+from vcjax._errors import VcjaxInputError, preview
+from vcjax.metrics import _kernels as K
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "KERNELS",
+    "METRICS",
+    "MetricSpec",
+    "higher_is_better",
+    "kernel_metrics",
+    "label",
+    "metric_spec",
+]
+
+Reference = Literal["delta", "control", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """What the pipeline needs to know about one metric.
+
+    Attributes:
+      name: the metric's name in tables.
+      higher_is_better: orientation (calibration, paired comparisons, ranks).
+      label: display label (report, command line).
+      kernel: the core kernel computing it, or None (a peer metric).
+      reference: which Δ reference it takes (module docstring).
+      needs: optional inputs it needs: ``"weights"`` (DEG weights), ``"mask"`` (DEG sets);
+        for peer metrics ``"cells"`` (a model given as predicted cells) and
+        ``"pred_control"`` (predicted cells that include control cells).
+      gated_by_degs: NaN where a perturbation has no significant DEG.
+      undefined_for: sources for which it is NaN against a ``u_ALL``-type reference.
+      level: ``"perturbation"`` (one value per perturbation) or ``"dataset"`` (one value).
+    """
+
+    name: str
+    higher_is_better: bool
+    label: str
+    kernel: str | None = None
+    reference: Reference = "delta"
+    needs: tuple[str, ...] = ()
+    gated_by_degs: bool = False
+    undefined_for: tuple[str, ...] = ()
+    level: Literal["perturbation", "dataset"] = "perturbation"
+
+    @property
+    def is_core(self) -> bool:
+        """Computed by the core kernels (the engine and the bootstrap), not the peer table."""
+        return self.kernel is not None
+
+
+#: how :func:`vcjax.metrics.fused_scores` and one-row callers run each core kernel:
+#: ``fn(pred, truth, reference, weights, mask, *, k, strict)`` and the inputs it needs.
+KERNELS: Mapping[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
+    "mse": (lambda p, t, r, w, m, **_: K.mse(p, t), ()),
+    "wmse": (lambda p, t, r, w, m, **_: K.wmse(p, t, w), ("weights",)),
+    "mae": (lambda p, t, r, w, m, **_: K.mae(p, t), ()),
+    "pearson_delta": (lambda p, t, r, w, m, **_: K.pearson_delta(p, t, r), ()),
+    "pearson_delta_degs": (lambda p, t, r, w, m, **_: K.pearson_delta_degs(p, t, r, m), ("mask",)),
+    "pearson_delta_topk": (
+        lambda p, t, r, w, m, *, k, **_: K.pearson_delta_topk(p, t, r, w, k=k),
+        ("weights",),
+    ),
+    "r2_delta": (lambda p, t, r, w, m, *, strict, **_: K.r2_delta(p, t, r, strict=strict), ()),
+    "r2w_delta": (
+        lambda p, t, r, w, m, *, strict, **_: K.r2w_delta(p, t, r, w, strict=strict),
+        ("weights",),
+    ),
+    "cosine_delta": (lambda p, t, r, w, m, **_: K.cosine_delta(p, t, r), ()),
+}
+
+
+def _core(name, hib, label, *, kernel=None, reference="delta", **kw) -> MetricSpec:
+    kernel = kernel or name
+    return MetricSpec(name, hib, label, kernel, reference, KERNELS[kernel][1], **kw)
+
+
+_DATA_MEAN = ("dataset_mean",)
+
+_ENTRIES = (
+    _core("mse", False, "MSE", reference="none"),
+    _core("wmse", False, "WMSE", reference="none", gated_by_degs=True),
+    _core("mae", False, "MAE", reference="none"),
+    _core("pearson_delta", True, "Pearson(Δ)", undefined_for=_DATA_MEAN),
+    _core(
+        "pearson_delta_degs",
+        True,
+        "Pearson(Δ) on DEGs",
+        gated_by_degs=True,
+        undefined_for=_DATA_MEAN,
+    ),
+    _core("pearson_delta_topk", True, "Pearson(Δ) top-k", undefined_for=_DATA_MEAN),
+    _core("r2_delta", True, "R²(Δ)"),
+    _core("r2w_delta", True, "R²w(Δ)", gated_by_degs=True),
+    _core("cosine_delta", True, "cosine(Δ)"),
+    _core(
+        "pearson_delta_ctrl",
+        True,
+        "Pearson(Δ vs control)",
+        kernel="pearson_delta",
+        reference="control",
+    ),
+    _core("r2_delta_ctrl", True, "R²(Δ vs control)", kernel="r2_delta", reference="control"),
+    # the peers' metrics (vcjax.peers): pseudobulk, dataset-level and cell-level
+    MetricSpec("pearson_delta_top20", True, "Pearson(Δ vs control) top-20 (GEARS)"),
+    MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)"),
+    MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)"),
+    MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)"),
+    MetricSpec("rank", False, "cosine rank (PerturBench)"),
+    MetricSpec("pds", True, "discrimination score L1"),
+    MetricSpec("hit_recall_at_budget", True, "hit recall at budget", level="dataset"),
+    MetricSpec("hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset"),
+    MetricSpec("de_overlap_at_k", True, "DE overlap (cell-eval)", needs=("cells", "pred_control")),
+    MetricSpec(
+        "de_direction_agreement",
+        True,
+        "DE direction match (cell-eval)",
+        needs=("cells", "pred_control"),
+    ),
+    MetricSpec("energy_distance", False, "energy distance", needs=("cells",)),
+    MetricSpec("mmd", False, "MMD", needs=("cells",)),
+)
+
+#: every metric the evaluation table can hold, by name.
+METRICS: Mapping[str, MetricSpec] = {m.name: m for m in _ENTRIES}
+
+#: the default metric set: the core metrics against the Δ reference, plus two
+#: control-referenced ones that show the control bias (``*_ctrl``: deltas against u_NTC).
+DEFAULT_METRICS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_core)
+
+
+def metric_spec(name: str) -> MetricSpec:
+    """The registry entry of ``name``; an unknown name raises, listing the known ones."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise VcjaxInputError(
+            f"unknown metric {name!r}; available: {preview(sorted(METRICS), 40)}"
+        ) from None
+
+
+def higher_is_better(name: str) -> bool:
+    """Orientation of a metric (errors such as MSE are lower-is-better)."""
+    return metric_spec(name).higher_is_better
+
+
+def label(name: str) -> str:
+    """Display label of a metric (its name when it is not registered)."""
+    spec = METRICS.get(name)
+    return name if spec is None else spec.label
+
+
+def kernel_metrics(*, weights: bool = True, mask: bool = True) -> tuple[str, ...]:
+    """Names of the core kernels whose inputs are available (what the engine scores)."""
+    have = {"weights": weights, "mask": mask}
+    return tuple(n for n, (_, needs) in KERNELS.items() if all(have[x] for x in needs))

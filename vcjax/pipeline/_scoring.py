@@ -1,0 +1,330 @@
+"""Scoring: every metric of every source (the model and the baselines) of one stratum, gated.
+
+The core metrics go through :func:`vcjax.engine.score` in at most three calls per source
+(those against the Δ reference, ``pearson_delta_topk`` with its own top-k weights, those
+against the control mean); the peers' metrics through :mod:`vcjax.peers`. DbD's gates
+(:func:`gate`) come last, and are the same code the bootstrap applies to its resamples.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vcjax import engine, peers
+from vcjax._host import engine_array, working_dtype
+from vcjax.data import normalize_chunk
+from vcjax.metrics import DEFAULT_METRICS, METRICS, metric_spec
+from vcjax.pipeline._align import Prediction
+from vcjax.pipeline._screen import Stratum
+from vcjax.pipeline._spec import ScoreSpec, TruthSpec
+
+__all__ = [
+    "core_metric_groups",
+    "gate",
+    "resolve_metrics",
+    "score_sources",
+    "usable_metrics",
+    "warm_up",
+]
+
+log = logging.getLogger("vcjax")
+
+
+def requested_metrics(metrics: Sequence[str] | str | None) -> list[str]:
+    """The ``metrics`` option as names: None and ``"all"`` give the default metrics
+    (:func:`resolve_metrics` adds the peers' extras of ``"all"``), a string one name."""
+    if metrics is None or (isinstance(metrics, str) and metrics == "all"):
+        return list(DEFAULT_METRICS)
+    return [metrics] if isinstance(metrics, str) else list(metrics)
+
+
+def resolve_metrics(
+    metrics: Sequence[str] | str | None, pred: Prediction | None, spec: TruthSpec
+) -> list[str]:
+    """The metric names of one evaluation: validated, ``"all"`` expanded for ``pred``."""
+    if isinstance(metrics, str) and metrics == "all":
+        cells = pred is not None and pred.cells is not None
+        control = cells and bool((pred.cells.obs[spec.key].astype(str) == spec.control).any())
+        extra = peers.available(cells=cells, pred_control=control)
+        return list(DEFAULT_METRICS) + [m for m in extra if m not in DEFAULT_METRICS]
+    names = requested_metrics(metrics)
+    for m in names:
+        metric_spec(m)  # unknown names raise, listing the known ones
+    return names
+
+
+def usable_metrics(metrics: Sequence[str], stratum: Stratum) -> list[str]:
+    """The core metrics whose inputs the stratum has (weights, DEG sets)."""
+    have = {"weights": stratum.weights is not None, "mask": stratum.deg_mask is not None}
+    out = []
+    for m in metrics:
+        spec = METRICS[m]
+        if spec.is_core and all(have.get(x, True) for x in spec.needs):
+            out.append(m)
+    return out
+
+
+def core_metric_groups(
+    metrics: Sequence[str], *, weights: bool, mask: bool
+) -> tuple[list[str], bool, list[str]]:
+    """The engine calls of one source: the kernels against the Δ reference (all but
+    ``pearson_delta_topk``), whether top-k is scored, and the control-referenced metrics."""
+    have = {"weights": weights, "mask": mask}
+    core, ctrl, topk = [], [], False
+    for m in metrics:
+        spec = METRICS[m]
+        if not spec.is_core or not all(have[x] for x in spec.needs):
+            continue
+        if spec.reference == "control":
+            ctrl.append(m)
+        elif m == "pearson_delta_topk":
+            topk = True
+        else:
+            core.append(m)
+    return core, topk, ctrl
+
+
+def gate(metric: str, value, *, no_deg, undefined, xp: Any = np):
+    """DbD's NaN gates on ``value`` (``(..., P)``) of one metric.
+
+    Args:
+      metric: the metric (its registry entry says which gates apply).
+      value: the values.
+      no_deg: ``(..., P)`` bool, perturbations without a DEG, or None (no DEG sets).
+      undefined: bool (or a bool array broadcastable to ``value``): the source is one the
+        metric is undefined for (the dataset mean against a ``u_ALL``-type reference).
+      xp: NumPy or ``jax.numpy``.
+    """
+    spec = METRICS[metric]
+    if spec.gated_by_degs and no_deg is not None:
+        value = xp.where(no_deg, xp.nan, value)
+    if spec.undefined_for:
+        value = xp.where(undefined, xp.nan, value)
+    return value
+
+
+def undefined_for(metric: str, source: str, spec: TruthSpec) -> bool:
+    """Whether DbD leaves ``metric`` undefined for ``source`` under this truth (the data mean
+    against a ``u_ALL``-type reference)."""
+    return spec.uall_reference and source in METRICS[metric].undefined_for
+
+
+def score_sources(
+    stratum: Stratum,
+    spec: TruthSpec,
+    preds: Mapping[str, np.ndarray],
+    metrics: Sequence[str],
+    score: ScoreSpec,
+    *,
+    prediction: Prediction | None = None,
+    dataset: dict[str, dict[str, np.ndarray]] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{source: {metric: (P,)}}`` for every prediction, with DbD's gates applied.
+
+    Args:
+      stratum: the prepared truth of one covariate value.
+      spec: its truth options.
+      preds: source name → ``(P, G)`` prediction.
+      metrics: the metric names (:func:`resolve_metrics`).
+      score: the scoring options.
+      prediction: the model's aligned prediction (its predicted cells feed the cell-level
+        peer metrics of source ``"model"``).
+      dataset: when given, receives the dataset-level values ``{source: {metric: (1,)}}``.
+    """
+    core, topk, ctrl = core_metric_groups(
+        metrics, weights=stratum.weights is not None, mask=stratum.deg_mask is not None
+    )
+    # The engine casts every input to its working dtype chunk by chunk; cast the inputs
+    # shared by all sources once instead (same values: the same cast, done earlier).
+    wdt = working_dtype()
+    truth = engine_array(stratum.truth, wdt)
+    weights = None if stratum.weights is None else engine_array(stratum.weights, wdt)
+    mask = None if stratum.deg_mask is None else engine_array(stratum.deg_mask, np.dtype(bool))
+    topk_w = None
+    if topk:
+        topk_w = np.abs(stratum.scores) if stratum.scores is not None else stratum.weights
+        topk_w = engine_array(topk_w, wdt)
+    peer_names = [m for m in metrics if not METRICS[m].is_core]
+    no_deg = stratum.no_degs if score.gate else None
+    kw = dict(chunk_size=score.chunk_size, k=score.k, strict=score.strict)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for source, pred in preds.items():
+        res: dict[str, np.ndarray] = {}
+        pred_w = engine_array(pred, wdt)
+        if core:
+            got = engine.score(
+                pred_w,
+                truth,
+                reference=stratum.reference,
+                weights=weights,
+                mask=mask,
+                metrics=[METRICS[m].kernel for m in core],
+                **kw,
+            )
+            res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in core})
+        if topk:
+            got = engine.score(
+                pred_w,
+                truth,
+                reference=stratum.reference,
+                weights=topk_w,
+                metrics=["pearson_delta_topk"],
+                **kw,
+            )
+            res["pearson_delta_topk"] = np.asarray(got["pearson_delta_topk"], np.float64)
+        if ctrl:
+            kernels = list(dict.fromkeys(METRICS[m].kernel for m in ctrl))
+            got = engine.score(pred_w, truth, reference=stratum.u_ntc, metrics=kernels, **kw)
+            res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in ctrl})
+        if peer_names:
+            res.update(_peer_values(peer_names, source, pred, stratum, spec, prediction, dataset))
+        if score.gate:
+            for m in list(res):
+                res[m] = gate(m, res[m], no_deg=no_deg, undefined=undefined_for(m, source, spec))
+        out[source] = {m: res[m] for m in metrics if m in res}
+    return out
+
+
+def _peer_values(names, source, pred, stratum: Stratum, spec, prediction, dataset) -> dict:
+    P = len(stratum.perturbations)
+    per_pert = [m for m in names if METRICS[m].level == "perturbation"]
+    wanted_ds = [m for m in names if METRICS[m].level == "dataset"]
+    usable = bool(np.all(np.isfinite(pred)))
+    res: dict[str, np.ndarray] = {}
+    if usable:
+        res.update(
+            peers.score_pseudobulk(
+                per_pert,
+                pred,
+                truth=stratum.truth,
+                u_ntc=stratum.u_ntc,
+                scores=stratum.scores,
+                genes=stratum.genes,
+                perts=stratum.perturbations,
+            )
+        )
+        if source == "model" and prediction is not None and prediction.cells is not None:
+            res.update(_cell_values(per_pert, stratum, spec.key, prediction))
+    if wanted_ds and dataset is not None:
+        ds = (
+            peers.score_dataset(wanted_ds, pred, u_ntc=stratum.u_ntc, deg_mask=stratum.deg_mask)
+            if usable
+            else {}
+        )
+        dataset[source] = {m: np.array([ds.get(m, np.nan)]) for m in wanted_ds}
+    for m in per_pert:
+        res.setdefault(m, np.full(P, np.nan))
+    return res
+
+
+def _dense_cells(adata, rows, *, layer, normalization: str) -> np.ndarray:
+    X = adata.X if layer is None else adata.layers[layer]
+    if rows is not None:
+        X = X[rows]
+    if normalization == "log1p_cp10k":
+        X = normalize_chunk(X)
+    return X.toarray() if hasattr(X, "toarray") else np.asarray(X, dtype=np.float64)
+
+
+def _cell_values(
+    names, stratum: Stratum, key: str, prediction: Prediction
+) -> dict[str, np.ndarray]:
+    want = [n for n in names if n in peers.CELL_METRICS or n == "pds"]
+    if not want:
+        return {}
+    cells = stratum.cells
+    rows = np.flatnonzero(cells.codes >= 0)
+    groups = np.asarray(stratum.groups, dtype=object)
+    truth_cells = _dense_cells(
+        cells.open(), rows, layer=cells.layer, normalization=cells.normalization
+    )
+    pred = prediction.cells
+    pred_cells = _dense_cells(
+        pred, None, layer=prediction.layer, normalization=prediction.normalization
+    )
+    pos = {g: i for i, g in enumerate(map(str, pred.var_names))}
+    pred_cells = pred_cells[:, [pos[g] for g in stratum.genes]]
+    return peers.score_cells(
+        want,
+        pred_cells=pred_cells,
+        pred_labels=pred.obs[key].astype(str).to_numpy(),
+        truth_cells=truth_cells,
+        truth_labels=groups[cells.codes[rows]].astype(str),
+        genes=stratum.genes,
+        perts=stratum.perturbations,
+        control=stratum.control,
+    )
+
+
+# ------------------------------------------------------------------------------ warm-up
+
+
+def warm_up(adata, spec: TruthSpec, score: ScoreSpec) -> threading.Thread | None:
+    """Compile the engine's kernels in a background thread while the host prepares the truth.
+
+    The scoring calls of :func:`score_sources` are made once on one chunk of zero inputs
+    with the same chunk size, ``G``, dtypes and options as the real ``P``-row calls, so their
+    compiled functions are ready (in JAX's caches) when those come; XLA compiles and NumPy
+    computes with the GIL released, so on two or more cores the first call's compilation
+    overlaps the streaming pass and the t-tests. Returns the thread (join it before
+    scoring), or None when the shapes cannot be known yet. Never raises: it is only a
+    warm-up, and any error is left for the real calls to report.
+    """
+    try:
+        labels = adata.obs[spec.key]
+        n_groups = int(labels.nunique())
+        present = bool((labels.astype(str) == spec.control).any())
+        P, G = n_groups - int(present), int(adata.n_vars)
+        if P < 1 or G < 1 or spec.covariate is not None:
+            return None
+        kind = spec.weights_kind
+        core, topk, ctrl = core_metric_groups(
+            requested_metrics(score.metrics), weights=kind != "none", mask=kind == "deg"
+        )
+    except Exception:  # noqa: BLE001 - prepare() reports bad input
+        return None
+    if not (core or topk or ctrl):
+        return None
+    x64 = bool(jax.config.jax_enable_x64)  # a thread does not inherit jax.enable_x64()
+    has_w, has_m = kind != "none", kind == "deg"
+
+    def run() -> None:
+        try:
+            with jax.enable_x64(x64):
+                wdt = working_dtype()
+                # one chunk of the real calls' chunk size: the same compiled function,
+                # a chunk's work instead of P rows'
+                rows = score.chunk_size or engine.chunk_rows(P, G, engine.shards_per_chunk())
+                z = np.broadcast_to(np.zeros(G, wdt), (rows, G))  # O(G) memory
+                zb = np.broadcast_to(np.zeros(G, bool), (rows, G))
+                ref = np.zeros(G)
+                kw = dict(k=int(score.k), strict=bool(score.strict), chunk_size=rows)
+                if core:
+                    engine.score(
+                        z,
+                        z,
+                        reference=ref,
+                        weights=z if has_w else None,
+                        mask=zb if has_m else None,
+                        metrics=[METRICS[m].kernel for m in core],
+                        **kw,
+                    )
+                if topk:
+                    engine.score(
+                        z, z, reference=ref, weights=z, metrics=["pearson_delta_topk"], **kw
+                    )
+                if ctrl:
+                    kernels = list(dict.fromkeys(METRICS[m].kernel for m in ctrl))
+                    engine.score(z, z, reference=ref, metrics=kernels, **kw)
+        except Exception:  # noqa: BLE001 - only a warm-up
+            log.debug("kernel warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=run, name="vcjax-warm-up", daemon=True)
+    thread.start()
+    return thread
