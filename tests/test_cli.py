@@ -603,3 +603,78 @@ def test_score_with_gene_sets_and_pred_var(screen, tmp_path):
     res = invoke(*_score_args(d, out2, "-q", "--gene-sets", tmp_path / "nope.gmt"))
     _assert_input_error(res, "nope.gmt")
     assert not out2.exists()
+
+
+# ------------------------------------------------------------------------- prepared truth
+
+
+def test_prepare_then_score_equals_scoring_the_h5ad(screen, tmp_path):
+    """`vcjax prepare` writes a .vcjax that `score` and `baselines` take for --truth: the
+    same results as from the .h5ad, with or without the bootstrap."""
+    d, _, _ = screen
+    prepared = tmp_path / "truth.vcjax"
+    res = invoke(
+        "prepare", "--truth", d / "truth.h5ad", "--key", "condition", "--control", "control",
+        "--out", prepared, "--seed", "3",
+    )  # fmt: skip
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert _files(tmp_path) == {"truth.vcjax"}
+    for extra in ((), ("--n-boot", "8")):
+        a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+        assert invoke(*_score_args(d, a, "-q", "--seed", "3", *extra)).exit_code == 0
+        res = invoke(
+            "score", "--truth", prepared, "--pred", d / "pred.h5ad", "--out", b, "-q",
+            "--seed", "3", *extra,
+        )  # fmt: skip
+        assert res.exit_code == 0, (res.stderr, res.exception)
+        pd.testing.assert_frame_equal(_io.read_table(a), _io.read_table(b))
+    res = invoke("baselines", "--truth", prepared, "--out", tmp_path / "c.csv", "-q")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert set(_io.read_table(tmp_path / "c.csv")["source"]) >= {"technical_duplicate", "null"}
+
+
+def test_a_prepared_truth_fixes_the_truth_options(screen, tmp_path):
+    d, _, _ = screen
+    prepared = tmp_path / "t.vcjax"
+    args = ["--truth", d / "truth.h5ad", "--key", "condition", "--control", "control"]
+    assert invoke("prepare", *args, "--out", prepared, "-q").exit_code == 0
+    base = ["score", "--truth", prepared, "--pred", d / "pred.h5ad", "--out", tmp_path / "r.csv"]
+    _assert_input_error(invoke(*base, "--reference", "control"), "--reference", "vcjax prepare")
+    _assert_input_error(invoke(*base, "--control", "ntc"), "--control", "'ntc'", "'control'")
+    # an .h5ad truth without --key / --control
+    res = invoke(
+        "score", "--truth", d / "truth.h5ad", "--pred", d / "pred.h5ad", "--out", tmp_path / "r.csv"
+    )
+    _assert_input_error(res, "--key and --control are required")
+    _assert_input_error(invoke("prepare", *args, "--out", tmp_path / "t.h5ad"), ".vcjax")
+    assert _files(tmp_path) == {"t.vcjax"}
+
+
+def test_one_run_reads_and_prepares_the_truth_once(screen, tmp_path, monkeypatch):
+    """score --report --gene-sets --pred-var streams the truth once (it did so four times)."""
+    import vcjax.data
+
+    d, truth, pred = screen
+    passes = []
+    real = vcjax.data.group_stats
+
+    def counting(adata, key, **kw):
+        if adata.n_obs == truth.n_obs:  # the truth (not the predicted rows)
+            passes.append(kw.get("split") is not None)
+        return real(adata, key, **kw)
+
+    monkeypatch.setattr(vcjax.data, "group_stats", counting)
+    var = pd.DataFrame(
+        np.full((pred.n_obs, pred.n_vars), 0.01),
+        index=pred.obs["condition"].astype(str).to_numpy(),
+        columns=pred.var_names,
+    )
+    var.to_csv(tmp_path / "var.csv")
+    res = invoke(
+        *_score_args(
+            d, tmp_path / "r.csv", "-q", "--report", tmp_path / "r.html", "--gene-sets", "example",
+            "--pred-var", tmp_path / "var.csv",
+        )
+    )  # fmt: skip
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert passes == [True]

@@ -271,10 +271,11 @@ def _screen(
         _fail(
             "--key and --control are required with an .h5ad truth (or give a prepared .vcjax truth)"
         )
-    with steps("reading the truth"):
-        adata = _read_truth(truth, backed=bool(flags["--backed"]))
-    with steps("statistics, DEGs and baselines of the truth"):
-        return prepare(adata, key=key, control=control, seed=seed, progress=steps.show, **options)
+    # a path (read here, in memory) or a backed AnnData: either way the screen records the
+    # file, so that a saved screen can re-read its cells for the bootstrap
+    source = _read_truth(truth, backed=True) if flags["--backed"] else truth
+    with steps("reading the truth: statistics, DEGs and baselines"):
+        return prepare(source, key=key, control=control, seed=seed, progress=steps.show, **options)
 
 
 def _read_pred(path: str):
@@ -335,7 +336,7 @@ def _version() -> str:
 
 
 def _table_meta(table, **extra: Any) -> dict[str, Any]:
-    meta = {k: v for k, v in table.attrs.items() if k not in ("contexts",)}
+    meta = dict(table.attrs)
     meta.update({k: v for k, v in extra.items() if v is not None})
     meta.setdefault("vcjax_version", _version())
     meta.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))

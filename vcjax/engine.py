@@ -59,8 +59,8 @@ def default_chunk_size(n_genes: int, n_devices: int = 1, *, backend: str | None 
     About ``2**20`` elements per input array on CPU and ``2**21`` on accelerators. On CPU
     the size is set by the cache: the fused kernel reads each chunk twice (two-pass
     moments), and a chunk of ``pred``, ``truth`` and ``weights`` that fits in a typical
-    last-level cache (3 × 4 MiB in float32) makes the second read a cache hit, which
-    measured about twice as fast as ``2**21`` at ``G = 8192`` (``benchmarks/RESULTS.md``).
+    last-level cache (3 × 4 MiB in float32) makes the second read a cache hit
+    (``benchmarks/RESULTS.md``).
     """
     backend = jax.default_backend() if backend is None else backend
     budget = 1 << (20 if backend == "cpu" else 21)
@@ -93,8 +93,7 @@ def _round_robin(devices: Sequence[jax.Device] | None) -> list[jax.Device] | Non
     Several CPU devices (``jax.config.update("jax_num_cpu_devices", n)`` or
     ``XLA_FLAGS=--xla_force_host_platform_device_count=n``, before JAX starts) are served
     whole chunks in turn: XLA:CPU runs one device's programs one after another, and the
-    fused reductions on one core, so two devices are two chunks computed at once — up to
-    1.6× the one-device speed on 2 cores (1.1–1.5× end to end in ``bench_kernels``), where
+    fused reductions on one core, so two devices are two chunks computed at once, where
     sharding every chunk over a mesh was slower than one device (``benchmarks/RESULTS.md``).
     Accelerators keep the mesh.
     """
@@ -117,10 +116,9 @@ _CPU_BLOCK_ELEMENTS = 1 << 17
 def _sub_rows(n_rows: int, n_genes: int, n_devices: int = 1, platform: str | None = None) -> int:
     """Rows per block of the fused passes inside a chunk of ``n_rows`` rows.
 
-    On one CPU device the reductions of :func:`_fused_scores` run on one core at its memory
+    On one CPU device the reductions of :func:`vcjax.metrics.fused_scores` run on one core at its memory
     bandwidth, and the second (centred) pass re-reads what the first read. A block of about
-    ``2**17`` elements per input is still in cache when the second pass reads it; measured
-    1.2–1.4× faster than one block per chunk at ``G`` = 2,000–20,000
+    ``2**17`` elements per input is still in cache when the second pass reads it
     (``benchmarks/RESULTS.md``). Elsewhere (accelerators, several devices) the chunk is one
     block. ``n_devices`` is the number of devices one chunk is sharded over, ``platform``
     theirs (default: JAX's default backend). Always a divisor of ``n_rows``.
@@ -172,9 +170,9 @@ def _chunk_fn(
     return jax.jit(chunk, compiler_options=compiler_options())
 
 
-# XLA:CPU's newer fusion emitters compile the variadic row reductions of _fused_scores to
-# scalar loops; its classic emitters vectorise them (about 5x faster here, same float32
-# semantics: no fast-math). Only used when the option exists and the backend is CPU.
+# XLA:CPU's newer fusion emitters compile the variadic row reductions of fused_scores to
+# scalar loops; its classic emitters vectorise them (same float32 semantics: no fast-math;
+# benchmarks/RESULTS.md). Only used when the option exists and the backend is CPU.
 _CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 

@@ -407,8 +407,8 @@ def student_t_pvalues_fast(t: ArrayLike, dof: ArrayLike) -> jax.Array:
 
     Relative error vs the exact ``I_{ν/(ν+t²)}(ν/2, ½)`` (measured over ``|t| ≤ 40``):
     < 2.5e-3 for ``ν ≥ 8``, < 8e-4 for ``ν ≥ 20``, < 4e-5 for ``ν ≥ 50``, < 5e-7 for
-    ``ν ≥ 100``; about 40× cheaper than ``betainc`` on CPU. NaN where ``t`` is NaN; 0 for
-    ``t = ±inf``.
+    ``ν ≥ 100``; much cheaper than ``betainc`` on CPU (``benchmarks/RESULTS.md``). NaN
+    where ``t`` is NaN; 0 for ``t = ±inf``.
     """
     t = jnp.asarray(t)
     nu = jnp.asarray(dof, t.dtype)
@@ -426,8 +426,8 @@ def benjamini_hochberg_in_jit(p: jax.Array) -> jax.Array:
     """:func:`benjamini_hochberg` over the genes of every row, inside the jit.
 
     On CPU it runs on the host (:func:`jax.pure_callback` to :func:`benjamini_hochberg_host`):
-    XLA:CPU's sort is generic (a comparator call per comparison), about 17× slower than
-    NumPy's on ``(200, 2000)`` rows, and made BH ~70 % of a resample. The host version does
+    XLA:CPU's sort is generic (a comparator call per comparison), much slower than NumPy's,
+    and made BH most of a resample (``benchmarks/RESULTS.md``). The host version does
     the same arithmetic in the same dtype, so the results are bit-identical (tested). On
     accelerators, and for float64, :func:`benjamini_hochberg` as it is (a
     callback runs on an XLA thread, where a ``jax.enable_x64`` context does not hold, and

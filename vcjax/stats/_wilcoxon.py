@@ -28,7 +28,8 @@ and look each run's value up in the gene's sorted control. Two implementations, 
 backend and tested against each other:
 
 * **CPU** (``jax.default_backend() == "cpu"``): XLA:CPU's sort is generic (a comparator
-  call per comparison, measured 10-25× slower than NumPy's) and so is ``searchsorted``
+  call per comparison, much slower than NumPy's, ``benchmarks/RESULTS.md``) and so is
+  ``searchsorted``
   (a while loop of gathers), so the counting runs on the host, genes in cache-sized
   blocks on a few threads (NumPy releases the GIL):
 
@@ -46,7 +47,7 @@ backend and tested against each other:
      table read plus a branchless binary search of ``⌈log₂(max bucket + 1)⌉`` steps (3
      on the benchmark data, against 10 for a plain search).
   4. The lookups and the per-run terms ``a (2R - b)`` and ``a (a² - 1 + 3b(a+b))`` run
-     as two small XLA computations (fused loops: ~3× NumPy's pass per operation; from a
+     as two small XLA computations (fused loops instead of NumPy's pass per operation; from a
      :func:`jax.pure_callback` the NumPy version instead, as calling JAX there can
      deadlock), the sums per group are ``np.add.reduceat`` over the runs. All counts are
      exact int64.
@@ -330,7 +331,7 @@ def _lookup(ct, vals, gene, *, nb: int, steps: int, xp=np):
 @partial(jax.jit, static_argnames=("n", "nb", "steps"))
 def _lookup_xla(st, xs, lo, shift, start, tab, le, *, n: int, nb: int, steps: int):
     """:func:`_run_fields` and :func:`_lookup` in XLA: a few fused loops instead of
-    NumPy's pass per operation (measured ~3× faster)."""
+    NumPy's pass per operation."""
     vals, a, gene = _run_fields(_Runs(0, n, xs, st, None), jnp)
     ct = _Control(tab, le, lo, shift, start, steps, None)
     return (a, *_lookup(ct, vals, gene, nb=nb, steps=steps, xp=jnp))
@@ -342,7 +343,7 @@ def _run_terms(a, r, b, xp=np):
     return a * (2 * r - b), a * (a * a - 1 + 3 * b * (a + b))
 
 
-# a separate jit: fused with _lookup_xla, XLA recomputes the lookups per output (~3× slower)
+# a separate jit: fused with _lookup_xla, XLA recomputes the lookups per output
 _run_terms_xla = jax.jit(partial(_run_terms, xp=jnp))
 
 
