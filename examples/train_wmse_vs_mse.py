@@ -5,7 +5,7 @@ learned embeddings of its target genes: a combination ``A+B`` is the *sum* of th
 embeddings of ``A`` and ``B``, passed through an MLP to ``G`` outputs, plus a learned
 baseline (initialised at the mean training profile). The same architecture is trained
 with :func:`vcjax.losses.mse_loss` and with :func:`vcjax.losses.wmse_loss`, whose DEG
-weights (``minmax(|t|)²``, METRICS.md §3.2) come from the **training perturbations
+weights (``minmax(|t|)²``, docs/metrics.md §3) come from the **training perturbations
 only** (:func:`vcjax.data.group_stats` + :func:`vcjax.stats.rank_genes` on training cells).
 
 Held-out perturbations: the eligible perturbations (every target gene also targeted in
@@ -15,7 +15,7 @@ singles whose gene was seen only inside combinations, and zero-shot combinations
 whose genes were seen. All (fold × seed) models of one loss are trained at once
 (``vmap`` over runs, ``lax.scan`` over full-batch Adam steps, one ``jit``).
 
-Evaluation follows METRICS.md §2/§4/§5 on the half split: truth = half-2 pseudobulk,
+Evaluation follows docs/metrics.md §2/§4/§5 on the half split: truth = half-2 pseudobulk,
 Δ reference = ``u_ALL`` of half 1, technical duplicate = half-1 pseudobulk, dataset-mean
 baseline = ``u_ALL`` of all cells, evaluation weights and DEG sets from **all** cells
 (as the spec; the WMSE and R²w(Δ) of a perturbation without DEGs are NaN, DbD's gate).
@@ -86,7 +86,7 @@ class Screen:
       stats: all-cell :class:`vcjax.data.GroupStats` (control included), for training weights.
       pb_full, pb_h1, pb_h2: ``(P, G)`` pseudobulks of all cells / half 1 / half 2.
       u_all_full, u_all_h1: ``(G,)`` mean of per-condition means (control included).
-      eval_weights: ``(P, G)`` DEG weights from all cells (METRICS.md §3.2).
+      eval_weights: ``(P, G)`` DEG weights from all cells (docs/metrics.md §3).
       eval_degs: ``(P, G)`` significant DEG sets from all cells (§3.3).
       source: where the data came from.
     """
@@ -405,7 +405,7 @@ def summarize(
         add(src, "calibrated_r2w_delta", functools.partial(calibrated, r2w), int(gated.sum()))
         add(src, "r2w_delta", lambda i, r2w=r2w: np.nanmean(r2w[i]), int(gated.sum()))
         add(src, "wmse", lambda i, v=m["wmse"].to_numpy(): np.nanmean(v[i]), int(gated.sum()))
-        if src != "datamean":  # Pearson(Δ) of the data mean is undefined (METRICS.md §5)
+        if src != "datamean":  # Pearson(Δ) of the data mean is undefined (docs/metrics.md §5)
             pe = m["pearson_delta"].to_numpy()
             add(src, "pearson_delta", lambda i, pe=pe: np.nanmean(pe[i]), len(held))
         add(src, "diversity", div(src), len(held))

@@ -10,14 +10,14 @@ Design (Gaussian cells, known population):
   ``ŷ_p = u + shrink·(μ_p − u) + N(0, noise²)`` (``u`` the population mean of the
   condition means), i.e. a model that under-predicts effects and adds gene noise.
 * One *experiment* draws the cells, splits each condition into halves (DbD split) and
-  runs the point estimate of :func:`vcjax.evaluate.evaluate` (via :func:`vcjax.evaluate.prepare`
-  and its scorer) plus :func:`vcjax.bootstrap.context_samples` (cells resampled within
+  runs the point estimate of :func:`vcjax.evaluate` (via :func:`vcjax.prepare` and
+  :func:`vcjax.pipeline.score_sources`) plus :func:`vcjax.pipeline.stratum_samples` (cells resampled within
   condition and half, DEG weights refitted per resample) → percentile and BCa intervals for
   the model's R²w(Δ), WMSE and Pearson(Δ) of every perturbation.
 * Estimand: the statistic's expected value over repeated experiments, ``E[θ̂_p]``, estimated
   from ``n_estimand`` independent experiments. Their point estimates are computed by the
-  resampler's vectorised pipeline (``bootstrap._resample_values``, which the test-suite shows
-  equal to evaluate's point path) fed with exactly simulated sufficient statistics (for
+  resampler's vectorised pipeline (:func:`vcjax.pipeline.sums_scorer`, which the test-suite
+  shows equal to evaluate's point path) fed with exactly simulated sufficient statistics (for
   Gaussian cells the half means and variances are independent: mean ``~ N(μ, σ²/n)``,
   ``(n−1)s²/σ² ~ χ²_{n−1}``).
 * Also reported: coverage of the *population* (infinite-cell) value, the same pipeline on
@@ -230,7 +230,7 @@ def run(
 
 def coverage_of_mean(*, n_rep=300, n_cells=40, n_boot=400, ci=0.9, seed=0) -> dict[str, float]:
     """Coverage of the population mean of Gaussian data by percentile and BCa intervals of
-    the sample mean, using :func:`vcjax.bootstrap.multiplicity_weights` (fast sanity check)."""
+    the sample mean, using :func:`vcjax.pipeline.multiplicity_weights` (fast sanity check)."""
     rng = np.random.default_rng(seed)
     W = np.asarray(
         PL.multiplicity_weights(jax.random.PRNGKey(seed), [n_cells], n_boot), dtype=np.float64

@@ -243,14 +243,24 @@ def _screen(
     control: str | None,
     steps,
     seed: int,
-    flags: dict[str, Any],
-    **options: Any,
+    reference: str = "perturbed",
+    normalize: str = "auto",
+    layer: str | None = None,
+    backed: bool = False,
+    drop_small: bool = False,
 ):
     """The prepared truth of a run: loaded from a ``.vcjax`` file, or prepared (once) from
     an ``.h5ad`` with the truth-side options."""
     from vcjax.pipeline import Screen, prepare
 
     _check_input_file(truth, "truth")
+    flags = {
+        "--reference": reference,
+        "--normalize": normalize,
+        "--layer": layer,
+        "--backed": backed,
+        "--drop-small": drop_small,
+    }
     if _is_screen_file(truth):
         set_flags = [f for f, v in flags.items() if v != _TRUTH_FLAGS[f]]
         if set_flags:
@@ -273,9 +283,19 @@ def _screen(
         )
     # a path (read here, in memory) or a backed AnnData: either way the screen records the
     # file, so that a saved screen can re-read its cells for the bootstrap
-    source = _read_truth(truth, backed=True) if flags["--backed"] else truth
+    source = _read_truth(truth, backed=True) if backed else truth
     with steps("reading the truth: statistics, DEGs and baselines"):
-        return prepare(source, key=key, control=control, seed=seed, progress=steps.show, **options)
+        return prepare(
+            source,
+            key=key,
+            control=control,
+            seed=seed,
+            progress=steps.show,
+            reference=reference,
+            layer=layer,
+            normalize=_NORMALIZE[normalize],
+            drop_small=drop_small,
+        )
 
 
 def _read_pred(path: str):
@@ -455,7 +475,7 @@ ControlOpt = Annotated[
     str | None,
     typer.Option("--control", "-c", help="the control label in obs[KEY] (not for a .vcjax truth)"),
 ]
-ReferenceOpt = Annotated[Reference, typer.Option(help="delta reference (METRICS.md §2)")]
+ReferenceOpt = Annotated[Reference, typer.Option(help="delta reference (docs/metrics.md §2)")]
 MetricsOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -557,13 +577,12 @@ def score(
             control=control,
             steps=steps,
             seed=seed,
-            flags={"--reference": reference.value, "--normalize": normalize.value,
-                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
             reference=reference.value,
+            normalize=normalize.value,
             layer=layer,
-            normalize=_NORMALIZE[normalize.value],
+            backed=backed,
             drop_small=drop_small,
-        )  # fmt: skip
+        )
         from vcjax.pipeline import align, evaluate
         from vcjax.uncertainty import confidence
 
@@ -715,13 +734,12 @@ def baselines(
             control=control,
             steps=steps,
             seed=seed,
-            flags={"--reference": reference.value, "--normalize": normalize.value,
-                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
             reference=reference.value,
+            normalize=normalize.value,
             layer=layer,
-            normalize=_NORMALIZE[normalize.value],
+            backed=backed,
             drop_small=drop_small,
-        )  # fmt: skip
+        )
         from vcjax.pipeline import calibration_card, evaluate
 
         with steps("scoring the baselines"):
@@ -789,13 +807,12 @@ def prepare(
             control=control,
             steps=steps,
             seed=seed,
-            flags={"--reference": reference.value, "--normalize": normalize.value,
-                   "--layer": layer, "--backed": backed, "--drop-small": drop_small},
             reference=reference.value,
+            normalize=normalize.value,
             layer=layer,
-            normalize=_NORMALIZE[normalize.value],
+            backed=backed,
             drop_small=drop_small,
-        )  # fmt: skip
+        )
         with steps("writing"):
             screen.save(out)
         if not quiet:
@@ -851,8 +868,10 @@ def report_cmd(
                 control=control,
                 steps=steps,
                 seed=int(table.attrs.get("seed", 0) or 0),
-                flags=dict(_TRUTH_FLAGS),
-                reference=ref if isinstance(ref, str) and ref != "array" else "perturbed",
+                # a prepared truth carries its own reference
+                reference=ref
+                if isinstance(ref, str) and ref != "array" and not _is_screen_file(truth)
+                else "perturbed",
             )
             with steps("per-gene data"):
                 from vcjax.pipeline import per_gene_data
@@ -986,7 +1005,7 @@ def _print_demo(table, *, source: str, shape, quiet: bool) -> None:
     con.print(t)
     con.print(
         f"The technical duplicate beats the dataset mean on WMSE in {wins}/{int(ok.sum())} perturbations "
-        "with DEGs (NaN: no DEGs, METRICS.md §5). A model is informative where it sits between them."
+        "with DEGs (NaN: no DEGs, docs/metrics.md §5). A model is informative where it sits between them."
     )
     con.print(_backend_line())
 

@@ -352,7 +352,7 @@ def score(
       pred: predictions ``(P, G)`` (or ``(G,)``, the same prediction for every row).
       truth: true profiles ``(P, G)``.
       reference: the delta reference, ``(G,)`` or ``(P, G)``. Which vector to use is the
-        caller's decision; :func:`vcjax.evaluate` uses ``u_ALL`` of half 1 (METRICS.md §2).
+        caller's decision; :func:`vcjax.evaluate` uses ``u_ALL`` of half 1 (docs/metrics.md §2).
       weights: gene weights ``(P, G)`` or ``(G,)`` (e.g. :func:`vcjax.deg.minmax_weights`);
         needed by ``wmse``, ``r2w_delta`` and ``pearson_delta_topk``.
       mask: boolean gene subsets ``(P, G)`` (e.g. the DEG sets) for ``pearson_delta_degs``.

@@ -15,11 +15,11 @@ Conventions (as ``optax.losses``):
   every loss is ``jax.jit``-, ``jax.vmap``- and ``jax.grad``/``jax.jacfwd``-compatible.
 * a loss is never NaN for finite inputs, and its gradient is finite everywhere, including
   perfect predictions, all-zero weights and constant targets. Where the underlying metric
-  is undefined (NaN by the rules of METRICS.md §5), the loss uses a documented finite
+  is undefined (NaN by the rules of docs/metrics.md §5), the loss uses a documented finite
   fallback (see each function).
 
 References:
-  METRICS.md §5 (metrics) and §8 (GEARS loss); Mejia, Miller et al., *Diversity by
+  docs/metrics.md §5 (metrics) and §8 (GEARS loss); Mejia, Miller et al., *Diversity by
   Design: Addressing Mode Collapse Improves scRNA-seq Perturbation Modeling on
   Well-Calibrated Metrics*, arXiv:2506.22641 (2025); Roohani, Huang & Leskovec, *GEARS*,
   Nat. Biotechnol. 42:927–935 (2024).
@@ -80,7 +80,7 @@ def mse_loss(
       is NaN there) and zero gradient.
 
     References:
-      METRICS.md §5 ("MSE").
+      docs/metrics.md §5 ("MSE").
     """
     return _finite_or_zero(M.mse(predictions, targets, where=where))
 
@@ -115,7 +115,7 @@ def wmse_loss(
       ``(...)`` per-example loss, finite for finite inputs.
 
     References:
-      METRICS.md §5 ("WMSE"); Mejia, Miller et al., arXiv:2506.22641 (2025).
+      docs/metrics.md §5 ("WMSE"); Mejia, Miller et al., arXiv:2506.22641 (2025).
     """
     _check_fallback(fallback)
     value = M.wmse(predictions, targets, weights, where=where)
@@ -171,7 +171,7 @@ def r2w_loss(
       ``(...)`` per-example loss in ``[0, ∞)``; 0 is a perfect prediction.
 
     References:
-      METRICS.md §5 ("weighted R² Δ"); Mejia, Miller et al., arXiv:2506.22641 (2025);
+      docs/metrics.md §5 ("weighted R² Δ"); Mejia, Miller et al., arXiv:2506.22641 (2025);
       CellSimBench ``cellsimbench/core/data_manager.py`` (unweighted fallback).
     """
     _check_fallback(fallback)
@@ -199,7 +199,7 @@ def gears_loss(
     where: ArrayLike | None = None,
     cell_mask: ArrayLike | None = None,
 ) -> jax.Array:
-    r"""The GEARS training loss with optional DbD DEG weights (METRICS.md §8).
+    r"""The GEARS training loss with optional DbD DEG weights (docs/metrics.md §8).
 
     For a minibatch of cells ``i`` with condition ``p(i)``, ``B`` the distinct conditions in
     the batch, ``n_p`` the batch cells of ``p`` and ``G'_i`` the genes used for cell ``i``:
@@ -245,7 +245,7 @@ def gears_loss(
       with no valid cell; cells with no selected gene contribute 0.
 
     References:
-      METRICS.md §8 (DbD ``analyses/modeling_metrics/gears_icml.py::loss_fct``); Roohani et
+      docs/metrics.md §8 (DbD ``analyses/modeling_metrics/gears_icml.py::loss_fct``); Roohani et
       al., GEARS (2024); Mejia, Miller et al., arXiv:2506.22641 (2025).
     """
     if mode not in ("mse", "default"):

@@ -188,7 +188,7 @@ def _sample_nb_chunk(
 
 
 def log_normalize(counts: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
-    """``ln(1 + 1e4 · x_ig / Σ_g' x_ig')`` (METRICS.md §1 step 2), float32; empty cells stay 0."""
+    """``ln(1 + 1e4 · x_ig / Σ_g' x_ig')`` (docs/metrics.md §1), float32; empty cells stay 0."""
     if sp.issparse(counts):
         x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
         tot = np.asarray(x.sum(axis=1)).ravel()
@@ -576,7 +576,7 @@ def population_means(adata, *, which: str = "log") -> pd.DataFrame:
     Args:
       adata: an AnnData made by :func:`simulate_screen` (genes may have been subset).
       which: ``"log"``: expected pseudobulk of the log-normalised data,
-        ``E[ln(1 + 1e4·x_ig/Σ_g' x_ig')]`` (what METRICS.md §1 calls ``μ_c``);
+        ``E[ln(1 + 1e4·x_ig/Σ_g' x_ig')]`` (what docs/metrics.md §1 calls ``μ_c``);
         ``"frequency"``: expected composition ``q_cg`` (``1e4·q`` is the expected cp10k).
 
     Returns:

@@ -8,7 +8,7 @@ cost is ``O(nnz)``. Raw counts are normalised on the fly (``normalize="auto"``, 
 names the culprit (gene, cell, label, column or option).
 
 References:
-  docs/metrics.md §1 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
+  docs/metrics.md §1–§3 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
   ``tl.rank_genes_groups`` for the variance convention.
 """
 
@@ -41,7 +41,7 @@ logger = logging.getLogger("vcjax")
 
 
 def split_halves(labels: Sequence[str] | np.ndarray, *, seed: int = 42) -> np.ndarray:
-    """The DbD technical-duplicate split (docs/metrics.md §1).
+    """The DbD technical-duplicate split (docs/metrics.md §2).
 
     Seeds NumPy's legacy Mersenne-Twister with ``seed`` once (a private
     ``np.random.RandomState``, so the global state is untouched, same stream), then for each

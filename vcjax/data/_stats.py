@@ -6,7 +6,7 @@ per-gene sums ``Σ_{i∈S_c} x_i`` and ``Σ_{i∈S_c} x_i²``: :class:`GroupStat
 (float64), :class:`SplitStats` holds the two halves of the technical-duplicate split.
 
 References:
-  docs/metrics.md §1 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
+  docs/metrics.md §1–§3 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
   ``tl.rank_genes_groups`` for the variance convention.
 """
 
@@ -30,7 +30,7 @@ __all__ = [
     "reference_vector",
 ]
 
-#: the named Δ references (docs/metrics.md §1).
+#: the named Δ references (docs/metrics.md §2).
 REFERENCES = ("perturbed", "perturbed_no_control", "perturbed_cells", "control")
 ReferenceName = Literal["perturbed", "perturbed_no_control", "perturbed_cells", "control"]
 
@@ -259,7 +259,7 @@ def reference_from_sums(kind: ReferenceName, n, s, is_control, *, xp: Any = np):
 
 
 def reference_vector(stats: GroupStats, reference: ReferenceName | Any = "perturbed") -> np.ndarray:
-    """The Δ reference vector ``(G,)`` of one covariate's statistics (docs/metrics.md §1).
+    """The Δ reference vector ``(G,)`` of one covariate's statistics (docs/metrics.md §2).
 
     Args:
       stats: group statistics of one covariate (use :meth:`GroupStats.for_covariate`).

@@ -6,7 +6,7 @@ reference can be scored against ``(P, G)`` predictions. Data arguments are posit
 options keyword-only. The kernels never loop over perturbations: batching lives in
 :mod:`vcjax.engine`.
 
-Definitions follow ``METRICS.md`` §5 (the Diversity-by-Design code path, Mejia, Miller et
+Definitions follow docs/metrics.md §5 (the Diversity-by-Design code path, Mejia, Miller et
 al. 2025, arXiv:2506.22641), including its edge cases:
 
 * Pearson correlations are NaN when either vector is constant on the genes considered or
@@ -105,7 +105,7 @@ def mse(pred: ArrayLike, truth: ArrayLike, *, where: ArrayLike | None = None) ->
       ``(...)`` array. NaN when no gene is selected.
 
     References:
-      METRICS.md §5 (DbD ``analyses/common.py``).
+      docs/metrics.md §5 (DbD ``analyses/common.py``).
     """
     pred, truth = _cast(pred, truth)
     err = jnp.square(pred - truth)
@@ -148,7 +148,7 @@ def wmse(
       ``(...)`` array. NaN when the (masked) weights sum to 0.
 
     References:
-      METRICS.md §5; Mejia, Miller et al., *Diversity by Design* (2025).
+      docs/metrics.md §5; Mejia, Miller et al., *Diversity by Design* (2025).
     """
     pred, truth, weights = _cast(pred, truth, weights)
     err = jnp.square(pred - truth)
@@ -211,7 +211,7 @@ def pearson_delta(
       ``(...)``; NaN rules of :func:`pearson`.
 
     References:
-      METRICS.md §5 ("Pearson Δ"); Mejia, Miller et al. (2025).
+      docs/metrics.md §5 ("Pearson Δ"); Mejia, Miller et al. (2025).
     """
     pred, truth, reference = _cast(pred, truth, reference)
     return pearson(pred - reference, truth - reference, where=where)
@@ -220,7 +220,7 @@ def pearson_delta(
 def pearson_delta_degs(
     pred: ArrayLike, truth: ArrayLike, reference: ArrayLike, mask: ArrayLike
 ) -> jax.Array:
-    """Pearson correlation of deltas on a gene subset (e.g. the significant DEGs, METRICS.md §3.3).
+    """Pearson correlation of deltas on a gene subset (e.g. the significant DEGs, docs/metrics.md §3).
 
     Equal to ``pearson_delta(pred, truth, reference, where=mask)``. NaN when the subset has
     fewer than 2 genes or a delta is constant on it; 2 genes always give ±1.
@@ -304,7 +304,7 @@ def pearson_delta_topk(
 ) -> jax.Array:
     """Pearson correlation of deltas on the ``k`` genes with the largest ``weights``.
 
-    Pass the DEG weights, or ``|t|`` as METRICS.md §6 ``ext_pearson_delta_topk`` does (the
+    Pass the DEG weights, or ``|t|`` as docs/metrics.md §6 does (the
     ranking is the same). Ties go to the lower gene index.
 
     Returns:
@@ -378,7 +378,7 @@ def r2_delta(
       ``(...)``; see :func:`r2` for the NaN rules.
 
     References:
-      METRICS.md §5 ("R² Δ").
+      docs/metrics.md §5 ("R² Δ").
     """
     pred, truth, reference = _cast(pred, truth, reference)
     return r2(truth - reference, pred - reference, where=where, strict=strict)
@@ -407,7 +407,7 @@ def r2w_delta(
       values as :func:`r2` (``strict=True`` makes them NaN).
 
     References:
-      METRICS.md §5 ("weighted R² Δ"); Mejia, Miller et al. (2025).
+      docs/metrics.md §5 ("weighted R² Δ"); Mejia, Miller et al. (2025).
     """
     pred, truth, reference, weights = _cast(pred, truth, reference, weights)
     return r2(truth - reference, pred - reference, weights=weights, where=where, strict=strict)

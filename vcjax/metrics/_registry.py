@@ -10,7 +10,7 @@ report reads the label; nothing else keeps its own list of metric names.
 * ``reference``: ``"delta"`` (the evaluation's Δ reference, ``u_ALL`` of half 1 by default),
   ``"control"`` (``u_NTC``) or ``"none"`` (raw pseudobulks: MSE, WMSE, MAE).
 * ``gated_by_degs``: NaN for a perturbation without significant DEGs (DbD's ``|D| > 0``
-  gate, docs/metrics.md §1).
+  gate, docs/metrics.md §5).
 * ``undefined_for``: sources whose prediction carries no perturbation-specific Δ against a
   ``u_ALL``-type reference (the dataset mean), for which the metric is NaN there (DbD's
   special case). Against the control mean the same source has a defined Δ, so the gate
@@ -50,6 +50,9 @@ class MetricSpec:
       name: the metric's name in tables.
       higher_is_better: orientation (calibration, paired comparisons, ranks).
       label: display label (report, command line).
+      kind: ``"error"`` (an error of the raw profiles: MSE, WMSE, MAE; CellSimBench takes the
+        dataset mean as their negative), ``"similarity"``, ``"distance"`` (between cell
+        distributions) or ``"rank"``.
       kernel: the core kernel computing it, or None (a peer metric).
       reference: which Δ reference it takes (module docstring).
       needs: optional inputs it needs: ``"weights"`` (DEG weights), ``"mask"`` (DEG sets);
@@ -63,6 +66,7 @@ class MetricSpec:
     name: str
     higher_is_better: bool
     label: str
+    kind: Literal["error", "similarity", "distance", "rank"] = "similarity"
     kernel: str | None = None
     reference: Reference = "delta"
     needs: tuple[str, ...] = ()
@@ -99,7 +103,8 @@ KERNELS: Mapping[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
 
 def _core(name, hib, label, *, kernel=None, reference="delta", **kw) -> MetricSpec:
     kernel = kernel or name
-    return MetricSpec(name, hib, label, kernel, reference, KERNELS[kernel][1], **kw)
+    kind = "similarity" if hib else "error"
+    return MetricSpec(name, hib, label, kind, kernel, reference, KERNELS[kernel][1], **kw)
 
 
 _DATA_MEAN = ("dataset_mean",)
@@ -133,7 +138,7 @@ _ENTRIES = (
     MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)"),
     MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)"),
     MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)"),
-    MetricSpec("rank", False, "cosine rank (PerturBench)"),
+    MetricSpec("rank", False, "cosine rank (PerturBench)", "rank"),
     MetricSpec("pds", True, "discrimination score L1"),
     MetricSpec("hit_recall_at_budget", True, "hit recall at budget", level="dataset"),
     MetricSpec("hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset"),
@@ -144,8 +149,8 @@ _ENTRIES = (
         "DE direction match (cell-eval)",
         needs=("cells", "pred_control"),
     ),
-    MetricSpec("energy_distance", False, "energy distance", needs=("cells",)),
-    MetricSpec("mmd", False, "MMD", needs=("cells",)),
+    MetricSpec("energy_distance", False, "energy distance", "distance", needs=("cells",)),
+    MetricSpec("mmd", False, "MMD", "distance", needs=("cells",)),
 )
 
 #: every metric the evaluation table can hold, by name.

@@ -20,8 +20,8 @@ Host-level helpers (NumPy / AnnData edge): :func:`pseudobulk`, :func:`celleval_d
 (cell-eval's per-perturbation Wilcoxon DE table) and :func:`celleval_metrics` (the four
 cell-eval-compatible columns from cell matrices), :func:`distribution_distances`.
 
-Definitions, sources and what each metric rewards are in ``docs/metrics.md``; the exact
-cell-eval conventions are in ``CELLEVAL_METRICS.md``.
+Definitions, sources and what each metric rewards are in ``docs/metrics.md``; the
+cell-eval conventions are in docs/metrics.md §9.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def pds(
       ties never count against ``p``.
 
     References:
-      cell-eval 0.8.2 ``metrics/_anndata.py::discrimination_score``; CELLEVAL_METRICS.md §1–2.
+      cell-eval 0.8.2 ``metrics/_anndata.py::discrimination_score``; docs/metrics.md §9.
     """
     pred, truth = _float(pred_delta, truth_delta)
     p, g = pred.shape
@@ -381,7 +381,7 @@ def de_overlap_at_k(
       the prediction has no DEG.
 
     References:
-      cell-eval 0.8.2 ``_types/_de.py::compute_overlap``; CELLEVAL_METRICS.md §1.
+      cell-eval 0.8.2 ``_types/_de.py::compute_overlap``; docs/metrics.md §9.
     """
     t_set = jnp.asarray(truth_fdr, jnp.float32) < alpha
     p_set = jnp.asarray(pred_fdr, jnp.float32) < alpha
@@ -809,7 +809,7 @@ def celleval_metrics(
 ) -> dict[str, np.ndarray | list]:
     """cell-eval's ``pds``/``overlap_at_N``/``de_direction_match``/``mae`` from cell matrices.
 
-    Follows cell-eval 0.8.2's conventions exactly (CELLEVAL_METRICS.md §2): pseudobulks
+    Follows cell-eval 0.8.2's conventions exactly (docs/metrics.md §9): pseudobulks
     are per-label means; truth deltas use the real control, **prediction deltas the
     prediction's own control**; the PDS leaves out the gene named like the perturbation;
     DE runs separately on real and pred, each vs its own control.

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vcjax.metrics import higher_is_better
+from vcjax.metrics import METRICS, higher_is_better
 from vcjax.pipeline._baselines import NEGATIVES, POSITIVE
 
 __all__ = [
@@ -89,7 +89,7 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
 def dynamic_range_fraction(
     m_pos: np.ndarray, m_neg: np.ndarray, *, higher_is_better: bool
 ) -> np.ndarray:
-    r"""CellSimBench's dynamic range fraction (docs/metrics.md §4), clipped to ``[-1, 1]``.
+    r"""CellSimBench's dynamic range fraction (docs/metrics.md §7), clipped to ``[-1, 1]``.
 
     Higher-is-better metrics (perfect 1): ``(m_pos − m_neg) / ((1 − m_neg) + 1e-6)``;
     error metrics (perfect 0): ``(m_neg − m_pos) / (m_neg + 1e-6)``. NaN if an input is.
@@ -127,7 +127,8 @@ def _nanstat(fn, x: np.ndarray) -> float:
 
 def _is_error(metric: str) -> bool:
     """Error metrics (MSE, WMSE, MAE) take the dataset mean as CellSimBench's negative."""
-    return metric in ("mse", "wmse", "mae")
+    spec = METRICS.get(metric)
+    return spec is not None and spec.kind == "error"
 
 
 def card(table: pd.DataFrame) -> pd.DataFrame:

@@ -8,7 +8,7 @@ the DEG step in XLA). The DEG step is the one place with two implementations, ch
 ``Plan.deg_strategy`` and held equal by the tests: :func:`vcjax.stats.t_test_vs_rest_host`
 (float64, scipy p-values, statsmodels BH) and :func:`vcjax.stats.t_test_vs_rest`.
 
-Definitions (docs/metrics.md §1): the truth of perturbation ``p`` is its half-2
+Definitions (docs/metrics.md §2–§4): the truth of perturbation ``p`` is its half-2
 pseudobulk, the technical duplicate its half-1 pseudobulk; ``u_ALL`` is the mean of the
 per-group means (control included), of half 1 (``u_all_half1``, the default Δ reference)
 or of all cells (``u_all_full``, the dataset-mean baseline); ``u_NTC`` is the mean of all
@@ -29,7 +29,7 @@ from vcjax.stats import minmax_weights, minmax_weights_host, t_test_vs_rest, t_t
 
 __all__ = ["DEG", "DEG_ALPHA", "Derived", "Fixed", "Plan", "Sums", "deg_arrays", "derive"]
 
-#: BH-adjusted p below which a gene with a non-zero logFC is a DEG (docs/metrics.md §1).
+#: BH-adjusted p below which a gene with a non-zero logFC is a DEG (docs/metrics.md §3).
 DEG_ALPHA = 0.05
 
 

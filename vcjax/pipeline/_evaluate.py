@@ -1,6 +1,6 @@
 """``evaluate()``: a model's predictions against calibrated baselines, as one tidy table.
 
-The pipeline (docs/metrics.md §1, the Diversity-by-Design construction):
+The pipeline (docs/metrics.md §1–§7, the Diversity-by-Design construction):
 
 1. :func:`vcjax.prepare` streams the truth cells once into a :class:`~vcjax.pipeline.Screen`
    (skipped when a Screen is given): per-condition sufficient statistics of the two halves
@@ -207,7 +207,7 @@ def evaluate(
         unless ``truth`` is a Screen.
       reference: the delta reference. ``"perturbed"`` (default): ``u_ALL`` of half 1, the
         mean of per-condition means with control counted as one condition (docs/metrics.md
-        §1); ``"perturbed_no_control"``; ``"perturbed_cells"`` (mean over perturbed cells of
+        §2); ``"perturbed_no_control"``; ``"perturbed_cells"`` (mean over perturbed cells of
         half 1); ``"control"`` (``u_NTC`` over all control cells); or a ``(G,)`` array.
       weights: ``"deg"`` (the DbD DEG weights), ``"uniform"``/None (no weighted metrics),
         or a ``(P, G)`` array.

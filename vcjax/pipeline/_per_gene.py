@@ -37,7 +37,7 @@ def per_gene_data(
     larger ``|t|``, then gene order) and, on those genes, the truth delta ``Δ = y − r`` and
     each source's ``Δ̂ = ŷ − r`` (``r`` the screen's Δ reference). Also, over all genes and
     per source, the control-referenced Pearson ``corr(ŷ − u_NTC, y − u_NTC)``
-    (docs/metrics.md §1), so that the control-bias view works even when the table lacks
+    (docs/metrics.md §6), so that the control-bias view works even when the table lacks
     ``pearson_delta_ctrl``. With a covariate, rows of every stratum follow one another and
     perturbations are named ``covariate/perturbation``.
 

@@ -19,7 +19,7 @@ from vcjax.data import REFERENCES
 
 __all__ = ["DEFAULT_BASELINES", "BootSpec", "ScoreSpec", "TruthSpec", "UALL_REFERENCES"]
 
-#: every baseline, in the order tables list them (what each one is: docs/metrics.md §3).
+#: every baseline, in the order tables list them (what each one is: docs/metrics.md §4).
 DEFAULT_BASELINES = (
     "control_mean",
     "dataset_mean",

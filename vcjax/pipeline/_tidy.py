@@ -20,8 +20,8 @@ __all__ = ["ALL", "NO_DEG_NOTE", "UNDEFINED_NOTE", "tidy", "tidy_dataset"]
 
 #: the ``perturbation`` of dataset-level rows.
 ALL = "(all)"
-NO_DEG_NOTE = "no DEGs (gate, docs/metrics.md §1)"
-UNDEFINED_NOTE = "undefined for the dataset mean against u_ALL (docs/metrics.md §1)"
+NO_DEG_NOTE = "no DEGs (gate, docs/metrics.md §5)"
+UNDEFINED_NOTE = "undefined for the dataset mean against u_ALL (docs/metrics.md §5)"
 
 
 def tidy(

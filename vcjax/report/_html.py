@@ -10,7 +10,7 @@ scripts. Sections:
    has them (0 = best negative/null baseline, 1 = technical duplicate);
 4. model vs baselines, per metric (distribution over perturbations);
 5. the control-bias view: Pearson(Δ vs control) against R²w(Δ vs u_ALL) per perturbation
-   and source (docs/metrics.md §1): a trivial baseline can look good on the first and not on
+   and source (docs/metrics.md §6): a trivial baseline can look good on the first and not on
    the second;
 6. per-gene errors on the top DEGs of the worst and the best perturbation, from per-gene
    data (:func:`vcjax.pipeline.per_gene_data`, written by ``vcjax score --report`` as a side-car

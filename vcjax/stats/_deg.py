@@ -7,12 +7,12 @@ reference's ``(n, mean, var)``, and the "rest" of a group is ``total_perturbed �
 The core formulas are pure ``jax.numpy`` functions (jit/vmap-able; the bootstrap calls them
 on resampled moments in float32). :func:`rank_genes` evaluates the same formulas, operation
 for operation, in NumPy float64 on the host (no compilation; row blocks in a few threads),
-so that the results reproduce scanpy 1.11 ``tl.rank_genes_groups`` (METRICS.md §3):
+so that the results reproduce scanpy 1.11 ``tl.rank_genes_groups`` (docs/metrics.md §3):
 float32 scores and weights bit-identical, p-values to ~1e-12. The tests hold the JAX and
 the host versions to each other and to scanpy.
 
 References:
-  METRICS.md §3 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
+  docs/metrics.md §3 (DbD, Mejia, Miller et al., arXiv:2506.22641); scanpy 1.11
   ``tools/_rank_genes_groups.py``; scipy ``ttest_ind_from_stats``; statsmodels
   ``multipletests(method="fdr_bh")``.
 """
@@ -71,7 +71,7 @@ def t_from_moments(
         ν = (a + b)² / (a²/(n_g − 1) + b²/(m − 1)),   ν := 1 where NaN
 
     ``m = n_r`` for ``"t-test"`` and ``m = n_g`` for ``"t-test_overestim_var"`` (scanpy's
-    variance over-estimation, METRICS.md §3.1). As in scanpy → scipy, the variances pass
+    variance over-estimation, docs/metrics.md §3). As in scanpy → scipy, the variances pass
     through ``sqrt`` and are squared again (``std**2``), so a tiny negative variance from
     cancellation gives NaN (scanpy then stores ``t = 0``).
 
@@ -155,7 +155,7 @@ def log_fold_change(mean_g: ArrayLike, mean_r: ArrayLike) -> jax.Array:
 
 
 def minmax_weights(scores: ArrayLike) -> jax.Array:
-    """DbD DEG weights ``minmax(|t|)²`` over the last axis (METRICS.md §3.2, quirks kept).
+    """DbD DEG weights ``minmax(|t|)²`` over the last axis (docs/metrics.md §3, quirks kept).
 
     ``s = |t|``, ``lo = min s``, ``hi = max s``; if ``hi == lo``: all 0 when ``hi == 0`` else
     all 1; otherwise ``w = (s − lo)/(hi − lo)``; NaN → 0 (so a NaN score zeroes the whole
@@ -215,7 +215,7 @@ class DEGResult:
         return minmax_weights_host(np.asarray(self.scores, np.float32))
 
     def deg_mask(self, *, alpha: float = 0.05) -> np.ndarray:
-        """``(P, G)`` bool DEG sets ``pvals_adj < alpha`` and ``logFC ≠ 0`` (METRICS.md §3.3)."""
+        """``(P, G)`` bool DEG sets ``pvals_adj < alpha`` and ``logFC ≠ 0`` (docs/metrics.md §3)."""
         return (self.pvals_adj < alpha) & (self.logfc != 0)
 
     def topk_mask(self, k: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 This is the DE test of cell-eval 0.8.2 (``pdex`` ``mode="ref"`` → ``numba_mwu``), which
 equals ``scipy.stats.mannwhitneyu(group, control, method="asymptotic")`` per gene: the
 normal approximation with tie correction and a continuity correction of 0.5, two-sided,
-p clipped to ``[0, 1]`` (CELLEVAL_METRICS.md §0). With ``continuity=False`` and
+p clipped to ``[0, 1]`` (docs/metrics.md §10). With ``continuity=False`` and
 ``tie_correct=False`` the z-score is scanpy's ``rank_genes_groups(method="wilcoxon")``
 score against a reference group.
 
@@ -79,7 +79,7 @@ tie term is accumulated in the input dtype. In float32, p-values carry about
 
 References:
   Mann & Whitney (1947); scipy.stats.mannwhitneyu; cell-eval 0.8.2 / pdex 0.3.0
-  (CELLEVAL_METRICS.md §0); scanpy ``tl.rank_genes_groups`` (``method="wilcoxon"``).
+  (docs/metrics.md §10); scanpy ``tl.rank_genes_groups`` (``method="wilcoxon"``).
 """
 
 from __future__ import annotations
@@ -612,7 +612,7 @@ def mannwhitney_vs_control(
       :class:`MannWhitneyResult` with ``(n_groups, G)`` arrays.
 
     References:
-      scipy.stats.mannwhitneyu(method="asymptotic"); CELLEVAL_METRICS.md §0.
+      scipy.stats.mannwhitneyu(method="asymptotic"); docs/metrics.md §10.
     """
     kw = dict(n_groups=n_groups, continuity=continuity, tie_correct=tie_correct)
     if jax.default_backend() != "cpu":
