@@ -97,6 +97,8 @@ def test_save_load_round_trip_is_float_exact(ds1, tmp_path):
     assert back.strata[0].notes == screen.strata[0].notes
     assert back.spec.options() == screen.spec.options()
     assert back.source["path"] == str(path.resolve())
+    assert back.strata[0].cells.path == str(path.resolve())
+    assert PL.as_screen(str(path), **KW).source["path"] == str(path.resolve())
     # scoring the loaded screen: the same table, and the bootstrap re-reads the recorded file
     pd.testing.assert_frame_equal(vcjax.evaluate(back, pred), vcjax.evaluate(screen, pred))
     pd.testing.assert_frame_equal(

@@ -24,6 +24,7 @@ __all__ = [
     "REFERENCES",
     "GroupStats",
     "SplitStats",
+    "checked_reference",
     "mean_of",
     "moments",
     "reference_from_sums",
@@ -258,6 +259,16 @@ def reference_from_sums(kind: ReferenceName, n, s, is_control, *, xp: Any = np):
     )
 
 
+def checked_reference(reference, n_genes: int) -> np.ndarray:
+    """A given Δ reference as ``(G,)`` float64; a wrong shape or a non-finite value raises."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.shape != (n_genes,):
+        raise VcjaxInputError(f"reference array has shape {ref.shape}, expected ({n_genes},)")
+    if not np.all(np.isfinite(ref)):
+        raise VcjaxInputError("reference array contains NaN or inf")
+    return ref
+
+
 def reference_vector(stats: GroupStats, reference: ReferenceName | Any = "perturbed") -> np.ndarray:
     """The Δ reference vector ``(G,)`` of one covariate's statistics (docs/metrics.md §2).
 
@@ -273,14 +284,8 @@ def reference_vector(stats: GroupStats, reference: ReferenceName | Any = "pertur
             f"reference_vector: stats span {len(stats.covariate_values())} covariates "
             f"({preview(stats.covariate_values())}); call stats.for_covariate(value) first"
         )
-    G = stats.n_genes
     if not isinstance(reference, str):
-        ref = np.asarray(reference, dtype=np.float64)
-        if ref.shape != (G,):
-            raise VcjaxInputError(f"reference array has shape {ref.shape}, expected ({G},)")
-        if not np.all(np.isfinite(ref)):
-            raise VcjaxInputError("reference array contains NaN or inf")
-        return ref
+        return checked_reference(reference, stats.n_genes)
     is_ctrl = np.array([nm == stats.control for nm in stats.names], dtype=bool)
     if reference in ("perturbed_no_control", "perturbed_cells") and is_ctrl.all():
         raise VcjaxInputError(f"reference {reference!r}: no perturbed groups")

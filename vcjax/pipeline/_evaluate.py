@@ -115,12 +115,13 @@ def as_screen(
     if key is None or control is None:
         raise VcjaxInputError("key and control are required unless truth is a prepared Screen")
     enable_compilation_cache()
-    if isinstance(truth, (str, os.PathLike)):
-        truth = vdata.read_h5ad(truth)
+    path = truth if isinstance(truth, (str, os.PathLike)) else None
+    if path is not None:
+        truth = vdata.read_h5ad(path)
     spec = TruthSpec(key=key, control=control, seed=seed, **options)
     thread = warm_up(truth, spec, warm) if warm is not None else None
     try:
-        return prepare_spec(truth, spec, progress=progress)
+        return prepare_spec(truth, spec, progress=progress, path=path)
     finally:
         if thread is not None:
             thread.join()

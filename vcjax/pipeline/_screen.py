@@ -223,7 +223,7 @@ def _fixed(spec: TruthSpec, perts: Sequence[str], n_genes: int) -> Fixed:
     P = len(perts)
     reference = weights = None
     if spec.reference_name == "array":
-        reference = _checked_reference(spec.reference, n_genes)
+        reference = vdata.checked_reference(spec.reference, n_genes)
     if spec.weights_kind == "array":
         weights = spec.weights
         if weights.shape != (P, n_genes):
@@ -234,14 +234,6 @@ def _fixed(spec: TruthSpec, perts: Sequence[str], n_genes: int) -> Fixed:
         derangement=null_derangement(P, seed=spec.seed).astype(np.int32) if P >= 2 else None,
         additive=additive_index(perts)[0],
     )
-
-
-def _checked_reference(ref: np.ndarray, n_genes: int) -> np.ndarray:
-    if ref.shape != (n_genes,):
-        raise VcjaxInputError(f"reference array has shape {ref.shape}, expected ({n_genes},)")
-    if not np.all(np.isfinite(ref)):
-        raise VcjaxInputError("reference array contains NaN or inf")
-    return ref
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -506,9 +498,17 @@ def _source_path(truth, adata) -> str | None:
     return None if name is None else os.path.abspath(os.fspath(name))
 
 
-def prepare_spec(truth, spec: TruthSpec, *, progress: bool = False) -> Screen:
-    """:func:`prepare` with the options as a :class:`~vcjax.pipeline.TruthSpec`."""
+def prepare_spec(
+    truth, spec: TruthSpec, *, progress: bool = False, path: str | os.PathLike | None = None
+) -> Screen:
+    """:func:`prepare` with the options as a :class:`~vcjax.pipeline.TruthSpec`.
+
+    ``path``: the file an in-memory ``truth`` was read from (recorded in the screen, whose
+    bootstrap can then re-read the cells after a save and load).
+    """
     enable_compilation_cache()
+    if path is None and isinstance(truth, (str, os.PathLike)):
+        path = truth
     adata = vdata.read_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
     for name, col in (("key", spec.key), ("covariate", spec.covariate)):
         if col is not None and col not in adata.obs.columns:
@@ -538,7 +538,7 @@ def prepare_spec(truth, spec: TruthSpec, *, progress: bool = False) -> Screen:
     half = (np.asarray(adata.obs[split]) if isinstance(split, str) else np.asarray(split)).astype(
         np.int8
     )
-    path = _source_path(truth, adata)
+    path = _source_path(adata if path is None else path, adata)
     parts = (
         [(None, stats)]
         if spec.covariate is None
