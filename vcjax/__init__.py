@@ -6,6 +6,8 @@ Prepare the truth once, score many predictions against it:
   (statistics, truth, Δ reference, DEG weights, baselines; :meth:`Screen.save` / ``load``);
 * :func:`evaluate` — a model's predictions against calibrated baselines, one tidy table,
   with bootstrap intervals and paired comparisons;
+* :func:`sweep` — many models against one truth on shared resamples → a
+  :class:`SweepResult` (leaderboard with rank intervals and ``p_best``, pairwise wins);
 * :func:`confidence` — per-gene / per-pathway / per-perturbation confidence (0–100);
 * :func:`score` — every metric kernel over P perturbations at once (chunked, jitted);
 * the layers beneath: :mod:`vcjax.metrics` (kernels and the metric registry),
@@ -25,6 +27,7 @@ from vcjax.pipeline import (
     DEFAULT_BASELINES,
     Prediction,
     Screen,
+    SweepResult,
     add_intervals,
     align,
     calibration_card,
@@ -33,6 +36,7 @@ from vcjax.pipeline import (
     prepare,
     summarize,
     summary_intervals,
+    sweep,
 )
 from vcjax.simulate import population_means, simulate_screen
 from vcjax.stats import bootstrap_metric, rank_genes
@@ -72,6 +76,8 @@ __all__ = [
     "stats",
     "summarize",
     "summary_intervals",
+    "sweep",
+    "SweepResult",
     "uncertainty",
 ]
 

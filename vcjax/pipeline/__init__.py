@@ -21,9 +21,11 @@ from vcjax.pipeline._baselines import (
     null_derangement,
 )
 from vcjax.pipeline._bootstrap import (
+    Resampler,
     add_intervals,
     multiplicity_weights,
     resampled_group_moments,
+    resampler,
     stratum_key,
     stratum_samples,
     summary_intervals,
@@ -38,10 +40,12 @@ from vcjax.pipeline._calibrate import (
 )
 from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, derive
 from vcjax.pipeline._evaluate import as_screen, calibration_card, evaluate, score_screen
+from vcjax.pipeline._known import known_models
 from vcjax.pipeline._per_gene import PER_GENE_SOURCES, per_gene_data
 from vcjax.pipeline._scoring import gate, resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
 from vcjax.pipeline._spec import DEFAULT_BASELINES, UALL_REFERENCES, BootSpec, ScoreSpec, TruthSpec
+from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep
 
 __all__ = [
     "BASELINE_ROLES",
@@ -58,10 +62,13 @@ __all__ = [
     "Fixed",
     "Plan",
     "Prediction",
+    "Resampler",
     "ScoreSpec",
     "Screen",
     "Stratum",
     "Sums",
+    "SweepResult",
+    "TIE_TOL",
     "TruthSpec",
     "add_intervals",
     "additive_index",
@@ -83,6 +90,7 @@ __all__ = [
     "prepare",
     "prepare_spec",
     "resampled_group_moments",
+    "resampler",
     "resolve_metrics",
     "score_screen",
     "score_sources",
@@ -91,5 +99,7 @@ __all__ = [
     "summarize",
     "summary_intervals",
     "sums_scorer",
+    "sweep",
+    "known_models",
     "wide",
 ]

@@ -71,7 +71,7 @@ from vcjax.data import iter_chunks, normalize_chunk
 from vcjax.metrics import METRICS, fused_scores, higher_is_better, pearson_delta, topk_indices
 from vcjax.pipeline._align import Prediction
 from vcjax.pipeline._calibrate import calibrate
-from vcjax.pipeline._derive import DEG, Fixed, Plan, Sums, deg_arrays, derive
+from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, derive
 from vcjax.pipeline._scoring import gate, usable_metrics
 from vcjax.pipeline._screen import Screen, Stratum
 from vcjax.pipeline._spec import BootSpec, ScoreSpec, TruthSpec
@@ -84,8 +84,11 @@ from vcjax.stats import (
 
 __all__ = [
     "add_intervals",
+    "Resampler",
     "default_chunk",
     "multiplicity_weights",
+    "resampled_truth",
+    "resampler",
     "resampled_group_moments",
     "stratum_key",
     "stratum_samples",
@@ -256,8 +259,10 @@ def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
         if cells.normalization == "log1p_cp10k":
             part = normalize_chunk(part)
         part = part.toarray() if hasattr(part, "toarray") else np.asarray(part)
-        Xb[sl[sel], :G] = part
-        Xb[sl[sel], G:] = part * part
+        both = np.empty((sel.size, 2 * G), dtype=dtype)  # whole rows: one copy per slot
+        both[:, :G] = part
+        np.multiply(both[:, :G], both[:, :G], out=both[:, G:])
+        Xb[sl[sel]] = both
     # the re-read cells must give the point estimate's group sums
     sums = np.zeros((2 * C, G))
     np.add.at(sums, block_gh, Xb[:, :G].reshape(nb, L, G).sum(1, dtype=np.float64))
@@ -329,22 +334,38 @@ def _refit(cfg: _Config, S: jax.Array, arrs: Mapping[str, jax.Array]) -> dict[st
     return {k: getattr(deg, k) for k in _refit_needs(cfg)}
 
 
+def resampled_truth(
+    cfg: _Config,
+    sums: Sums,
+    arrs: Mapping[str, jax.Array],
+    refit: Mapping[str, jax.Array] | None = None,
+) -> Derived:
+    """:func:`vcjax.pipeline.derive` of resampled sums (the DEG arrays from ``refit`` when
+    given, the point estimate's when frozen, else derived here)."""
+    deg = None
+    if cfg.deg == "refit" and refit is not None:
+        deg = DEG(refit.get("scores"), refit.get("pvals_adj"), refit["weights"], refit["mask"])
+    elif cfg.deg == "frozen":
+        deg = DEG(*(arrs[f"deg_{k}"][None] for k in DEG._fields))
+    return derive(sums, cfg.plan, cfg.fixed(arrs), xp=jnp, deg=deg)
+
+
 def _resample_values(
     cfg: _Config,
     sums: Sums,
     arrs: Mapping[str, jax.Array],
     refit: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
-    """Every metric of every source, ``(sources, b, P)``, for sums with ``b`` resamples
-    (the DEG arrays from ``refit`` when given, else derived here)."""
-    deg = None
-    if cfg.deg == "refit" and refit is not None:
-        deg = DEG(refit.get("scores"), refit.get("pvals_adj"), refit["weights"], refit["mask"])
-    elif cfg.deg == "frozen":
-        deg = DEG(*(arrs[f"deg_{k}"][None] for k in DEG._fields))
-    d = derive(sums, cfg.plan, cfg.fixed(arrs), xp=jnp, deg=deg)
+    """Every metric of every source, ``(sources, b, P)``, for sums with ``b`` resamples."""
+    d = resampled_truth(cfg, sums, arrs, refit)
     preds = {"model": arrs["model"][None]} if "model" in cfg.sources else {}
     preds.update(d.baselines)
+    return source_values(cfg, d, preds)
+
+
+def source_values(cfg: _Config, d: Derived, preds: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Every metric of the sources ``cfg.sources`` (predictions ``preds``, each broadcastable
+    to ``(b, P, G)``) against the resampled truth ``d``: ``{metric: (sources, b, P)}``, gated."""
     truth, ref, G = d.truth, d.reference, cfg.G
     mask = None if d.deg is None else d.deg.mask
     # All sources through each kernel at once: predictions stacked on a leading source axis
@@ -420,8 +441,12 @@ def _over_resamples(fn, batch: int, S: jax.Array, *rest):
 
 
 @functools.lru_cache(maxsize=16)
-def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
+def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = (), extra: Callable | None = None):
     """The resampler of one chunk of resamples: ``(keys (b, ...), arrs) -> values``.
+
+    With ``extra`` (a module-level function ``extra(cfg, derived, arrs) -> pytree`` of
+    resample-major arrays), it returns ``(values, extra_out)``: what the sweep contracts
+    its models with, from the same resampled truth.
 
     Two jitted stages: (1) the resampled group sums and, with refitted weights, the DEG
     arrays (:func:`_refit`); (2) every metric of every source (:func:`_resample_values`).
@@ -463,11 +488,16 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
 
     def score(S, refit, arrs):
         def one(s, r):  # values are (sources, b, P): resamples first while sub-batched
-            values = _resample_values(cfg, _sums(cfg, s, arrs), arrs, r)
-            return {k: jnp.swapaxes(v, 0, 1) for k, v in values.items()}
+            d = resampled_truth(cfg, _sums(cfg, s, arrs), arrs, r)
+            preds = {"model": arrs["model"][None]} if "model" in cfg.sources else {}
+            preds.update(d.baselines)
+            values = {k: jnp.swapaxes(v, 0, 1) for k, v in source_values(cfg, d, preds).items()}
+            return values if extra is None else (values, extra(cfg, d, arrs))
 
         out = _over_resamples(one, cfg.sub_batch, S, refit)
-        return {k: jnp.swapaxes(v, 0, 1) for k, v in out.items()}
+        values = out if extra is None else out[0]
+        values = {k: jnp.swapaxes(v, 0, 1) for k, v in values.items()}
+        return values if extra is None else (values, out[1])
 
     if len(devices) > 1:
         mesh = Mesh(np.asarray(devices), ("resamples",))
@@ -477,11 +507,12 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = ()):
         draw = jax.shard_map(
             draw, mesh=mesh, in_specs=(rs, rep), out_specs=(rs1, rs), check_vma=False
         )
+        values_spec = PartitionSpec(None, "resamples")  # values are (sources, b, P)
         score = jax.shard_map(
             score,
             mesh=mesh,
             in_specs=(rs1, rs, rep),
-            out_specs=PartitionSpec(None, "resamples"),  # values are (sources, b, P)
+            out_specs=values_spec if extra is None else (values_spec, rs),
             check_vma=False,
         )
     draw = jax.jit(draw)
@@ -640,6 +671,77 @@ def sums_scorer(
     return fn, cfg.sources
 
 
+@dataclasses.dataclass
+class Resampler:
+    """One stratum's compiled resampler: :meth:`run` scores chunk after chunk of resamples.
+
+    Resample ``r`` depends only on ``fold_in(stratum_key(seed, index), r)``, so chunks can be
+    run in any order and with any chunk size.
+    """
+
+    cfg: _Config
+    fn: Callable
+    arrs: dict[str, jax.Array]
+    key: jax.Array
+    chunk: int
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.cfg.sources
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.cfg.metrics
+
+    @property
+    def pvalue(self) -> str:
+        return self.cfg.plan.deg_strategy
+
+    def run(self, start: int):
+        """The outputs of resamples ``start … start + chunk − 1`` (values are ``(sources,
+        chunk, P)``; a last partial chunk is padded with further resamples, which the caller
+        drops)."""
+        return self.fn(_resample_keys(self.key, start, n=self.chunk), self.arrs)
+
+
+def resampler(
+    stratum: Stratum,
+    spec: TruthSpec,
+    *,
+    model: np.ndarray | None,
+    metrics: Sequence[str],
+    score: ScoreSpec,
+    boot: BootSpec,
+    index: int = 0,
+    devices: Sequence[jax.Device] | None = None,
+    extra: Callable | None = None,
+    extra_arrays: Mapping[str, Any] | None = None,
+) -> Resampler:
+    """The compiled resampler of one stratum (see :func:`stratum_samples` for the options).
+
+    ``extra`` and ``extra_arrays``: a further output of every chunk computed from the same
+    resampled truth (:func:`_chunk_fn`), and the constant arrays it reads.
+    """
+    cfg, arrs = _setup(stratum, spec, model=model, metrics=metrics, score=score, boot=boot)
+    arrs.update({k: jnp.asarray(v) for k, v in (extra_arrays or {}).items()})
+    P = len(stratum.perturbations)
+    chunk = int(boot.chunk_size or default_chunk(P, cfg.G, len(cfg.sources)))
+    devices = tuple(jax.devices() if devices is None else devices)
+    n_dev = len(devices)
+    chunk = -(-chunk // n_dev) * n_dev  # a multiple of the device count
+    cfg = dataclasses.replace(
+        cfg,
+        sub_batch=min(chunk // n_dev, default_sub_batch(P, cfg.G, len(cfg.sources))),
+        refit_batch=min(chunk // n_dev, default_refit_batch(P, cfg.G)),
+    )
+    fn = _chunk_fn(cfg, devices if n_dev > 1 else (), extra)
+    if n_dev > 1:
+        arrs = jax.device_put(
+            arrs, NamedSharding(Mesh(np.asarray(devices), ("resamples",)), PartitionSpec())
+        )
+    return Resampler(cfg, fn, arrs, stratum_key(boot.seed, index), chunk)
+
+
 def stratum_samples(
     stratum: Stratum,
     spec: TruthSpec,
@@ -674,37 +776,26 @@ def stratum_samples(
       ``{"values": {source: {metric: (n_boot, P)}}, "calibrated": same, "perts", "metrics",
       "sources", "seconds", "pvalue", "chunk"}``.
     """
-    cfg, arrs = _setup(stratum, spec, model=model, metrics=metrics, score=score, boot=boot)
-    sources, metrics, dtype = cfg.sources, cfg.metrics, working_dtype()
-    P, n_boot = len(stratum.perturbations), int(boot.n_boot)
-    chunk = int(boot.chunk_size or default_chunk(P, cfg.G, len(sources)))
-    devices = tuple(jax.devices() if devices is None else devices)
-    n_dev = len(devices)
-    chunk = -(-chunk // n_dev) * n_dev  # a multiple of the device count
-    cfg = dataclasses.replace(
-        cfg,
-        sub_batch=min(chunk // n_dev, default_sub_batch(P, cfg.G, len(sources))),
-        refit_batch=min(chunk // n_dev, default_refit_batch(P, cfg.G)),
+    rs = resampler(
+        stratum,
+        spec,
+        model=model,
+        metrics=metrics,
+        score=score,
+        boot=boot,
+        index=index,
+        devices=devices,
     )
-    fn = _chunk_fn(cfg, devices if n_dev > 1 else ())
-    if n_dev > 1:
-        arrs = jax.device_put(
-            arrs, NamedSharding(Mesh(np.asarray(devices), ("resamples",)), PartitionSpec())
-        )
-    key = stratum_key(boot.seed, index)
+    sources, metrics, dtype = rs.sources, rs.metrics, working_dtype()
+    P, n_boot = len(stratum.perturbations), int(boot.n_boot)
     store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     cal_store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     t0 = time.perf_counter()
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        # the last chunk is padded with extra resample indices (never recompiles); their
-        # values are dropped, and resample r depends only on r.
-        out = fn(_resample_keys(key, start, n=chunk), arrs)
-        vals: dict[str, dict[str, np.ndarray]] = {s: {} for s in sources}
-        for m in metrics:
-            arr = np.asarray(out[m], dtype=np.float64)[:, :b]
-            for i, s in enumerate(sources):
-                vals[s][m] = arr[i]
+    for start in range(0, n_boot, rs.chunk):
+        b = min(rs.chunk, n_boot - start)
+        out = rs.run(start)
+        vals = {s: {m: np.asarray(out[m], dtype=np.float64)[i, :b] for m in metrics}
+                for i, s in enumerate(sources)}  # fmt: skip
         cal = calibrate(vals)
         for s in sources:
             for m in metrics:
@@ -721,8 +812,8 @@ def stratum_samples(
         metrics=metrics,
         sources=sources,
         seconds=time.perf_counter() - t0,
-        pvalue=cfg.plan.deg_strategy,
-        chunk=chunk,
+        pvalue=rs.pvalue,
+        chunk=rs.chunk,
     )
 
 
