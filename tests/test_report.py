@@ -15,6 +15,7 @@ import pytest
 
 from vcjax import _io
 from vcjax.report import _html as R
+from vcjax.report._page import fmt
 
 SOURCES = ("model", "technical_duplicate", "dataset_mean", "control_mean", "null")
 HIGHER = {
@@ -156,7 +157,7 @@ def test_report_has_every_section_and_is_self_contained(tmp_path):
     assert f"worst: {sub.idxmin()}" in text and f"best: {sub.idxmax()}" in text
     # summary medians are the table's
     med = table[(table.metric == "wmse") & (table.source == "dataset_mean")]["value"].median()
-    assert R._fmt(med) in text
+    assert fmt(med) in text
 
 
 def test_report_fallbacks_are_stated():
@@ -218,8 +219,8 @@ def test_paired_comparison_rows_are_summarised_not_plotted():
     assert 'id="paired"' in text
     row = re.search(r"<tr><td>WMSE</td><td>dataset_mean</td>(.*?)</tr>", text).group(1)
     cells = re.findall(r"<td>(.*?)</td>", row)
-    assert cells[0] == R._fmt(0.4) and cells[1] == "1/3" and cells[2] == "1/3"
-    assert cells[3] == R._fmt(np.mean([0.99, 0.8, 0.1]))
+    assert cells[0] == fmt(0.4) and cells[1] == "1/3" and cells[2] == "1/3"
+    assert cells[3] == fmt(np.mean([0.99, 0.8, 0.1]))
     assert R._section_paired(comp.iloc[:0]) == ""
     # in a full table the comparison rows are not a source of the summary
     summary = R._section_summary(table, R._sources(table))

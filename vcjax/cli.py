@@ -75,7 +75,8 @@ def _stderr():
 def _stdout():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # a pipe or file gets whole rows (rich would assume 80 columns)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -894,6 +895,334 @@ def report_cmd(
             )
 
 
+def _strip_ext(name: str) -> str:
+    for ext in (".h5ad", *_PRED_TABLES):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _names_from_paths(paths: Sequence[str]) -> list[str]:
+    """Model names for prediction files: the path components that differ between them
+    (``runs/a/pred.h5ad``, ``runs/b/pred.h5ad`` → ``a``, ``b``); one file: its stem."""
+    parts = [Path(p).parts for p in paths]
+    if len(parts) == 1:
+        return [_strip_ext(parts[0][-1])]
+    lead = 0
+    while all(len(p) > lead + 1 for p in parts) and len({p[lead] for p in parts}) == 1:
+        lead += 1
+    trail = 0
+    while (
+        all(len(p) - lead > trail + 1 for p in parts)
+        and len({p[len(p) - 1 - trail] for p in parts}) == 1
+    ):
+        trail += 1
+    names = []
+    for p in parts:
+        keep = list(p[lead : len(p) - trail])
+        if trail == 0:
+            keep[-1] = _strip_ext(keep[-1])
+        names.append("/".join(keep))
+    return names
+
+
+def _sweep_preds(pred: Sequence[str] | None, preds: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``(name, path)`` of every model given by ``--pred NAME=PATH`` / ``--pred PATH`` and
+    ``--preds GLOB``; fails on a duplicated name, a missing file, or no model at all."""
+    import glob
+
+    out: list[tuple[str, str]] = []
+    plain = []
+    for item in pred or []:
+        name, sep, path = item.partition("=")
+        if sep and name and not os.path.exists(item):
+            out.append((name.strip(), path.strip()))
+        else:
+            plain.append(item)
+    for pattern in preds or []:
+        hits = sorted(glob.glob(pattern, recursive=True))
+        if not hits:
+            _fail(f"--preds {pattern!r} matches no file")
+        plain.extend(hits)
+    if plain:
+        out.extend(zip(_names_from_paths(plain), plain))
+    if not out:
+        _fail("no model: give --pred NAME=PATH (repeatable) or --preds 'GLOB'")
+    seen: dict[str, str] = {}
+    for name, path in out:
+        if name in seen:
+            _fail(
+                f"model name {name!r} is given twice ({seen[name]} and {path}); name them NAME=PATH"
+            )
+        seen[name] = path
+        _check_input_file(path, f"prediction {name!r}")
+    return out
+
+
+class _SweepProgress:
+    """A rich progress bar over models (reading, aligning, point scores) and resamples."""
+
+    def __init__(self, steps: _Steps, n_models: int, n_boot: int) -> None:
+        self.steps, self.n_models, self.n_boot = steps, n_models, n_boot
+        self.prog = None
+
+    def __enter__(self):
+        if self.steps.show:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.prog = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.steps.console,
+                transient=True,
+            )
+            self.prog.__enter__()
+            self.tasks = {"models": self.prog.add_task("models", total=self.n_models)}
+            if self.n_boot:
+                self.tasks["resamples"] = self.prog.add_task("resamples", total=self.n_boot)
+        return self
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.prog is not None and stage in self.tasks:
+            self.prog.update(self.tasks[stage], completed=done)
+
+    def __exit__(self, *exc) -> None:
+        if self.prog is not None:
+            self.prog.__exit__(*exc)
+
+
+def _leaderboard_table(lb, *, title: str, caption: str | None = None):
+    import numpy as np
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, title_justify="left", header_style="bold", caption=caption)
+    for c in ("rank", "model", "value", "interval", "ranks", "p_best", "vs best"):
+        t.add_column(
+            c, justify="left" if c == "model" else "right", no_wrap=c != "model", overflow="fold"
+        )
+
+    def fmt(v):
+        return "—" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+    def interval(r):
+        return f"{fmt(r['ci_low'])} – {fmt(r['ci_high'])}" if np.isfinite(r["ci_low"]) else "—"
+
+    is_base = lb.index.astype(str).str.startswith("[")
+    for name, r in lb[~is_base].iterrows():
+        d = r["differs_from_best"]
+        vs = {True: "worse", False: "tie"}.get(d, "") if int(r["rank"]) > 1 or d is True else "best"
+        ranks = f"{int(r['rank_low'])}–{int(r['rank_high'])}"
+        t.add_row(
+            str(int(r["rank"])), Text(str(name)), fmt(r["value"]), interval(r), ranks,
+            f"{r['p_best']:.2f}", vs,
+        )  # fmt: skip
+    if is_base.any():
+        t.add_section()
+        for name, r in lb[is_base].iterrows():
+            t.add_row("", Text(str(name)), fmt(r["value"]), interval(r), "", "", "", style="dim")
+    return t
+
+
+def _run_sweep(
+    screen,
+    models,
+    *,
+    n_models: int,
+    steps: _Steps,
+    metrics,
+    n_boot: int,
+    ci: float,
+    seed: int,
+    resample: str,
+    on_error: str = "raise",
+    pred_layer: str | None = None,
+):
+    from vcjax.pipeline import sweep as run
+
+    with _SweepProgress(steps, n_models, n_boot) as bar, _quiet_warnings():
+        return run(
+            screen,
+            models,
+            metrics=metrics,
+            n_boot=n_boot,
+            ci=ci,
+            seed=seed,
+            resample=resample,
+            on_error=on_error,
+            pred_layer=pred_layer,
+            progress=bar if steps.show else False,
+        )
+
+
+def _sweep_outputs(result, *, out, leaderboard, report, metric, calibrated, meta, steps) -> None:
+    """The sweep's table, leaderboard and report, all-or-nothing."""
+    from vcjax._io import Staged, save_table
+    from vcjax.report import build_sweep_report
+
+    html = None
+    if report is not None:
+        with steps("rendering the report"):
+            html = build_sweep_report(
+                result, metric=metric, calibrated=calibrated,
+                meta={k: v for k, v in meta.items() if k in ("truth", "vcjax_version", "command")},
+            )  # fmt: skip
+    with steps("writing"), Staged() as staged:
+        if out is not None:
+            save_table(result.tidy(), out, meta=meta, staged=staged)
+        if leaderboard is not None:
+            lb = result.leaderboard(metric, calibrated=calibrated, baselines=True)
+            save_table(lb.reset_index(), leaderboard, meta=meta, staged=staged)
+        if html is not None:
+            staged.add(report, lambda p: p.write_text(html, encoding="utf-8"))
+        staged.commit()
+
+
+MetricOpt = Annotated[
+    str, typer.Option("--metric", help="the leaderboard's metric (calibrated unless --raw)")
+]
+ResampleOpt = Annotated[
+    str,
+    typer.Option(
+        help="what the intervals resample: cells (within condition-halves), perturbations, both"
+    ),
+]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    truth: TruthOpt,
+    pred: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pred",
+            "-p",
+            help="a model: NAME=PATH (or PATH, named after it), repeatable; .h5ad or a table",
+        ),
+    ] = None,
+    preds: Annotated[
+        list[str] | None,
+        typer.Option("--preds", help="a glob of prediction files, e.g. 'runs/*/pred.h5ad'"),
+    ] = None,
+    key: KeyOpt = None,
+    control: ControlOpt = None,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="shared resamples (0: none)")] = 1000,
+    ci: Annotated[float, typer.Option(help="interval level")] = 0.95,
+    seed: SeedOpt = 0,
+    resample: ResampleOpt = "cells",
+    metric: MetricOpt = "r2w_delta",
+    raw: Annotated[bool, typer.Option("--raw", help="rank on raw, not calibrated, values")] = False,
+    metrics: MetricsOpt = None,
+    out: Annotated[
+        str | None,
+        typer.Option("--out", "-o", help="tidy table of every model and baseline (.parquet/.csv)"),
+    ] = None,
+    leaderboard: Annotated[str | None, typer.Option(help="the leaderboard (.csv/.parquet)")] = None,
+    report: Annotated[str | None, typer.Option(help="an HTML sweep report")] = None,
+    skip_failed: Annotated[
+        bool, typer.Option("--skip-failed", help="leave out models that fail to load or align")
+    ] = False,
+    pred_layer: Annotated[
+        str | None, typer.Option(help="prediction layer to read instead of X")
+    ] = None,
+    quiet: QuietOpt = False,
+    device: DeviceOpt = None,
+    reference: ReferenceOpt = Reference.perturbed,
+    normalize: NormalizeOpt = Normalize.auto,
+    layer: LayerOpt = None,
+    backed: BackedOpt = False,
+    drop_small: DropSmallOpt = False,
+) -> None:
+    """Score many models against one truth on shared resamples: a leaderboard with rank
+    intervals and p_best (the share of resamples in which a model is best).
+
+    The truth is read and prepared once; every model is scored on the same resamples, so
+    every comparison is paired.
+    """
+    with _errors():
+        _check_outputs((out, None), (leaderboard, None), (report, (".html", ".htm")))
+        if not 0 < ci < 1:
+            _fail(f"--ci must be in (0, 1), got {ci}")
+        if n_boot < 0 or n_boot == 1:
+            _fail(f"--n-boot must be 0 or >= 2, got {n_boot}")
+        from vcjax.pipeline._sweep import RESAMPLE
+
+        if resample not in RESAMPLE:
+            _fail(f"--resample must be one of {', '.join(RESAMPLE)}; got {resample!r}")
+        from vcjax.metrics import METRICS
+
+        if metric not in METRICS or not METRICS[metric].is_core:
+            core = ", ".join(m for m in METRICS if METRICS[m].is_core)
+            _fail(f"--metric {metric!r} is not a core metric ({core})")
+        files = _sweep_preds(pred, preds)
+        _select_device(device)
+        steps = _Steps(quiet)
+        screen = _screen(
+            truth, key=key, control=control, steps=steps, seed=seed,
+            reference=reference.value, normalize=normalize.value, layer=layer,
+            backed=backed, drop_small=drop_small,
+        )  # fmt: skip
+
+        def models():
+            for name, path in files:
+                try:
+                    yield name, _read_pred(path)
+                except typer.Exit:
+                    if not skip_failed:
+                        raise
+                    yield name, path  # the sweep records the error
+
+        result = _run_sweep(
+            screen, models(), n_models=len(files), steps=steps, metrics=_metric_list(metrics),
+            n_boot=n_boot, ci=ci, seed=seed, resample=resample,
+            on_error="skip" if skip_failed else "raise", pred_layer=pred_layer,
+        )  # fmt: skip
+        meta = _table_meta(
+            result.table, key=screen.spec.key, control=screen.spec.control,
+            truth=os.path.abspath(truth), reference=screen.spec.reference_name, seed=seed,
+            n_boot=n_boot, ci=ci, resample=resample, models=dict(files),
+        )  # fmt: skip
+        _sweep_outputs(
+            result, out=out, leaderboard=leaderboard, report=report, metric=metric,
+            calibrated=not raw, meta=meta, steps=steps,
+        )  # fmt: skip
+        if not quiet:
+            _print_leaderboard(result, metric=metric, calibrated=not raw, steps=steps)
+            written = [p for p in (out, leaderboard, report) if p]
+            if written:
+                steps.console.print("wrote " + ", ".join(written))
+
+
+def _print_leaderboard(result, *, metric: str, calibrated: bool, steps: _Steps) -> None:
+    from vcjax.metrics import label
+
+    lb = result.leaderboard(metric, calibrated=calibrated, baselines=True)
+    n_boot = int(result.info.get("n_boot", 0))
+    name = ("calibrated " if calibrated else "") + label(metric)
+    cap = (
+        f"mean over perturbations; {100 * result.info['ci']:.0f} % intervals and rank intervals "
+        f"from {n_boot} shared {result.info['resample']} resamples; p_best: share of resamples "
+        "in which the model is best"
+        if n_boot
+        else "mean over perturbations; no resamples (--n-boot) so no intervals"
+    )
+    _stdout().print(_leaderboard_table(lb, title=f"leaderboard: {name}", caption=cap))
+    for model, err in result.errors.items():
+        steps.console.print(f"warning: model {model!r} left out: {err}")
+    steps.console.print(_backend_line())
+
+
 @app.command()
 def demo(
     h5ad: Annotated[
@@ -904,110 +1233,75 @@ def demo(
     ] = "condition",
     control: Annotated[str, typer.Option("--control", "-c", help="the control label")] = "control",
     seed: Annotated[int, typer.Option(help="simulator seed (and null-baseline seed)")] = 0,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="shared resamples")] = 200,
     out: Annotated[
-        str | None, typer.Option("--out", "-o", help="also write the table (.csv/.parquet)")
+        str | None, typer.Option("--out", "-o", help="also write the sweep table (.csv/.parquet)")
     ] = None,
+    report: Annotated[str | None, typer.Option(help="also write the HTML sweep report")] = None,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
     normalize: NormalizeOpt = Normalize.auto,
     drop_small: DropSmallOpt = False,
 ) -> None:
-    """Dataset mean vs technical duplicate, per perturbation, on the simulator or a real file.
+    """The engine's job in seconds: a small sweep of models of known quality, ranked.
 
-    Prints, per perturbation, WMSE and R²w(Δ) of the dataset-mean baseline next to the
-    technical duplicate, and the JAX backend that ran.
+    The models are made from the screen's own cells (vcjax.pipeline.known_models): the
+    truth's other half (the best a model can do without the truth's cells), the same with
+    noise, with its effects halved, and collapsed to the mean response; on the simulator
+    also its true expected means. They are scored with the baselines on shared cell
+    resamples, and the leaderboard prints with rank intervals and p_best.
     """
     with _errors():
-        _check_outputs((out, None))
+        _check_outputs((out, None), (report, (".html", ".htm")))
+        if n_boot < 0 or n_boot == 1:
+            _fail(f"--n-boot must be 0 or >= 2, got {n_boot}")
         _select_device(device)
         steps = _Steps(quiet)
+        oracle = None
         if h5ad is None:
-            from vcjax.simulate import simulate_screen
+            from vcjax.pipeline import prepare
+            from vcjax.simulate import population_means, simulate_screen
 
             with steps(f"simulating a screen (seed {seed})"):
                 adata = simulate_screen(seed=seed, key=key, control=control)
             source = f"vcjax.simulate.simulate_screen(seed={seed})"
+            oracle = population_means(adata).drop(index=control)
+            with steps("reading the truth: statistics, DEGs and baselines"):
+                screen = prepare(adata, key=key, control=control, seed=seed, progress=steps.show)
         else:
-            with steps("reading the screen"):
-                adata = _read_truth(h5ad, backed=False)
             source = h5ad
-        from vcjax.pipeline import evaluate
+            screen = _screen(
+                h5ad, key=key, control=control, steps=steps, seed=seed,
+                normalize=normalize.value, drop_small=drop_small,
+            )  # fmt: skip
+        from vcjax.pipeline import known_models
 
-        with steps("scoring the baselines"):
-            table = evaluate(
-                adata,
-                None,
-                key=key,
-                control=control,
-                seed=seed,
-                baselines=("control_mean", "dataset_mean", "null", "technical_duplicate"),
-                normalize=_NORMALIZE[normalize.value],
-                drop_small=drop_small,
-                progress=steps.show,
+        models = known_models(screen, seed=seed)
+        if oracle is not None:
+            models = {"simulator truth": oracle, **models}
+        result = _run_sweep(
+            screen, models, n_models=len(models), steps=steps, metrics=None,
+            n_boot=n_boot, ci=0.95, seed=seed, resample="cells",
+        )  # fmt: skip
+        meta = _table_meta(result.table, key=key, control=control, truth=source, seed=seed,
+                           n_boot=n_boot)  # fmt: skip
+        if out is not None or report is not None:
+            _sweep_outputs(
+                result, out=out, leaderboard=None, report=report, metric="r2w_delta",
+                calibrated=True, meta=meta, steps=steps,
+            )  # fmt: skip
+        if not quiet:
+            n_p = sum(len(s.perturbations) for s in screen.strata)
+            _stdout().print(
+                f"{source}: {n_p} perturbations × {len(screen.genes)} genes; "
+                f"{len(models)} models of known quality, {n_boot} shared cell resamples"
             )
-        if out is not None:
-            from vcjax._io import atomic_path, write_table
-
-            with atomic_path(out) as tmp:
-                write_table(
-                    table,
-                    tmp,
-                    like=out,
-                    meta=_table_meta(table, key=key, control=control, truth=source, seed=seed),
-                )
-        _print_demo(table, source=source, shape=adata.shape, quiet=quiet)
-
-
-def _print_demo(table, *, source: str, shape, quiet: bool) -> None:
-    import numpy as np
-    from rich.table import Table
-
-    con = _stdout()
-    w = table.pivot_table(
-        index="perturbation", columns=["metric", "source"], values="value", dropna=False, sort=False
-    )
-    col = lambda m, s: w[(m, s)] if (m, s) in w else np.full(len(w), np.nan)  # noqa: E731
-
-    def fmt(v):
-        return "NaN" if not np.isfinite(v) else f"{v:.4f}"
-
-    wm_d, wm_t = col("wmse", "dataset_mean"), col("wmse", "technical_duplicate")
-    r2_d, r2_t = col("r2w_delta", "dataset_mean"), col("r2w_delta", "technical_duplicate")
-    t = Table(
-        title=f"{source}: {shape[0]} cells × {shape[1]} genes, {len(w)} perturbations",
-        title_justify="left",
-        header_style="bold",
-    )
-    t.add_column("perturbation")
-    for c in (
-        "WMSE\ndataset mean",
-        "WMSE\ntech. dup.",
-        "R²w(Δ)\ndataset mean",
-        "R²w(Δ)\ntech. dup.",
-    ):
-        t.add_column(c, justify="right", no_wrap=True)
-    for i, p in enumerate(w.index):
-        t.add_row(
-            str(p), fmt(wm_d.iloc[i]), fmt(wm_t.iloc[i]), fmt(r2_d.iloc[i]), fmt(r2_t.iloc[i])
-        )
-    with np.errstate(all="ignore"):
-        ok = np.isfinite(wm_d.to_numpy(float)) & np.isfinite(wm_t.to_numpy(float))
-        wins = int((wm_t.to_numpy(float)[ok] < wm_d.to_numpy(float)[ok]).sum())
-
-        def med(x):
-            x = x.to_numpy(float)
-            return np.nanmedian(x) if np.isfinite(x).any() else np.nan
-
-        t.add_section()
-        t.add_row(
-            "median", fmt(med(wm_d)), fmt(med(wm_t)), fmt(med(r2_d)), fmt(med(r2_t)), style="bold"
-        )
-    con.print(t)
-    con.print(
-        f"The technical duplicate beats the dataset mean on WMSE in {wins}/{int(ok.sum())} perturbations "
-        "with DEGs (NaN: no DEGs, docs/metrics.md §5). A model is informative where it sits between them."
-    )
-    con.print(_backend_line())
+            _print_leaderboard(result, metric="r2w_delta", calibrated=True, steps=steps)
+            _stdout().print(
+                "Expected: 'other half' (the truth's other half) near the technical duplicate, "
+                "'collapsed' (the mean response) near or below 0"
+                + ("; the simulator's truth above both." if oracle is not None else ".")
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""One self-contained HTML report of an evaluation table, and the figures it is made of."""
+"""Self-contained HTML reports: of an evaluation table, and of a sweep; and their figures."""
 
 from vcjax.report._figures import plot_pathway_heatmap
 from vcjax.report._html import (
@@ -8,12 +8,15 @@ from vcjax.report._html import (
     sidecar_path,
     write_report,
 )
+from vcjax.report._sweep import build_sweep_report, write_sweep_report
 
 __all__ = [
     "SOURCE_ORDER",
     "build_report",
+    "build_sweep_report",
     "load_per_gene",
     "plot_pathway_heatmap",
     "sidecar_path",
     "write_report",
+    "write_sweep_report",
 ]

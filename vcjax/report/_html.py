@@ -25,13 +25,10 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
-import io
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,6 +37,7 @@ from vcjax._io import TABLE_FORMATS, atomic_path
 from vcjax.metrics import METRICS, label
 from vcjax.pipeline import NEGATIVES, calibration_card, wide
 from vcjax.report._figures import plot_pathway_heatmap
+from vcjax.report._page import CSS, fig_to_img, html_table, layout, pyplot
 
 __all__ = [
     "SOURCE_ORDER",
@@ -134,74 +132,6 @@ def _wide(table: pd.DataFrame, metric: str, column: str = "value") -> pd.DataFra
     return wide(table, metric, column, index=["unit"])
 
 
-def _fig_to_img(fig, alt: str) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
-def _layout(
-    fig,
-    *,
-    left: float = 1.4,
-    right: float = 0.2,
-    bottom: float = 0.6,
-    top: float = 0.4,
-    wspace: float = 0.5,
-    hspace: float = 0.6,
-) -> None:
-    """Fixed margins in inches (much cheaper than ``tight_layout`` on large figures)."""
-    W, H = fig.get_size_inches()
-    nrows, ncols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
-    pw = max((W - left - right - (ncols - 1) * wspace) / ncols, 0.5)
-    ph = max((H - top - bottom - (nrows - 1) * hspace) / nrows, 0.5)
-    fig.subplots_adjust(
-        left=left / W,
-        right=1 - right / W,
-        bottom=bottom / H,
-        top=1 - top / H,
-        wspace=wspace / pw,
-        hspace=hspace / ph,
-    )
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, (float, np.floating)):
-        if not np.isfinite(x):
-            return "—"
-        ax = abs(float(x))
-        if ax != 0 and (ax < 1e-3 or ax >= 1e5):
-            return f"{x:.3g}"
-        return f"{x:.4f}" if ax < 10 else f"{x:.2f}"
-    return html.escape(str(x))
-
-
-def _html_table(df: pd.DataFrame, *, max_rows: int = 200, cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = []
-    for _, row in df.head(max_rows).iterrows():
-        rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row.to_numpy()) + "</tr>")
-    more = (
-        f'<p class="note">{len(df) - max_rows} more rows not shown.</p>'
-        if len(df) > max_rows
-        else ""
-    )
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>{more}'
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ---------------------------------------------------------------------------- sections
 
 
@@ -213,7 +143,7 @@ def _section_summary(table: pd.DataFrame, sources: list[str]) -> str:
     out = [
         '<h2 id="summary">Summary: median over perturbations</h2>',
         "<p>Raw metric values; lower is better for MSE/WMSE/MAE, higher for the others.</p>",
-        _html_table(med.reset_index(drop=True)),
+        html_table(med.reset_index(drop=True)),
     ]
     if "model" in sources:
         cal = table[table["source"] == "model"].groupby("metric", sort=False)["calibrated"]
@@ -227,7 +157,7 @@ def _section_summary(table: pd.DataFrame, sources: list[str]) -> str:
         )
         out += [
             "<h3>Model, calibrated (0 = best negative/null baseline, 1 = technical duplicate)</h3>",
-            _html_table(calt),
+            html_table(calt),
         ]
     return "\n".join(out)
 
@@ -257,7 +187,7 @@ def _section_card(table: pd.DataFrame) -> str:
             "fraction of perturbations where the duplicate beats every negative/null baseline. "
             "A metric with a low DRF or discrimination cannot tell signal from a trivial "
             "prediction on this data set.</p>",
-            _html_table(card),
+            html_table(card),
         ]
     )
 
@@ -289,7 +219,7 @@ def _neg_and_span(table: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Serie
 
 
 def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline: list[str]) -> str:
-    plt = _plt()
+    plt = pyplot()
     has_model = "model" in sources
     intervals = _interval_columns(table)
     metrics = headline[:4]
@@ -372,8 +302,8 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
         ax.set_title(label(metric), fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    _layout(fig, left=1.4 if show_labels else 0.3, wspace=1.5 if show_labels else 0.3)
-    img = _fig_to_img(fig, "per-perturbation scores")
+    layout(fig, left=1.4 if show_labels else 0.3, wspace=1.5 if show_labels else 0.3)
+    img = fig_to_img(fig, "per-perturbation scores")
     if has_model:
         text = (
             "Each perturbation's calibrated score: 0 is the best of the negative/null baselines "
@@ -394,7 +324,7 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
 
 
 def _section_vs_baselines(table: pd.DataFrame, sources: list[str]) -> str:
-    plt = _plt()
+    plt = pyplot()
     metrics = list(dict.fromkeys(table["metric"]))
     ncol = min(4, len(metrics))
     nrow = -(-len(metrics) // ncol)
@@ -446,13 +376,13 @@ def _section_vs_baselines(table: pd.DataFrame, sources: list[str]) -> str:
         ax.grid(axis="x", alpha=0.3)
     for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
-    _layout(fig, left=1.5, wspace=0.3, hspace=0.65, bottom=0.4)
+    layout(fig, left=1.5, wspace=0.3, hspace=0.65, bottom=0.4)
     return (
         '<h2 id="baselines">Model vs baselines, per metric</h2><p>Distribution over '
         "perturbations of each source's raw value (bar: quartiles; black tick: median; dots: "
         "perturbations). "
         "A metric is informative on this data set when the technical duplicate clearly "
-        f"separates from the dataset mean and control mean.</p>{_fig_to_img(fig, 'model vs baselines')}"
+        f"separates from the dataset mean and control mean.</p>{fig_to_img(fig, 'model vs baselines')}"
     )
 
 
@@ -485,7 +415,7 @@ def _section_paired(comp: pd.DataFrame) -> str:
             "model is better (errors are negated), with its paired bootstrap interval; counted are "
             "the perturbations whose interval excludes 0. Win rate: the fraction of resamples in "
             "which the model is strictly better.</p>",
-            _html_table(pd.DataFrame(rows)),
+            html_table(pd.DataFrame(rows)),
         ]
     )
 
@@ -493,7 +423,7 @@ def _section_paired(comp: pd.DataFrame) -> str:
 def _section_control_bias(
     table: pd.DataFrame, sources: list[str], per_gene: Mapping[str, np.ndarray] | None
 ) -> str:
-    plt = _plt()
+    plt = pyplot()
     notes = []
     xs: dict[str, pd.Series] = {}
     metrics = set(table["metric"])
@@ -570,7 +500,7 @@ def _section_control_bias(
     ax.set_ylabel(f"{label(ymetric)} vs {ref} (clipped at −2)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    _layout(fig, left=0.8, bottom=0.6, top=0.2)
+    layout(fig, left=0.8, bottom=0.6, top=0.2)
     summ = pd.DataFrame(rows).rename(
         columns={
             "median x": f"median {xlabel.split(' (')[0]}",
@@ -591,8 +521,8 @@ def _section_control_bias(
             '<h2 id="control-bias">Control bias</h2>',
             f"<p>{text}</p>",
             "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes),
-            _fig_to_img(fig, "control bias"),
-            _html_table(summ),
+            fig_to_img(fig, "control bias"),
+            html_table(summ),
         ]
     )
 
@@ -637,7 +567,7 @@ def _section_per_gene(
             "<code>vcjax report</code>."
         )
         return f'{head}<p class="note">{msg}</p>'
-    plt = _plt()
+    plt = pyplot()
     perts = [str(p) for p in per_gene["perturbations"]]
     why, picks = _pick_worst_best(table, headline, perts)
     if not picks:
@@ -686,28 +616,16 @@ def _section_per_gene(
         ax.set_title(f"{which}: {pert}", fontsize=10)
         ax.legend(fontsize=7, ncol=3, loc="best")
         ax.grid(axis="y", alpha=0.3)
-        _layout(fig, left=0.7, bottom=1.3, top=0.35)
+        layout(fig, left=0.7, bottom=1.3, top=0.35)
         parts.append(f"<h3>{html.escape(which)}: {html.escape(pert)}</h3>")
-        parts.append(_fig_to_img(fig, f"per-gene {which}"))
+        parts.append(fig_to_img(fig, f"per-gene {which}"))
         tab = pd.DataFrame(
             {"gene": genes, "weight": weight, "DEG": np.where(deg, "yes", ""), "truth Δ": truth}
         )
         for s in sources:
             tab[f"{s} error"] = np.asarray(per_gene[f"delta__{s}"][i], float) - truth
-        parts.append(_html_table(tab, cls="small"))
+        parts.append(html_table(tab, cls="small"))
     return "\n".join(parts)
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1240px;
-color:#222;background:#fff;line-height:1.4}
-h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
-h3{font-size:15px}table{border-collapse:collapse;margin:8px 0;font-size:12px}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}table.small{font-size:11px}
-.note{color:#8a5a00;font-size:13px}img{max-width:100%;height:auto}
-.meta{color:#555;font-size:13px}nav a{margin-right:12px}
-"""
 
 
 def build_report(
@@ -811,7 +729,7 @@ def build_report(
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in anchors if f'id="{a}"' in body)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><nav>{nav}</nav>"
         f'<table class="meta">{meta}</table>'
         + body
@@ -831,7 +749,7 @@ def _section_pathways(pathways: pd.DataFrame | None) -> str:
         '<section id="pathways"><h2>Per-pathway confidence</h2>'
         "<p>Mean per-gene confidence (0–100; 100 = indistinguishable from a technical "
         "replicate) over each gene set's genes present in the data; labels give present/total "
-        "genes.</p>" + _fig_to_img(fig, "per-pathway confidence heatmap") + "</section>"
+        "genes.</p>" + fig_to_img(fig, "per-pathway confidence heatmap") + "</section>"
     )
 
 
