@@ -361,7 +361,7 @@ def test_python_m_vcjax(monkeypatch, capsys):
         runpy.run_module("vcjax", run_name="__main__", alter_sys=True)
     assert exc.value.code in (0, None)
     out = capsys.readouterr().out
-    for cmd in ("score", "baselines", "report", "demo"):
+    for cmd in ("score", "baselines", "prepare", "sweep", "report", "demo"):
         assert cmd in out
 
 

@@ -272,3 +272,39 @@ def test_bootstrap_resamples_sharded_over_four_devices(tmp_path):
         a, b = np.array(one[key], float), np.array(four[key], float)
         assert a.shape[0] == 10  # (n_boot, P)
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5, equal_nan=True, err_msg=key)
+
+
+_SWEEP_SHARDED = """
+import sys, json, numpy as np, jax
+import vcjax
+adata = vcjax.simulate_screen(n_perturbations=6, n_genes=60, cells_per_perturbation=16,
+                              n_control=40, n_combinations=1, effect_genes=4,
+                              shared_shift_genes=6, seed=2)
+screen = vcjax.prepare(adata, key="condition", control="control")
+(s,) = screen.strata
+half = np.asarray(s.baselines["technical_duplicate"])
+rng = np.random.default_rng(0)
+P, G = list(screen.perturbations), list(screen.genes)
+models = {f"m{i}": (P, half + rng.normal(0, 0.1 * i, half.shape), G) for i in range(3)}
+runs = {n: vcjax.sweep(screen, models, n_boot=8, seed=3, chunk_size=4, devices=jax.devices()[:n])
+        for n in (1, 4)}
+out = {"devices": jax.device_count(),
+       "resampled": {n: {"|".join(map(str, k)): v.tolist() for k, v in r.resampled.items()}
+                     for n, r in runs.items()},
+       "ci": {n: r.table["ci_low"].tolist() for n, r in runs.items()}}
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_sweep_sharded_over_four_devices(tmp_path):
+    """vcjax.sweep with the resamples sharded over 4 CPU devices (models replicated):
+    every resampled aggregate and per-perturbation interval equals one device's."""
+    path = tmp_path / "sweep.json"
+    _run_on_devices(_SWEEP_SHARDED, 4, path)
+    got = json.loads(path.read_text())
+    assert got["devices"] == 4
+    one, four = got["resampled"]["1"], got["resampled"]["4"]
+    assert set(one) == set(four) and len(one) >= 40
+    for key in one:
+        np.testing.assert_allclose(four[key], one[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(got["ci"]["4"], got["ci"]["1"], rtol=2e-5, atol=1e-6)

@@ -1,10 +1,14 @@
-"""The ``vcjax`` command: score predictions, a data set's calibration card, reports, a demo.
+"""The ``vcjax`` command: score predictions, sweep many models, a data set's calibration card,
+reports, a demo.
 
 ::
 
     vcjax score --truth T.h5ad --pred P.h5ad --key condition --control control \\
                 --out results.parquet [--report report.html] [--n-boot 1000]
     vcjax baselines --truth T.h5ad --key condition --control control --out card.csv
+    vcjax prepare --truth T.h5ad --key condition --control control --out truth.vcjax
+    vcjax sweep --truth truth.vcjax --preds 'runs/*/pred.h5ad' --n-boot 1000 \
+                --out sweep.parquet --leaderboard leaderboard.csv --report sweep.html
     vcjax report results.parquet --out report.html
     vcjax demo [--h5ad screen.h5ad --key condition --control control]
 

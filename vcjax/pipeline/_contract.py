@@ -20,7 +20,11 @@ cancellation. MAE is computed directly, the top-k Pearson on the gathered top-k 
 Every NaN rule is the kernels' (:mod:`vcjax.metrics`), gates included.
 
 :func:`resample_terms` is the resample side (it runs inside the bootstrap's compiled
-resampler, :func:`vcjax.pipeline.resampler`), :func:`model_values` the model side.
+resampler, :func:`vcjax.pipeline.resampler`), :func:`model_values` the model side, and
+:func:`model_sums` the model-side sums that no resample changes (computed once per block of
+models: a third of the model stage's time otherwise). Terms that multiply the same
+model-side vector are stacked (``[e, w e]`` with ``a0``; ``[m, m ρ, m (y_b − r0)]`` with
+``x0m``) so that each is one product.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from vcjax.metrics import (
 from vcjax.pipeline._derive import Derived
 from vcjax.pipeline._scoring import gate
 
-__all__ = ["model_values", "resample_term_names", "resample_terms"]
+__all__ = ["model_sums", "model_values", "resample_term_names", "resample_terms"]
 
 
 def _sum(x):
@@ -87,7 +91,6 @@ def resample_terms(cfg, d: Derived, arrs: Mapping[str, jax.Array]) -> dict[str, 
     rhobar = _mean(rho)
     rhoc = rho - rhobar[..., None]
     t: dict[str, jax.Array] = dict(
-        e=e,
         Se2=_sum(e * e),
         ybar=ybar,
         Syy=_sum(yc * yc),
@@ -122,7 +125,7 @@ def resample_terms(cfg, d: Derived, arrs: Mapping[str, jax.Array]) -> dict[str, 
         mw = _sum(w * y) / jnp.where(sw > 0, sw, 1.0)
         t.update(
             w=w,
-            we=w * e,
+            ewe=jnp.stack([e, w * e], axis=1),  # (b, 2, P, G): one product with a0 for both
             Sw=sw,
             Swe2=_sum(w * e * e),
             mw=mw,
@@ -135,9 +138,7 @@ def resample_terms(cfg, d: Derived, arrs: Mapping[str, jax.Array]) -> dict[str, 
         smy = _sum(m * y)
         mym = smy / jnp.maximum(nm, 1.0)
         t.update(
-            m=m,
-            mrho=mrho,
-            mc=m * (truth - r0[None]),
+            mset=jnp.stack([m, mrho, m * (truth - r0[None])], axis=1),  # (b, 3, P, G)
             nm=nm,
             Smr=_sum(mrho),
             Smrr=_sum(mrho * rho[:, None, :]),
@@ -146,6 +147,8 @@ def resample_terms(cfg, d: Derived, arrs: Mapping[str, jax.Array]) -> dict[str, 
             mym=mym,
             Smyy=_sum(m * jnp.square(y - mym[..., None])),
         )
+    if "ewe" not in t:
+        t["e"] = e
     if d.deg is not None:  # (b, P) whether the DEG sets are resampled or frozen
         t["no_deg"] = ~jnp.any(jnp.broadcast_to(d.deg.mask, truth.shape), axis=-1)
     if "topk" in need and 2 <= cfg.k <= cfg.G:
@@ -160,12 +163,13 @@ def resample_terms(cfg, d: Derived, arrs: Mapping[str, jax.Array]) -> dict[str, 
 
 
 #: the resample-side arrays that are per (resample, perturbation[, gene]) — the others are
-#: per resample and shared by every perturbation
+#: per resample and shared by every perturbation; the stacked ones are ``(b, k, P, G)``
 _PER_ROW = frozenset(
-    ("e", "we", "w", "m", "mrho", "mc", "Se2", "ybar", "Syy", "Sry_c", "Sy", "Syy_u", "Sry_u",
+    ("e", "ewe", "w", "mset", "Se2", "ybar", "Syy", "Sry_c", "Sy", "Syy_u", "Sry_u",
      "y2bar", "Sy2y2", "Sr2y2_c", "Sw", "Swe2", "mw", "Swyy", "nm", "Smr", "Smrr", "Smry", "Smy",
      "mym", "Smyy", "no_deg", "topk_idx", "yk", "rhok")
 )  # fmt: skip
+_STACKED = frozenset(("ewe", "mset"))
 
 
 def _bdot(lhs, rhs):
@@ -186,7 +190,7 @@ _BLOCK_ELEMENTS = 1 << 20
 
 @functools.lru_cache(maxsize=16)
 def _model_fn(metrics: tuple[str, ...], k: int, strict: bool, gated: bool, block: int):
-    def fn(terms, yhat, y0, r0, m0):
+    def fn(terms, yhat, sums, y0, r0, m0):
         P = yhat.shape[0]
         n_full, tail = divmod(P, block)
         row = {kk: v for kk, v in terms.items() if kk in _PER_ROW}
@@ -196,9 +200,15 @@ def _model_fn(metrics: tuple[str, ...], k: int, strict: bool, gated: bool, block
             def cut(x, axis=0):
                 return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
-            rb = {kk: jnp.swapaxes(cut(v, 1), 0, 1) for kk, v in row.items()}
+            rb = {  # (p, b, …); a stacked term (p, b·k, G), index b·k + j
+                kk: jnp.moveaxis(cut(v, 2), 2, 0).reshape(size, -1, v.shape[-1])
+                if kk in _STACKED
+                else jnp.swapaxes(cut(v, 1), 0, 1)
+                for kk, v in row.items()
+            }
+            sb = {kk: cut(v) for kk, v in sums.items()}
             return _values(
-                {**rb, **shared}, cut(yhat), cut(y0), r0, cut(m0), metrics, k, strict, gated
+                {**rb, **shared}, cut(yhat), sb, cut(y0), r0, cut(m0), metrics, k, strict, gated
             )  # {metric: (p, Mc, b)}
 
         parts = []
@@ -214,6 +224,31 @@ def _model_fn(metrics: tuple[str, ...], k: int, strict: bool, gated: bool, block
     return jax.jit(fn)
 
 
+@jax.jit
+def model_sums(
+    yhat: jax.Array, y0: jax.Array, r0: jax.Array, m0: jax.Array
+) -> dict[str, jax.Array]:
+    """The model-side sums that do not depend on the resample, ``(P, Mc)`` each: computed
+    once per block of models instead of once per chunk of resamples.
+
+    ``yhat`` ``(P, Mc, G)``; ``y0``, ``r0``, ``m0`` as :func:`model_values`."""
+    yhat = yhat.astype(y0.dtype)
+    a0 = yhat - y0[:, None, :]
+    x0 = yhat - r0[None, None, :]
+    mu = _mean(x0)
+    x0c = x0 - mu[..., None]
+    m0f = jnp.broadcast_to(m0, y0.shape).astype(y0.dtype)[:, None, :]
+    n0 = _sum(m0f)
+    return dict(
+        mu=mu,
+        mum=jnp.where(n0 > 0, _sum(x0 * m0f) / jnp.maximum(n0, 1.0), mu),
+        Sa2=_sum(a0 * a0),
+        Sxc2=_sum(x0c * x0c),
+        Sx02=_sum(x0 * x0),
+        xcD0=_sum(x0c * (y0 - r0[None])[:, None, :]),
+    )
+
+
 def model_values(
     terms: Mapping[str, jax.Array],
     yhat: jax.Array,
@@ -225,6 +260,7 @@ def model_values(
     k: int,
     strict: bool,
     gate: bool,
+    sums: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """Every core metric of a chunk of models against a chunk of resamples.
 
@@ -234,6 +270,7 @@ def model_values(
       y0, r0: the point truth ``(P, G)`` and reference ``(G,)`` the terms are centred on.
       m0: the point DEG sets ``(P, G)`` (the centre of ``x0m``), or None.
       metrics, k, strict, gate: as :class:`vcjax.pipeline.ScoreSpec` (core metrics only).
+      sums: :func:`model_sums` of ``yhat`` (computed here when not given).
 
     Returns:
       ``{metric: (Mc, b, P)}``.
@@ -243,25 +280,28 @@ def model_values(
     fn = _model_fn(tuple(metrics), int(k), bool(strict), bool(gate), block)
     if m0 is None:
         m0 = jnp.zeros((P, 1), bool)  # unread: no DEG sets
-    return fn(dict(terms), yhat, y0, r0, m0)
+    if sums is None:
+        sums = model_sums(yhat, y0, r0, m0)
+    return fn(dict(terms), yhat, dict(sums), y0, r0, m0)
 
 
-def _values(t, yhat, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Array]:
+def _values(t, yhat, sums, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Array]:
     """The metrics of one block of perturbations: ``yhat`` ``(p, M, G)``, per-row terms
     ``(p, b, …)``, shared terms ``(b, …)``; returns ``{metric: (p, M, b)}``."""
-    dt = t["e"].dtype
+    dt = t["Se2"].dtype
     yhat = yhat.astype(dt)
     G = yhat.shape[-1]
+    b = t["Se2"].shape[-1]
     n = jnp.asarray(G, dt)
     want = set(metrics)
     a0 = yhat - y0[:, None, :]
     x0 = yhat - r0[None, None, :]
-    mu = _mean(x0)  # (p, M)
+    mu = sums["mu"]  # (p, M)
     x0c = x0 - mu[..., None]
-    Sa2 = _sum(a0 * a0)[..., None]  # (p, M, 1)
-    Sxc2 = _sum(x0c * x0c)[..., None]
-    Sx02 = _sum(x0 * x0)[..., None]
-    xcD0 = _sum(x0c * (y0 - r0[None])[:, None, :])[..., None]
+    Sa2 = sums["Sa2"][..., None]  # (p, M, 1)
+    Sxc2 = sums["Sxc2"][..., None]
+    Sx02 = sums["Sx02"][..., None]
+    xcD0 = sums["xcD0"][..., None]
     mu_b = mu[..., None]
 
     def bc(name):  # a per-(row, resample) truth-only sum (p, b), broadcast over models
@@ -271,12 +311,18 @@ def _values(t, yhat, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Arr
         return t[name][None, None, :]
 
     out: dict[str, jax.Array] = {}
-    ae = _bdot(a0, t["e"])
+    if "ewe" in t:  # a0 · [e, w e] in one product
+        e = t["ewe"].reshape(t["ewe"].shape[0], b, 2, G)[:, :, 0]
+        prod = _bdot(a0, t["ewe"]).reshape(*a0.shape[:2], b, 2)
+        ae, awe = prod[..., 0], prod[..., 1]
+    else:
+        e = t["e"]
+        ae = _bdot(a0, e)
     err2 = jnp.maximum(Sa2 - 2.0 * ae + bc("Se2"), 0.0)  # Σ (ŷ − y_b)², = Σ (Δ − Δ̂)²
     if "mse" in want:
         out["mse"] = err2 / n
     if "mae" in want:
-        out["mae"] = _sum(jnp.abs(a0[:, :, None, :] - t["e"][:, None, :, :])) / n
+        out["mae"] = _sum(jnp.abs(a0[:, :, None, :] - e[:, None, :, :])) / n
     if "r2_delta" in want:
         out["r2_delta"] = r2_from_moments(err2, bc("Syy"), n, bc("ybar"), n >= 2, strict=strict)
     if "r2_delta_ctrl" in want:
@@ -284,7 +330,7 @@ def _values(t, yhat, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Arr
             err2, bc("Sy2y2"), n, bc("y2bar"), n >= 2, strict=strict
         )
     if "w" in t and want & {"wmse", "r2w_delta"}:
-        werr2 = jnp.maximum(_bdot(a0 * a0, t["w"]) - 2.0 * _bdot(a0, t["we"]) + bc("Swe2"), 0.0)
+        werr2 = jnp.maximum(_bdot(a0 * a0, t["w"]) - 2.0 * awe + bc("Swe2"), 0.0)
         sw = bc("Sw")
         if "wmse" in want:
             out["wmse"] = safe_div(werr2, sw, sw > 0)
@@ -292,7 +338,7 @@ def _values(t, yhat, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Arr
             ok = (n >= 2) & (sw > 0)
             out["r2w_delta"] = r2_from_moments(werr2, bc("Swyy"), sw, bc("mw"), ok, strict=strict)
     if want & {"pearson_delta", "cosine_delta", "pearson_delta_ctrl"}:
-        xc_c = xcD0 + _bdot(x0c, t["e"])  # x0c · (y_b − r0)
+        xc_c = xcD0 + _bdot(x0c, e)  # x0c · (y_b − r0)
         xcr = _gdot(x0c, t["rho"])
         if "pearson_delta" in want:
             sxx = Sxc2 - 2.0 * xcr + bb("Srr_c")
@@ -312,16 +358,16 @@ def _values(t, yhat, y0, r0, m0, metrics, k, strict, gated) -> dict[str, jax.Arr
             out["pearson_delta_ctrl"] = pearson_from_moments(
                 sxx, bc("Sy2y2"), sxy, n, mx, bc("y2bar")
             )
-    if "m" in t and "pearson_delta_degs" in want:
-        m0f = m0.astype(dt)[:, None, :]
-        n0 = _sum(m0f)
-        mum = jnp.where(n0 > 0, _sum(x0 * m0f) / jnp.maximum(n0, 1.0), mu)  # (p, M)
+    if "mset" in t and "pearson_delta_degs" in want:
+        mum = sums["mum"]  # (p, M): x0's mean over the point DEG set
         x0m = x0 - mum[..., None]
         nm = bc("nm")
-        smx = _bdot(x0m, t["m"]) - bc("Smr")
-        xmr = _bdot(x0m, t["mrho"])
-        smx2 = _bdot(x0m * x0m, t["m"]) - 2.0 * xmr + bc("Smrr")
-        smxy = _bdot(x0m, t["mc"]) - xmr - bc("Smry")
+        prod = _bdot(x0m, t["mset"]).reshape(*x0m.shape[:2], b, 3)  # x0m · [m, m ρ, m (y − r0)]
+        m_b = t["mset"].reshape(t["mset"].shape[0], b, 3, G)[:, :, 0]
+        smx = prod[..., 0] - bc("Smr")
+        xmr = prod[..., 1]
+        smx2 = _bdot(x0m * x0m, m_b) - 2.0 * xmr + bc("Smrr")
+        smxy = prod[..., 2] - xmr - bc("Smry")
         safe_nm = jnp.maximum(nm, 1.0)
         mxx = smx2 - smx * smx / safe_nm
         mxy = smxy - smx * bc("Smy") / safe_nm

@@ -115,6 +115,23 @@ def undefined_for(metric: str, source: str, spec: TruthSpec) -> bool:
     return spec.uall_reference and source in METRICS[metric].undefined_for
 
 
+def engine_inputs(stratum: Stratum, *, topk: bool = True) -> dict[str, np.ndarray | None]:
+    """The truth-side inputs of :func:`score_sources`, cast once to the engine's working
+    dtype (the engine would cast them chunk by chunk, for every source: the same values).
+    A caller scoring many predictions against one stratum passes them as ``inputs=``."""
+    wdt = working_dtype()
+    topk_w = None
+    if topk and (stratum.scores is not None or stratum.weights is not None):
+        topk_w = np.abs(stratum.scores) if stratum.scores is not None else stratum.weights
+        topk_w = engine_array(topk_w, wdt)
+    return dict(
+        truth=engine_array(stratum.truth, wdt),
+        weights=None if stratum.weights is None else engine_array(stratum.weights, wdt),
+        mask=None if stratum.deg_mask is None else engine_array(stratum.deg_mask, np.dtype(bool)),
+        topk=topk_w,
+    )
+
+
 def score_sources(
     stratum: Stratum,
     spec: TruthSpec,
@@ -124,6 +141,7 @@ def score_sources(
     *,
     prediction: Prediction | None = None,
     dataset: dict[str, dict[str, np.ndarray]] | None = None,
+    inputs: Mapping[str, np.ndarray | None] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{source: {metric: (P,)}}`` for every prediction, with DbD's gates applied.
 
@@ -136,20 +154,15 @@ def score_sources(
       prediction: the model's aligned prediction (its predicted cells feed the cell-level
         peer metrics of source ``"model"``).
       dataset: when given, receives the dataset-level values ``{source: {metric: (1,)}}``.
+      inputs: :func:`engine_inputs` of ``stratum`` (computed here when not given).
     """
     core, topk, ctrl = core_metric_groups(
         metrics, weights=stratum.weights is not None, mask=stratum.deg_mask is not None
     )
-    # The engine casts every input to its working dtype chunk by chunk; cast the inputs
-    # shared by all sources once instead (same values: the same cast, done earlier).
     wdt = working_dtype()
-    truth = engine_array(stratum.truth, wdt)
-    weights = None if stratum.weights is None else engine_array(stratum.weights, wdt)
-    mask = None if stratum.deg_mask is None else engine_array(stratum.deg_mask, np.dtype(bool))
-    topk_w = None
-    if topk:
-        topk_w = np.abs(stratum.scores) if stratum.scores is not None else stratum.weights
-        topk_w = engine_array(topk_w, wdt)
+    if inputs is None:
+        inputs = engine_inputs(stratum, topk=bool(topk))
+    truth, weights, mask, topk_w = (inputs[k] for k in ("truth", "weights", "mask", "topk"))
     peer_names = [m for m in metrics if not METRICS[m].is_core]
     no_deg = stratum.no_degs if score.gate else None
     kw = dict(chunk_size=score.chunk_size, k=score.k, strict=score.strict)

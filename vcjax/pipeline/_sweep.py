@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -43,9 +42,9 @@ from vcjax.metrics import METRICS, higher_is_better
 from vcjax.pipeline._align import align
 from vcjax.pipeline._bootstrap import resampler
 from vcjax.pipeline._calibrate import calibrate
-from vcjax.pipeline._contract import model_values, resample_terms
+from vcjax.pipeline._contract import model_sums, model_values, resample_terms
 from vcjax.pipeline._evaluate import as_screen
-from vcjax.pipeline._scoring import resolve_metrics, score_sources, usable_metrics
+from vcjax.pipeline._scoring import engine_inputs, resolve_metrics, score_sources, usable_metrics
 from vcjax.pipeline._screen import Screen
 from vcjax.pipeline._spec import BootSpec, ScoreSpec
 from vcjax.pipeline._tidy import tidy
@@ -95,7 +94,10 @@ class _ModelStore:
     ``(P_j, Mc, G)`` array per stratum): filled in place as models arrive, each full block
     moved to the device (or, beyond ``budget`` bytes, spilled to a temporary file)."""
 
-    def __init__(self, sizes: Sequence[int], n_genes: int, block: int, budget: int) -> None:
+    def __init__(
+        self, sizes: Sequence[int], n_genes: int, block: int, budget: int, place: Callable
+    ) -> None:
+        self.place = place  # host array -> device array (replicated over the devices)
         self.sizes = [int(n) for n in sizes]
         self.offsets = np.cumsum([0] + self.sizes)
         self.G, self.block, self.budget = int(n_genes), max(1, int(block)), int(budget)
@@ -141,7 +143,7 @@ class _ModelStore:
             self._device = []
         if self._file is None:
             self._device.append(
-                tuple(jax.device_put(np.ascontiguousarray(buf[a:b])) for a, b in self._ranges())
+                tuple(self.place(np.ascontiguousarray(buf[a:b])) for a, b in self._ranges())
             )
         else:
             self._file.seek(0, os.SEEK_END)
@@ -159,7 +161,7 @@ class _ModelStore:
         self._file.seek(i0 * rows * self.G * 4)
         raw = np.frombuffer(self._file.read((i1 - i0) * rows * self.G * 4), np.float32)
         raw = raw.reshape(rows, i1 - i0, self.G)
-        return tuple(jnp.asarray(raw[a:b]) for a, b in self._ranges())
+        return tuple(self.place(np.ascontiguousarray(raw[a:b])) for a, b in self._ranges())
 
     def close(self) -> None:
         self._device = []
@@ -468,6 +470,7 @@ def sweep(
     chunk_size: int | None = None,
     memory_budget: int = 1 << 30,
     progress: bool | Callable[[str, int, int], None] = False,
+    devices: Sequence[jax.Device] | None = None,
     **truth_options: Any,
 ) -> SweepResult:
     """Score many models against one prepared truth, on shared resamples.
@@ -496,6 +499,9 @@ def sweep(
       memory_budget: bytes of aligned models held in memory before spilling to disk.
       progress: True for a log line per chunk, or ``callback(stage, done, total)`` with
         ``stage`` in ``"models"``, ``"resamples"``.
+      devices: the devices the resamples are sharded over (default: every local device);
+        the models are replicated on them. Resample ``b`` depends only on ``seed`` and
+        ``b``, so the values do not depend on the devices.
 
     Returns:
       :class:`SweepResult`.
@@ -515,6 +521,8 @@ def sweep(
         if isinstance(models, Mapping)
         else (int(models.shape[0]) if hasattr(models, "shape") else 0)
     )
+    if n_models == 0 and (isinstance(models, Mapping) or hasattr(models, "shape")):
+        raise VcjaxInputError("no model to score (an empty set of models)")
     screen = as_screen(truth, key=key, control=control, seed=seed, **truth_options)
     spec, strata = screen.spec, screen.strata
     sizes = [len(s.perturbations) for s in strata]
@@ -525,23 +533,25 @@ def sweep(
 
     # ---- baselines, scored once
     base_frames, base_values = [], []
-    for s in strata:
-        values = score_sources(s, spec, dict(s.baselines), names_metrics, score)
-        base_values.append(values)
-        base_frames.append(tidy(s, spec, score, values, calibrate(values)))
-    baselines = _finish_frame(pd.concat(base_frames, ignore_index=True), spec)
-    bnames = list(strata[0].derived.baselines)
+    bnames = list(dict.fromkeys(n for s in strata for n in s.derived.baselines))
     base_point = np.full((len(bnames), len(core), 2, n_rows), np.nan)
-    for j, values in enumerate(base_values):
+    for j, s in enumerate(strata):
+        values = score_sources(s, spec, dict(s.baselines), names_metrics, score)
         cal = calibrate(values)
+        base_values.append(values)
+        base_frames.append(tidy(s, spec, score, values, cal))
         for si, n in enumerate(bnames):
             _fill_point(base_point[si], core, values.get(n, {}), cal.get(n, {}), offsets[j : j + 2])
+    baselines = _finish_frame(pd.concat(base_frames, ignore_index=True), spec)
 
     # ---- models: aligned, point-scored (as evaluate), kept for the resamples
+    inputs = [engine_inputs(s) for s in strata]  # the truth side cast once for every model
     store = None
     if n_boot and resample != "perturbations":
         block = model_chunk or max(1, min(128, (1 << 28) // max(1, n_rows * G)))
-        store = _ModelStore(sizes, G, block, memory_budget)
+        if n_models and not model_chunk:  # blocks of equal size: one compilation
+            block = -(-n_models // -(-n_models // block))
+        store = _ModelStore(sizes, G, block, memory_budget, _placer(devices))
     frames, where, points, errors, seen = [], [], [], {}, set()
     try:
         for name, pred in items:
@@ -560,8 +570,9 @@ def sweep(
             point = np.full((len(core), 2, n_rows), np.nan)
             for j, s in enumerate(strata):
                 values = score_sources(
-                    s, spec, {"model": prediction.matrices[j]}, mets, score, prediction=prediction
-                )
+                    s, spec, {"model": prediction.matrices[j]}, mets, score,
+                    prediction=prediction, inputs=inputs[j],
+                )  # fmt: skip
                 cal = calibrate({**base_values[j], **values})
                 per.append(tidy(s, spec, score, values, {"model": cal["model"]}))
                 _fill_point(point, core, values["model"], cal["model"], offsets[j : j + 2])
@@ -610,7 +621,7 @@ def sweep(
         elif n_boot:
             lo, hi = _cell_resamples(
                 result, screen, store, core, bnames, score, n_boot, ci, seed, resample,
-                chunk_size=chunk_size, report=report, log=progress is True,
+                chunk_size=chunk_size, devices=devices, report=report, log=progress is True,
             )  # fmt: skip
             mi = np.concatenate([w[0] for w in where])
             row = np.concatenate([w[1] for w in where])
@@ -625,6 +636,18 @@ def sweep(
             store.close()
     info["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _placer(devices: Sequence[jax.Device] | None) -> Callable[[np.ndarray], jax.Array]:
+    """How the models and the point truth go to the devices: replicated over a mesh of
+    several (the resamples are sharded over it), else on the one device."""
+    devs = list(jax.devices() if devices is None else devices)
+    if len(devs) == 1:
+        return lambda x: jax.device_put(x, devs[0])
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.asarray(devs), ("resamples",)), PartitionSpec())
+    return lambda x: jax.device_put(x, sharding)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -684,6 +707,7 @@ def _cell_resamples(
     resample: str,
     *,
     chunk_size: int | None,
+    devices: Sequence[jax.Device] | None,
     report,
     log: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -700,15 +724,20 @@ def _cell_resamples(
         y0 = np.asarray(s.truth, dtype)
         r0 = np.asarray(s.reference, dtype)
         rs = resampler(
-            s, spec, model=None, metrics=metrics, score=score, boot=boot, index=j,
+            s, spec, model=None, metrics=metrics, score=score, boot=boot, index=j, devices=devices,
             extra=resample_terms, extra_arrays=dict(sweep_y0=y0, sweep_r0=r0),
         )  # fmt: skip
         runners.append(rs)
         consts.append(
             dict(
-                y0=jnp.asarray(y0),
-                r0=jnp.asarray(r0),
-                m0=None if s.deg_mask is None else jnp.asarray(s.deg_mask),
+                y0=store.place(y0),
+                r0=store.place(r0),
+                m0=None if s.deg_mask is None else store.place(np.asarray(s.deg_mask)),
+                m0z=store.place(
+                    np.zeros((len(s.perturbations), 1), bool)
+                    if s.deg_mask is None
+                    else np.asarray(s.deg_mask)
+                ),
                 metrics=tuple(usable_metrics(metrics, s)),
             )
         )
@@ -717,6 +746,7 @@ def _cell_resamples(
     bagg = np.full((n_met, 2, len(AGGREGATES), S, n_boot), np.nan)
     spool = _Spool(n_met, n_rows)
     clock = dict(truth=0.0, models=0.0)
+    model_side: dict[tuple[int, int], dict] = {}  # (block, stratum) -> model_sums
     t0 = time.perf_counter()
     try:
         for start in range(0, n_boot, chunk):
@@ -727,9 +757,11 @@ def _cell_resamples(
             terms = [o[1] for o in outs]
             bvals = np.full((n_met, S, b, n_rows), np.nan, dtype)  # every stratum's rows
             for j, o in enumerate(outs):
+                rows = slice(offsets[j], offsets[j + 1])
+                slots = [bnames.index(n) for n in runners[j].sources]  # this stratum's baselines
                 for mi, m in enumerate(metrics):
                     if m in o[0]:
-                        bvals[mi, :, :, offsets[j] : offsets[j + 1]] = np.asarray(o[0][m])[:, :b]
+                        bvals[mi, slots, :, rows] = np.asarray(o[0][m])[:, :b]
             bdict = {
                 n: {m: bvals[mi, si] for mi, m in enumerate(metrics)} for si, n in enumerate(bnames)
             }
@@ -746,10 +778,14 @@ def _cell_resamples(
             for bi, (i0, i1) in enumerate(store.blocks):
                 t_m = time.perf_counter()
                 parts = store.chunk(bi)
+                for j, c in enumerate(consts):  # resample-free sums, once per block
+                    if (bi, j) not in model_side:
+                        model_side[(bi, j)] = model_sums(parts[j], c["y0"], c["r0"], c["m0z"])
                 got = [
                     model_values(
                         terms[j],
                         parts[j],
+                        sums=model_side[(bi, j)],
                         y0=c["y0"],
                         r0=c["r0"],
                         m0=c["m0"],
