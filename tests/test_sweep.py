@@ -322,3 +322,17 @@ def test_save_round_trip(swept, tmp_path):
     np.testing.assert_allclose(
         models["ci_low"].to_numpy(float), swept.table["ci_low"], equal_nan=True
     )
+
+
+def test_sweep_report_opens_with_the_verdict(swept):
+    from vcjax.report import build_sweep_report
+
+    text = build_sweep_report(swept)
+    lb = swept.leaderboard("r2w_delta")
+    best = lb.index[0]
+    first = text.index('id="leaderboard"')
+    assert first < text.index('id="pairwise"') < text.index('id="differences"')
+    verdict = text[first : text.index("</p>", first)]
+    assert f"<b>{best}</b> is best" in verdict
+    assert f"p_best {lb.loc[best, 'p_best']:.2f}" in verdict
+    assert "data:image/png;base64," in text and "<script" not in text
