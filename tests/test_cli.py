@@ -865,6 +865,7 @@ def test_api_messages_translated_at_the_boundary():
             "try --deg-method t-test (Welch), --covariate COLUMN (pooled)",
         "n_boot=10 resamples give rough intervals": "--n-boot 10 resamples give rough intervals",
         "ci_method='bca' needs": "--ci-method bca needs",
+        "n_boot must be >= 2 for intervals, got 1": "--n-boot must be >= 2 for intervals, got 1",
         "a\nmulti-line\tmessage": "a multi-line message",
     }  # fmt: skip
     for api, cli in cases.items():
