@@ -445,7 +445,9 @@ def test_verdict_for_a_clearly_better_model():
     assert v["best"] == best and f"against the strongest baseline, {best}," in v["text"]
     d = comp[comp.source == f"model-vs-{best}"]["value"].to_numpy(float)
     assert f"median paired difference is {fmt(np.median(d))} [" in v["text"]
-    assert f"median calibrated R²w(Δ) is {fmt(med['model'])}" in v["text"]
+    assert f"median calibrated R²w(Δ) is {fmt(med['model'])}: " in v["text"]
+    assert 0.05 < med["model"] < 1
+    assert f"{100 * med['model']:.0f} % of the way from the best trivial baseline" in v["text"]
     assert v["rows"]["technical_duplicate"]["status"] == "worse"  # a ceiling, not a rival
     html_text = R.build_report(table)
     assert 'data-status="better"' in html_text
@@ -493,6 +495,8 @@ def test_verdict_for_a_collapsed_model():
             assert v["rows"][b]["status"] == "indistinguishable", b
     assert v["rows"]["technical_duplicate"]["status"] == "worse"
     assert 'data-status="mixed"' in R.build_report(table)
+    c = _medians(table)["model"]
+    assert abs(c) < 0.05 and "no better than the best trivial baseline" in v["text"]
 
 
 def test_verdict_without_bootstrap_says_so():
@@ -565,13 +569,21 @@ def test_long_names_are_truncated_with_the_full_name_on_hover():
     long = "GENE0017_with_a_very_long_guide_identifier_ABCDEFGHIJKLMNOP"
     table = fake_table(n_perts=4)
     table["perturbation"] = table["perturbation"].replace("P1", long)
+    worst = (table.perturbation == long) & (table.source == "model")
+    table.loc[worst, "calibrated"] = -0.5
     genes = fake_per_gene(sorted(set(table["perturbation"])))
     text = R.build_report(table, per_gene=genes)
     _check_html(text)
-    # in the tables: the full name, cut by CSS, whole in the title (hover)
-    assert f'<span class="nm" title="{long}">{long}</span>' in text
+    # headings and narrow tables: cut by CSS with an ellipsis, whole in the title (hover)
+    worst = re.search(r"<h3>worst: (.*?)</h3>", text).group(1)
+    assert worst == f'<span class="nm" title="{long}">{long}</span>'  # P1 is the worst here
     css = re.search(r"\.nm\{([^}]*)\}", text).group(1)
     assert "text-overflow:ellipsis" in css and "overflow:hidden" in css and "max-width" in css
+    # the per-perturbation table: the full name, wrapping, and in the title
+    tab = text[text.index("Table: per perturbation") :]
+    assert f'<td><span class="nm full" title="{long}">{long}</span></td>' in tab
+    full = re.search(r"\.nm\.full\{([^}]*)\}", text).group(1)
+    assert "white-space:normal" in full and "max-width:none" in full
     # in figure labels: shortened with an ellipsis
     from vcjax.report._page import NAME_CHARS, short
 
@@ -643,7 +655,7 @@ def test_delta_axis_has_units():
         "Δ log1p(counts per 10k) vs u_ALL (half 1)"
     )
     assert R._delta_units({"normalization": "none", "reference": "control"}) == (
-        "Δ expression (input values as given) vs control mean"
+        "Δ expression (input as given) vs control mean"
     )
     table = fake_table(n_perts=4)
     table.attrs["normalization"] = "log1p_cp10k"

@@ -389,8 +389,8 @@ def verdict(table: pd.DataFrame, *, metric: str | None = None) -> dict:
     r = res["rows"][best]
     res["headline"] = text
     text = (
-        f"Its median calibrated {ml} is {fmt(res['calibrated_median'])} (0 = best trivial "
-        f"baseline, 1 = technical duplicate); against the strongest baseline, {best}, the "
+        f"Its median calibrated {ml} is {fmt(res['calibrated_median'])}: "
+        f"{_calibrated_words(res['calibrated_median'])}; against the strongest baseline, {best}, the "
         f"median paired difference is {fmt(r['median'])}"
     )
     if np.isfinite(r["low"]):
@@ -399,6 +399,22 @@ def verdict(table: pd.DataFrame, *, metric: str | None = None) -> dict:
     res["detail"] = text
     res["text"] = res["headline"] + " " + text
     return res
+
+
+def _calibrated_words(c: float) -> str:
+    """What a calibrated score means, in words (0 = best trivial baseline, 1 = duplicate)."""
+    if not np.isfinite(c):
+        return "undefined"
+    if c > 1.0:
+        return "closer to the truth than the technical duplicate (1)"
+    if c >= 0.05:
+        return (
+            f"{100 * c:.0f} % of the way from the best trivial baseline (0) to the technical "
+            "duplicate (1)"
+        )
+    if c > -0.05:
+        return "no better than the best trivial baseline (0; the technical duplicate is 1)"
+    return "below the best trivial baseline (0; the technical duplicate is 1)"
 
 
 def _section_verdict(table: pd.DataFrame, comparisons: pd.DataFrame, metric: str | None) -> str:
@@ -803,6 +819,18 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
             "half of the cells that is itself noisy. NaN (undefined) scores are not drawn."
         )
         text += " Intervals from the table's bootstrap." if intervals and intervals[2] else note
+        n_nan = int((~np.isfinite(yy)).sum())
+        if n_nan:
+            notes = (
+                sub["note"].reindex(order).astype(str)
+                if "note" in sub
+                else pd.Series([], dtype=str)
+            )
+            notes = notes[~np.isfinite(yy)]
+            why = notes[notes.str.strip() != ""].value_counts()
+            text += f" {n_nan} of {len(yy)} perturbations have no defined score" + (
+                f" (most often: {why.index[0]})." if len(why) else "."
+            )
         if intervals is None:
             text += " No intervals in the table (run with --n-boot N for them)."
     else:
@@ -828,7 +856,7 @@ def _section_per_perturbation(table: pd.DataFrame, sources: list[str], headline:
     # the per-perturbation values of the headline metrics, full names
     rows = []
     for u in reversed(list(order)):
-        row: dict = {"perturbation": name_cell(u)}
+        row: dict = {"perturbation": name_cell(u, full=True)}
         for m in metrics:
             v = cols.get(m, pd.Series(dtype=float)).get(u, np.nan)
             if f"{m}__lo" in cols:
@@ -892,8 +920,7 @@ def _section_vs_baselines(
                 k = _off_axis(ax, xs, ys, xlim=lim, color="#555555", ms=5)
                 n_off += k
                 ax.set_xlim(*lim)
-                ax.text(0.99, 0.01, f"{k} off axis ◀▶", transform=ax.transAxes, ha="right",
-                        va="bottom", fontsize=8, color="#555555")  # fmt: skip
+                ax.set_title(f"{k} off axis ◀▶", fontsize=8, loc="right", color="#555555")
         for i, d in enumerate(data):
             if not d.size:
                 ax.text(
@@ -911,7 +938,7 @@ def _section_vs_baselines(
         )
         ax.tick_params(axis="x", labelsize=9)
         arrow = "↑ better" if _higher_is_better(metric) else "↓ better"
-        ax.set_title(f"{label(metric)} ({arrow})", fontsize=10)
+        ax.set_title(f"{label(metric)} ({arrow})", fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
     for ax in axes.ravel()[len(metrics) :]:
         ax.axis("off")
@@ -1108,7 +1135,7 @@ def _delta_units(attrs: Mapping, per_gene: Mapping | None = None) -> str:
     norm = str(attrs.get("normalization", "") or "")
     unit = {
         "log1p_cp10k": "log1p(counts per 10k)",
-        "none": "expression (input values as given)",
+        "none": "expression (input as given)",
     }.get(norm, "expression (table's units)")
     ref = attrs.get("reference")
     if ref is None and per_gene is not None and "reference" in per_gene:

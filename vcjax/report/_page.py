@@ -43,7 +43,7 @@ td:first-child,th:first-child{text-align:left}table.small{font-size:12px}
 figure{margin:8px 0;max-width:100%}figcaption{font-size:14px;color:#333;margin-top:4px}
 .meta{color:#555;font-size:14px}nav{line-height:1.9}nav a{margin-right:12px;white-space:nowrap}
 .nm{display:inline-block;max-width:16em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap;
-vertical-align:bottom}
+vertical-align:bottom}.nm.full{white-space:normal;max-width:none;overflow:visible}
 .verdict{font-size:16px;background:#f6f8fa;border-left:4px solid #d62728;padding:8px 12px}
 .iv{white-space:nowrap}small{color:#555}
 dl.glossary dt{font-weight:600;margin-top:6px}dl.glossary dd{margin-left:16px}
@@ -63,10 +63,12 @@ def short(name: object, n: int = NAME_CHARS) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def name_cell(name: object) -> Raw:
-    """A name shown whole but cut by CSS (ellipsis) when long, the full name on hover."""
+def name_cell(name: object, *, full: bool = False) -> Raw:
+    """A name cut by CSS (ellipsis) when long, the full name on hover (``title``); with
+    ``full=True`` shown whole, wrapping (the table where names are looked up)."""
     s = html.escape(str(name))
-    return Raw(f'<span class="nm" title="{s}">{s}</span>')
+    cls = "nm full" if full else "nm"
+    return Raw(f'<span class="{cls}" title="{s}">{s}</span>')
 
 
 def fig_to_img(
