@@ -1,20 +1,31 @@
 """A self-contained HTML report of an :func:`vcjax.evaluate` table.
 
 One HTML file, no external assets: figures are embedded as base64 PNG, styles inline, no
-scripts. Sections:
+scripts; the layout has no sideways scroll down to 800 px (tables wrap, long names are cut
+with an ellipsis and keep the full name on hover, figures scale to the column). Sections:
 
-1. run information and the per (source, metric) summary;
+0. the verdict (:func:`verdict`): is the model better than each baseline on the headline
+   metric (calibrated R²w(Δ)), by how much (median paired difference), how sure (its
+   interval over perturbations and cells, from the ``model-vs-<baseline>`` rows, and the
+   win rate); without a bootstrap it says so;
+1. the per (source, metric) summary;
 2. the calibration card (can each metric tell the technical duplicate from trivial
    baselines on this data set? :func:`vcjax.calibration_card`);
 3. per-perturbation calibrated scores of the model, sorted, with intervals when the table
-   has them (0 = best negative/null baseline, 1 = technical duplicate);
+   has them (0 = best negative/null baseline, 1 = technical duplicate), and their table;
 4. model vs baselines, per metric (distribution over perturbations);
-5. the control-bias view: Pearson(Δ vs control) against R²w(Δ vs u_ALL) per perturbation
+5. the paired comparisons, one row per baseline, "median [interval]" per headline metric;
+6. the control-bias view: Pearson(Δ vs control) against R²w(Δ vs u_ALL) per perturbation
    and source (docs/metrics.md §6): a trivial baseline can look good on the first and not on
    the second;
-6. per-gene errors on the top DEGs of the worst and the best perturbation, from per-gene
+7. per-gene errors on the top DEGs of the worst and the best perturbation, from per-gene
    data (:func:`vcjax.pipeline.per_gene_data`, written by ``vcjax score --report`` as a side-car
-   ``.genes.npz``, or computed from the h5ad files).
+   ``.genes.npz``, or computed from the h5ad files);
+8. a glossary (baselines, u_ALL, Δ, calibrated, DRF, the metrics) and, collapsed, the run
+   information.
+
+Points beyond a figure's axis are drawn as triangles on its edge and counted (legend,
+caption and the ``<figure data-off-axis="n">`` attribute).
 
 Example::
 
