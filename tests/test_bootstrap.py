@@ -272,9 +272,11 @@ def test_intervals_stay_in_range_and_contain_the_estimate(method):
 
 
 def test_ties_within_float32_noise():
-    a = np.array([1.0, 0.5, 1e-9, 100.0, np.nan])
-    b = np.array([1.0 + 5e-8, 0.5 + 1e-7, 0.0, 100.0 + 1e-6, np.nan])
-    np.testing.assert_array_equal(ST.ties(a, b), [True, False, True, True, False])
+    a = np.array([1.0, 0.5, 1e-9, 100.0, np.nan, -np.inf, -np.inf, np.inf])
+    b = np.array([1.0 + 5e-8, 0.5 + 1e-7, 0.0, 100.0 + 1e-6, np.nan, 0.3, -np.inf, 1e30])
+    np.testing.assert_array_equal(
+        ST.ties(a, b), [True, False, True, True, False, False, True, False]
+    )
     assert ST.TIE_TOL == 6e-8
 
 

@@ -1219,6 +1219,7 @@ class _SweepProgress:
 
 def _leaderboard_table(lb, *, title: str, caption: str | None = None):
     import numpy as np
+    import pandas as pd
     from rich.table import Table
     from rich.text import Text
 
@@ -1237,6 +1238,9 @@ def _leaderboard_table(lb, *, title: str, caption: str | None = None):
     is_base = lb.index.astype(str).str.startswith("[")
     for name, r in lb[~is_base].iterrows():
         d = r["differs_from_best"]
+        if pd.isna(r["rank"]):  # undefined aggregate: not ranked
+            t.add_row("—", Text(str(name)), fmt(r["value"]), "—", "—", "—", "undefined")
+            continue
         vs = {True: "worse", False: "tie"}.get(d, "") if int(r["rank"]) > 1 or d is True else "best"
         ranks = f"{int(r['rank_low'])}–{int(r['rank_high'])}"
         t.add_row(

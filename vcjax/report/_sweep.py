@@ -38,6 +38,12 @@ MAX_DRAWN = 30
 
 def _verdict(lb: pd.DataFrame, *, metric_label: str, n_boot: int) -> str:
     models = lb[~lb.index.astype(str).str.startswith("[")]
+    if models["rank"].isna().all():
+        return (
+            f"<p>No model has a defined mean {html.escape(metric_label)}: every perturbation "
+            "is NaN for every model (see the notes, e.g. DbD's no-DEG gate), so nothing is "
+            "ranked.</p>"
+        )
     best = str(models.index[0])
     if n_boot == 0 or models["differs_from_best"].isna().all():
         return (
@@ -174,12 +180,13 @@ def build_sweep_report(
     order = [str(n) for n in lb.index if not str(n).startswith("[")]
     shown = lb.reset_index().rename(columns={"index": "model"})
     is_model = ~shown["model"].astype(str).str.startswith("[")
-    shown["rank"] = [str(int(r)) if m else "" for r, m in zip(shown["rank"], is_model)]
+    ranked = is_model & shown["rank"].notna()  # a model with an undefined value has no rank
+    shown["rank"] = [str(int(r)) if m else "" for r, m in zip(shown["rank"], ranked)]
     shown["rank interval"] = [
         f"{int(a)}–{int(b)}" if m else ""
-        for a, b, m in zip(shown["rank_low"], shown["rank_high"], is_model)
+        for a, b, m in zip(shown["rank_low"], shown["rank_high"], ranked)
     ]
-    shown["p_best"] = [f"{p:.3f}" if m else "" for p, m in zip(shown["p_best"], is_model)]
+    shown["p_best"] = [f"{p:.3f}" if m else "" for p, m in zip(shown["p_best"], ranked)]
     shown["differs from best"] = shown["differs_from_best"].map({True: "yes", False: "no"})
     shown["differs from best"] = shown["differs from best"].fillna("")
     shown = shown[["model", "rank", "value", "ci_low", "ci_high", "rank interval", "p_best",

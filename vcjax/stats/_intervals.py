@@ -229,10 +229,12 @@ TIE_TOL = 6e-8
 
 
 def ties(a, b) -> np.ndarray:
-    """Where ``a`` and ``b`` are equal within :data:`TIE_TOL` (relative)."""
+    """Where ``a`` and ``b`` are equal within :data:`TIE_TOL` (relative); infinite values
+    tie only an equal value, NaN nothing."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return np.abs(a - b) <= TIE_TOL * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+        close = np.abs(a - b) <= TIE_TOL * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
+        return (a == b) | (close & np.isfinite(a) & np.isfinite(b))
 
 
 def win_rate(a, b) -> np.ndarray:
