@@ -550,6 +550,14 @@ def score(
             "<out>.pathways.<ext> and shown in the report",
         ),
     ] = None,
+    check_scale: Annotated[
+        str,
+        typer.Option(
+            "--check-scale",
+            help="a prediction on another scale than the truth (raw counts, linear, centred "
+            "vs log1p): error, warn or off",
+        ),
+    ] = "error",
     pred_var: Annotated[
         str | None,
         typer.Option(
@@ -592,7 +600,7 @@ def score(
         from vcjax.uncertainty import confidence
 
         with steps("reading the prediction"):
-            prediction = align(_read_pred(pred), screen, layer=pred_layer)
+            prediction = align(_read_pred(pred), screen, layer=pred_layer, check_scale=check_scale)
         with steps("scoring" + (", bootstrap" if n_boot else "")):
             table = evaluate(
                 screen,
@@ -1052,6 +1060,7 @@ def _run_sweep(
     resample: str,
     on_error: str = "raise",
     pred_layer: str | None = None,
+    check_scale: str = "error",
 ):
     from vcjax.pipeline import sweep as run
 
@@ -1066,6 +1075,7 @@ def _run_sweep(
             resample=resample,
             on_error=on_error,
             pred_layer=pred_layer,
+            check_scale=check_scale,
             progress=bar if steps.show else False,
         )
 
@@ -1147,6 +1157,14 @@ def sweep_cmd(
     layer: LayerOpt = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    check_scale: Annotated[
+        str,
+        typer.Option(
+            "--check-scale",
+            help="a prediction on another scale than the truth (raw counts, linear, centred "
+            "vs log1p): error, warn or off",
+        ),
+    ] = "error",
 ) -> None:
     """Score many models against one truth on shared resamples: a leaderboard with rank
     intervals and p_best (the share of resamples in which a model is best).
@@ -1191,6 +1209,7 @@ def sweep_cmd(
             screen, models(), n_models=len(files), steps=steps, metrics=_metric_list(metrics),
             n_boot=n_boot, ci=ci, seed=seed, resample=resample,
             on_error="skip" if skip_failed else "raise", pred_layer=pred_layer,
+            check_scale=check_scale,
         )  # fmt: skip
         meta = _table_meta(
             result.table, key=screen.spec.key, control=screen.spec.control,
