@@ -325,8 +325,12 @@ def test_tuples_lists_sparse_and_what_is_accepted(sim):
         (tuple(P), half.tolist(), G),
         (P, half),
         sp.csr_matrix(half),
+        ad.AnnData(half, obs=pd.DataFrame(index=P), var=pd.DataFrame(index=G)),  # obs_names
     ):
         pd.testing.assert_frame_equal(vcjax.evaluate(screen, pred), ref)
+    other = ad.AnnData(half, obs=pd.DataFrame({"x": 1}, index=[f"r{i}" for i in range(len(P))]))
+    with pytest.raises(VcjaxInputError, match=r"key 'condition' not in the prediction's obs \(co"):
+        vcjax.evaluate(screen, other)
     with pytest.raises(
         VcjaxInputError, match=r"cannot read a prediction of type set: give an AnnData"
     ):

@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from vcjax import data as vdata
-from vcjax._errors import VcjaxInputError
+from vcjax._errors import VcjaxInputError, preview
 from vcjax.pipeline._screen import Screen, Stratum
 
 __all__ = [
@@ -319,9 +319,18 @@ def _stratum_parts(pred, stratum: Stratum, *, key, covariate_key, layer, normali
     owned = False
     norm = "none"
     if hasattr(pred, "obs") and hasattr(pred, "var_names"):
-        if key not in pred.obs.columns:
-            raise VcjaxInputError(f"key {key!r} not in the prediction's obs")
-        labels = pred.obs[key].astype(str)
+        if key in pred.obs.columns:
+            labels = pred.obs[key].astype(str)
+        elif pred.obs_names.is_unique and set(map(str, pred.obs_names)) & set(
+            stratum.perturbations
+        ):
+            labels = pd.Series(list(map(str, pred.obs_names)), index=pred.obs_names)
+        else:  # one row per perturbation may be named by obs_names instead
+            raise VcjaxInputError(
+                f"key {key!r} not in the prediction's obs (columns: "
+                f"{preview(pred.obs.columns, 10) or 'none'}), and its obs_names are not the "
+                "truth's perturbations"
+            )
         keep = None
         if stratum.covariate is not None and covariate_key and covariate_key in pred.obs.columns:
             keep = (pred.obs[covariate_key].astype(str) == stratum.covariate).to_numpy()
