@@ -230,6 +230,22 @@ def test_correct_predictions_never_warn_on_the_simulator(sim):
         vcjax.sweep(screen, {"a": (P, half, G)}, n_boot=0)
 
 
+def test_shallow_raw_count_truth_kept_as_counts_accepts_its_count_means():
+    """Count means of a shallow screen (max < 20) look like log1p means; against a truth
+    kept as raw counts they agree with its own pseudobulks, so they pass."""
+    adata = vcjax.simulate_screen(seed=2, mean_counts=30, **SIM)
+    screen = vcjax.prepare(adata, normalize=None, **KW)
+    (s,) = screen.strata
+    h1 = s.stats.half1
+    means = h1.mean[[list(h1.names).index(p) for p in s.perturbations]]
+    ev = scale_evidence(means, form="pseudobulk")
+    assert screen.scale.kind == "counts" and ev.kind == "log1p" and ev.max < 20
+    assert compare_scales(screen.scale, ev) is not None  # the cells alone would object
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        align((list(s.perturbations), means, list(s.genes)), screen)
+
+
 @pytest.mark.parametrize(
     "name, key, control, covariate",
     [
