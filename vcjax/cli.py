@@ -80,6 +80,12 @@ class CiMethod(str, enum.Enum):
     bca = "bca"
 
 
+class CheckScale(str, enum.Enum):
+    error = "error"
+    warn = "warn"
+    off = "off"
+
+
 _NORMALIZE = {"auto": "auto", "counts": "log1p_cp10k", "none": None}
 _PRED_TABLES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet", ".pq")
 
@@ -644,6 +650,14 @@ DegMethodOpt = Annotated[
         "§3): the paper's conservative t-test_overestim_var, or Welch's t-test",
     ),
 ]
+CheckScaleOpt = Annotated[
+    CheckScale,
+    typer.Option(
+        "--check-scale",
+        help="a prediction on another scale than the truth (raw counts, linear or centred "
+        "vs log1p), judged from its values: an error (default), a warning, or not checked",
+    ),
+]
 _INTERVALS = (
     "intervals target the value this experiment would give on average: resamples are "
     "bias-corrected on a range-respecting scale (Fisher z for correlations, log for errors, "
@@ -715,6 +729,7 @@ def score(
             "<out>.pathways.<ext> and shown in the report",
         ),
     ] = None,
+    check_scale: CheckScaleOpt = CheckScale.error,
     pred_var: Annotated[
         str | None,
         typer.Option(
@@ -761,7 +776,12 @@ def score(
         from vcjax.uncertainty import confidence
 
         with steps("reading the prediction"):
-            prediction = align(_read_pred(pred), screen, layer=pred_layer)
+            prediction = align(
+                _read_pred(pred),
+                screen,
+                layer=pred_layer,
+                check_scale=CheckScale(check_scale).value,
+            )
         with steps("scoring" + (", bootstrap" if n_boot else "")):
             table = evaluate(
                 screen,
@@ -1267,6 +1287,7 @@ def _run_sweep(
     resample: str,
     on_error: str = "raise",
     pred_layer: str | None = None,
+    check_scale: str = "error",
 ):
     from vcjax.pipeline import sweep as run
 
@@ -1281,6 +1302,7 @@ def _run_sweep(
             resample=resample,
             on_error=on_error,
             pred_layer=pred_layer,
+            check_scale=CheckScale(check_scale).value,
             progress=bar if steps.show else False,
         )
 
@@ -1368,6 +1390,7 @@ def sweep_cmd(
     drop_small: DropSmallOpt = False,
     covariate: CovariateOpt = None,
     deg_method: DegMethodOpt = DegMethod.overestim_var,
+    check_scale: CheckScaleOpt = CheckScale.error,
 ) -> None:
     """Score many models against one truth on shared resamples: a leaderboard with rank
     intervals and p_best (the share of resamples in which a model is best).
@@ -1415,6 +1438,7 @@ def sweep_cmd(
             screen, models(), n_models=len(files), steps=steps, metrics=_metric_list(metrics),
             n_boot=n_boot, ci=ci, seed=seed, resample=resample,
             on_error="skip" if skip_failed else "raise", pred_layer=pred_layer,
+            check_scale=CheckScale(check_scale).value,
         )  # fmt: skip
         meta = _table_meta(
             result.table, key=screen.spec.key, control=screen.spec.control,

@@ -3,7 +3,8 @@
 :func:`group_stats` streams a dense, sparse or backed AnnData once and returns per-condition
 cell counts, sums and sums of squares (:class:`GroupStats`, or :class:`SplitStats` for the
 two halves of the technical-duplicate split, :func:`split_halves`). :func:`read_h5ad` reads
-a file with one-line errors; :func:`read_gmt` and :func:`gene_set_masks` read gene sets.
+a file with one-line errors; :func:`scale_evidence` and :func:`compare_scales` tell on which
+scale values are; :func:`read_gmt` and :func:`gene_set_masks` read gene sets.
 """
 
 from vcjax._errors import VcjaxInputError
@@ -17,6 +18,7 @@ from vcjax.data._gene_sets import (
 )
 from vcjax.data._group_stats import group_stats, obs_labels, split_halves
 from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, read_h5ad
+from vcjax.data._scale import ScaleEvidence, compare_scales, scale_evidence
 from vcjax.data._stats import (
     REFERENCES,
     GroupStats,
@@ -32,9 +34,11 @@ __all__ = [
     "TARGET_SUM",
     "GeneSetMasks",
     "GroupStats",
+    "ScaleEvidence",
     "SplitStats",
     "VcjaxInputError",
     "checked_reference",
+    "compare_scales",
     "example_gmt_path",
     "gene_set_masks",
     "group_stats",
@@ -47,6 +51,7 @@ __all__ = [
     "read_h5ad",
     "reference_from_sums",
     "reference_vector",
+    "scale_evidence",
     "split_halves",
     "write_gmt",
 ]

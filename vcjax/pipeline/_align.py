@@ -3,27 +3,57 @@
 :func:`align` accepts every form a prediction comes in — an AnnData of predicted cells
 (pseudobulked by the condition key) or with one row per perturbation, a DataFrame (index
 perturbations, columns genes), a mapping ``name → (G,)`` in the truth's gene order, a tuple
-``(names, matrix[, genes])``, or a path to an ``.h5ad`` — and returns a
-:class:`Prediction`: rows in the stratum's perturbation order, columns in its gene order,
-float64, never an alias of the caller's array. Genes and perturbations match by name;
-what the truth needs and the prediction lacks is an error naming the first missing names.
+``(names, matrix[, genes])`` (a list of the same, a matrix dense or sparse), a ``(P, G)``
+array in the truth's order, or a path to an ``.h5ad``, ``.csv``/``.tsv`` or ``.parquet``
+file — and returns a :class:`Prediction`: rows in the stratum's perturbation order, columns
+in its gene order, float64, never an alias of the caller's array. Genes and perturbations
+match by name; what the truth needs and the prediction lacks is an error naming the first
+missing names, and what the prediction has beyond the truth is named in one warning.
+
+The prediction's scale is checked against the truth's (:func:`vcjax.data.compare_scales`,
+``check_scale``): a linear-scale, raw-count or centred prediction scored against a
+log-normalised truth is an error naming the evidence, not a table of meaningless numbers.
+Predicted cells of raw counts are normalised like the truth (with a warning saying so).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from vcjax import data as vdata
-from vcjax._errors import VcjaxInputError
+from vcjax._errors import VcjaxInputError, preview
 from vcjax.pipeline._screen import Screen, Stratum
 
-__all__ = ["Prediction", "align", "align_stratum", "is_cells"]
+__all__ = [
+    "CHECK_SCALE",
+    "Prediction",
+    "align",
+    "align_stratum",
+    "check_scales",
+    "is_cells",
+    "read_prediction",
+    "truth_scale",
+]
+
+#: the values of ``check_scale``
+CHECK_SCALE = ("error", "warn", "off")
+
+#: suffixes of the prediction tables :func:`read_prediction` reads
+_TABLES = (".csv", ".tsv", ".csv.gz", ".tsv.gz", ".parquet", ".pq")
+
+_ACCEPTED = (
+    "an AnnData (cells, or one row per perturbation), a DataFrame (index perturbations, "
+    "columns genes), a mapping name → (G,) profile, a tuple (names, matrix) or (names, "
+    "matrix, genes), a (P, G) array in the truth's order, or a path to .h5ad/.csv/.parquet"
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -36,12 +66,15 @@ class Prediction:
         cell-level peer metrics read it), else None.
       layer: the prediction layer read instead of ``X``.
       normalization: what was done to predicted cells' values (``"log1p_cp10k"``/``"none"``).
+      scale: the evidence of the prediction's scale (:class:`vcjax.data.ScaleEvidence`;
+        of the predicted cells, or of the aligned matrices), None when not computed.
     """
 
     matrices: tuple[np.ndarray, ...]
     cells: Any = None
     layer: str | None = None
     normalization: str = "none"
+    scale: vdata.ScaleEvidence | None = None
 
 
 def is_cells(pred, key: str) -> bool:
@@ -51,16 +84,103 @@ def is_cells(pred, key: str) -> bool:
     )
 
 
-def _cell_normalization(pred, normalize: str | None) -> str:
-    """What :func:`vcjax.data.group_stats` does to predicted cells (for cell-level metrics)."""
-    if not hasattr(pred, "obs") or normalize is None:
-        return "none"
-    if normalize != "auto":
-        return str(normalize)
-    X = pred.X
-    vals = np.asarray(X.data if hasattr(X, "tocsr") else np.asarray(X).ravel())[: 1 << 16]
-    counts = vals.size and np.all(vals >= 0) and np.all(vals == np.round(vals)) and vals.max() > 1
-    return "log1p_cp10k" if counts else "none"
+def read_prediction(path: str | os.PathLike):
+    """A prediction file: an ``.h5ad`` (cells or one row per perturbation), or a table
+    (``.csv``/``.tsv``/``.parquet``: one row per perturbation, first column or index the
+    names, the other columns genes) as a DataFrame."""
+    path = os.fspath(path)
+    low = path.lower()
+    if not low.endswith(_TABLES):
+        return vdata.read_h5ad(path)
+    if not os.path.isfile(path):
+        raise VcjaxInputError(f"prediction file not found: {path}")
+    try:
+        if low.endswith((".parquet", ".pq")):
+            df = pd.read_parquet(path)
+            if (
+                isinstance(df.index, pd.RangeIndex)
+                and df.shape[1]
+                and not pd.api.types.is_numeric_dtype(df.dtypes.iloc[0])
+            ):
+                df = df.set_index(df.columns[0])
+        else:
+            df = pd.read_csv(path, sep="\t" if ".tsv" in low else ",", index_col=0)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the path
+        raise VcjaxInputError(
+            f"cannot read prediction table {path}: {type(exc).__name__}: {exc}"
+        ) from exc
+    bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise VcjaxInputError(
+            f"prediction table {path}: non-numeric gene column(s) {', '.join(bad[:5])}"
+        )
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise VcjaxInputError(
+            f"prediction table {path} is empty ({df.shape[0]} rows x {df.shape[1]} genes)"
+        )
+    df.index = df.index.astype(str)
+    df.columns = df.columns.astype(str)
+    return df
+
+
+def _as_named_tuple(pred):
+    """A list ``[names, matrix(, genes)]`` as the tuple form; anything else unchanged."""
+    if (
+        isinstance(pred, list)
+        and len(pred) in (2, 3)
+        and not isinstance(pred[0], (int, float, np.number))
+        and np.ndim(pred[0]) == 1
+        and (sp.issparse(pred[1]) or np.ndim(pred[1]) == 2)
+    ):
+        return tuple(pred)
+    return pred
+
+
+def truth_scale(screen: Screen) -> tuple[vdata.ScaleEvidence | None, vdata.ScaleEvidence]:
+    """The truth's scale evidence: of its cells (recorded by :func:`vcjax.prepare`; None for
+    a screen saved before it was), and of its pseudobulk matrices."""
+    truth = np.concatenate([s.truth for s in screen.strata])
+    return screen.scale, vdata.scale_evidence(truth, form="pseudobulk")
+
+
+def check_scales(screen: Screen, evidence: vdata.ScaleEvidence, check_scale: str) -> None:
+    """Raise (``"error"``) or warn (``"warn"``) when ``evidence`` of a prediction shows
+    another scale than the truth's (:func:`vcjax.data.compare_scales`); ``"off"``: nothing.
+
+    A pseudobulk prediction is compared with the truth's cells and with its pseudobulk
+    matrices: it mismatches only when it agrees with neither (raw-count means of a shallow
+    screen look like log1p means on both sides).
+    """
+    if check_scale == "off":
+        return
+    cells_ev, bulk_ev = truth_scale(screen)
+    reason = vdata.compare_scales(cells_ev if cells_ev is not None else bulk_ev, evidence)
+    if reason is None or (
+        evidence.form == "pseudobulk" and vdata.compare_scales(bulk_ev, evidence) is None
+    ):
+        return
+    if check_scale == "error":
+        raise VcjaxInputError(
+            f"scale mismatch: {reason}; if the scales are right, pass check_scale='warn' "
+            "(CLI: --check-scale warn)"
+        )
+    warnings.warn(f"scale mismatch: {reason}", UserWarning, stacklevel=4)
+
+
+def _checked_mode(check_scale) -> str:
+    if check_scale not in CHECK_SCALE:
+        raise VcjaxInputError(
+            f"check_scale must be one of {', '.join(map(repr, CHECK_SCALE))}; got {check_scale!r}"
+        )
+    return check_scale
+
+
+def _cells_matrix(pred, layer: str | None):
+    if layer is None:
+        return pred.X
+    if layer not in pred.layers:
+        raise VcjaxInputError(f"layer {layer!r} not in the prediction's layers")
+    return pred.layers[layer]
 
 
 def align(
@@ -69,6 +189,7 @@ def align(
     *,
     layer: str | None = None,
     normalize: str | None = "auto",
+    check_scale: Literal["error", "warn", "off"] = "error",
 ) -> Prediction:
     """``pred`` aligned with every stratum of ``screen`` (module docstring).
 
@@ -77,11 +198,16 @@ def align(
       screen: the prepared truth.
       layer: the prediction layer to read instead of ``X``.
       normalize: ``"auto"`` normalises raw integer counts of predicted cells (1e4 per cell,
-        log1p); None trusts the values.
+        log1p; a warning says so); None trusts the values.
+      check_scale: ``"error"`` (default): a prediction on another scale than the truth
+        (raw counts, linear, centred against log1p, …; :func:`vcjax.data.compare_scales`)
+        raises a one-line :class:`~vcjax.VcjaxInputError` naming the evidence;
+        ``"warn"``: a ``UserWarning`` instead; ``"off"``: no check.
 
     Returns:
       The :class:`Prediction`.
     """
+    _checked_mode(check_scale)
     if isinstance(pred, Prediction):
         if len(pred.matrices) != len(screen.strata):
             raise VcjaxInputError(
@@ -89,19 +215,68 @@ def align(
             )
         return pred
     if isinstance(pred, (str, os.PathLike)):
-        pred = vdata.read_h5ad(pred)
+        pred = read_prediction(pred)
+    pred = _as_named_tuple(pred)
     if len(screen.strata) > 1 and isinstance(pred, (np.ndarray, tuple)) and not _has_names(pred):
         raise VcjaxInputError(
             "with a covariate, give predictions with perturbation/gene names, not bare arrays"
         )
     key, cov = screen.spec.key, screen.spec.covariate
-    matrices = tuple(
-        align_stratum(pred, s, key=key, covariate_key=cov, layer=layer, normalize=normalize)
+    parts = [
+        _stratum_parts(pred, s, key=key, covariate_key=cov, layer=layer, normalize=normalize)
         for s in screen.strata
+    ]
+    matrices = tuple(
+        _reindex(m, names, genes, s, owned=owned)
+        for (m, names, genes, owned, _), s in zip(parts, screen.strata)
     )
+    _warn_extras(parts, screen)
     cells = pred if is_cells(pred, key) else None
-    norm = _cell_normalization(pred, normalize) if cells is not None else "none"
-    return Prediction(matrices, cells, layer, norm)
+    norm = "none"
+    if cells is not None:
+        norm = next((p[4] for p in parts if p[4] != "none"), "none")
+        evidence = vdata.scale_evidence(_cells_matrix(pred, layer), normalization=norm)
+        if norm == "log1p_cp10k" and normalize == "auto":
+            warnings.warn(
+                f"the predicted cells look like raw counts ({evidence.summary()}): normalised "
+                "to log1p(1e4·x/total) per cell before pseudobulking, as the truth; pass "
+                "pred_normalize=None to score them as given",
+                UserWarning,
+                stacklevel=3,
+            )
+    else:
+        evidence = vdata.scale_evidence(
+            matrices[0] if len(matrices) == 1 else np.concatenate(matrices), form="pseudobulk"
+        )
+    check_scales(screen, evidence, check_scale)
+    return Prediction(matrices, cells, layer, norm, evidence)
+
+
+def _warn_extras(parts, screen: Screen) -> None:
+    """One warning naming the prediction's perturbations and genes that the truth lacks."""
+    known = set(screen.perturbations) | {screen.spec.control}
+    names = dict.fromkeys(n for p in parts for n in p[1])
+    extra_p = [n for n in names if n not in known]
+    genes = dict.fromkeys(g for p in parts if p[2] is not None for g in p[2])
+    truth_genes = set(screen.genes)
+    extra_g = [g for g in genes if g not in truth_genes]
+    said = []
+    for what, extra, total in (
+        ("perturbations", extra_p, len(names)),
+        ("genes", extra_g, len(genes)),
+    ):
+        if extra:
+            said.append(
+                f"{len(extra)} of its {total} {what} ({', '.join(extra[:5])}"
+                + (", …" if len(extra) > 5 else "")
+                + ")"
+            )
+    if said:
+        warnings.warn(
+            "the prediction has " + " and ".join(said) + " that the truth lacks; not scored",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _has_names(pred) -> bool:
@@ -118,23 +293,59 @@ def align_stratum(
     normalize: str | None = "auto",
 ) -> np.ndarray:
     """The prediction as a ``(P, G)`` float64 matrix aligned with one stratum."""
+    matrix, names, genes, owned, _ = _stratum_parts(
+        _as_named_tuple(pred), stratum, key=key, covariate_key=covariate_key, layer=layer,
+        normalize=normalize,
+    )  # fmt: skip
+    return _reindex(matrix, names, genes, stratum, owned=owned)
+
+
+def _dense(X) -> np.ndarray:
+    """An in-memory or backed (h5py / anndata sparse dataset) matrix as float64 ndarray."""
+    if hasattr(X, "to_memory"):  # anndata's backed sparse dataset
+        X = X.to_memory()
+    if sp.issparse(X):
+        return X.toarray().astype(np.float64, copy=False)
+    return np.asarray(X, dtype=np.float64)
+
+
+def _stratum_parts(pred, stratum: Stratum, *, key, covariate_key, layer, normalize):
+    """``(matrix, names, genes, owned, normalization)`` of one stratum, before reindexing.
+
+    ``owned``: ``matrix`` is a fresh array (not the caller's); ``normalization``: what
+    :func:`vcjax.data.group_stats` did to predicted cells (``"none"`` otherwise).
+    """
     genes: Sequence[str] | None
-    owned = False  # is ``matrix`` a fresh array (not the caller's)?
+    owned = False
+    norm = "none"
     if hasattr(pred, "obs") and hasattr(pred, "var_names"):
-        if key not in pred.obs.columns:
-            raise VcjaxInputError(f"key {key!r} not in the prediction's obs")
-        labels = pred.obs[key].astype(str)
+        if key in pred.obs.columns:
+            labels = pred.obs[key].astype(str)
+        elif pred.obs_names.is_unique and set(map(str, pred.obs_names)) & set(
+            stratum.perturbations
+        ):
+            labels = pd.Series(list(map(str, pred.obs_names)), index=pred.obs_names)
+        else:  # one row per perturbation may be named by obs_names instead
+            raise VcjaxInputError(
+                f"key {key!r} not in the prediction's obs (columns: "
+                f"{preview(pred.obs.columns, 10) or 'none'}), and its obs_names are not the "
+                "truth's perturbations"
+            )
+        keep = None
         if stratum.covariate is not None and covariate_key and covariate_key in pred.obs.columns:
             keep = (pred.obs[covariate_key].astype(str) == stratum.covariate).to_numpy()
-            pred = pred[keep]
             labels = labels[keep]
         if labels.is_unique:
-            X = pred.X if layer is None else pred.layers[layer]
-            X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-            names, matrix = list(labels), np.asarray(X, dtype=np.float64)
+            X = _dense(_cells_matrix(pred, layer))  # one row per perturbation: small
+            names, matrix = list(labels), X if keep is None else X[keep]
+            owned = keep is not None
         else:
+            if keep is not None:
+                pred = (
+                    pred[keep] if not getattr(pred, "isbacked", False) else pred[keep].to_memory()
+                )
             st = vdata.group_stats(pred, key, control=None, layer=layer, normalize=normalize)
-            names, matrix = list(st.names), st.mean
+            names, matrix, norm = list(st.names), st.mean, st.normalization
             owned = True
         genes = list(map(str, pred.var_names))
     elif isinstance(pred, pd.DataFrame):
@@ -144,16 +355,16 @@ def align_stratum(
             list(map(str, pred.columns)),
         )
     elif isinstance(pred, Mapping):
-        names = list(pred)
-        matrix = np.stack([np.asarray(pred[n], dtype=np.float64) for n in names])
+        names = list(map(str, pred))
+        matrix = np.stack([_dense(pred[n]).ravel() for n in pred])
         genes = None
         owned = True
     elif isinstance(pred, tuple) and len(pred) in (2, 3):
         names = list(map(str, pred[0]))
-        matrix = np.asarray(pred[1], dtype=np.float64)
+        matrix = _dense(pred[1])
         genes = list(map(str, pred[2])) if len(pred) == 3 else None
-    elif isinstance(pred, np.ndarray) or hasattr(pred, "__array__"):
-        matrix = np.asarray(pred, dtype=np.float64)
+    elif isinstance(pred, (np.ndarray, list)) or hasattr(pred, "__array__") or sp.issparse(pred):
+        matrix = _dense(pred)
         shape = (len(stratum.perturbations), len(stratum.genes))
         if matrix.shape != shape:
             raise VcjaxInputError(
@@ -162,11 +373,10 @@ def align_stratum(
             )
         names, genes = list(stratum.perturbations), None
     else:
-        raise TypeError(
-            "pred must be an AnnData, a DataFrame, a mapping name → profile, (names, matrix[, genes]), "
-            "a (P, G) array in the truth's order, or an .h5ad path"
+        raise VcjaxInputError(
+            f"cannot read a prediction of type {type(pred).__name__}: give {_ACCEPTED}"
         )
-    return _reindex(matrix, names, genes, stratum, owned=owned)
+    return matrix, names, genes, owned, norm
 
 
 def _reindex(matrix, names, genes, stratum: Stratum, *, owned: bool) -> np.ndarray:

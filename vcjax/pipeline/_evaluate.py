@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ import pandas as pd
 from vcjax import data as vdata
 from vcjax._errors import VcjaxInputError
 from vcjax._host import enable_compilation_cache
-from vcjax.pipeline._align import Prediction, align
+from vcjax.pipeline._align import CHECK_SCALE, Prediction, align
 from vcjax.pipeline._bootstrap import add_intervals
 from vcjax.pipeline._calibrate import calibrate, card
 from vcjax.pipeline._scoring import resolve_metrics, score_sources, warm_up
@@ -48,7 +49,7 @@ from vcjax.pipeline._spec import (
 )
 from vcjax.pipeline._tidy import tidy, tidy_dataset
 
-__all__ = ["as_screen", "calibration_card", "evaluate", "score_screen"]
+__all__ = ["as_screen", "calibration_card", "evaluate", "input_record", "score_screen"]
 
 #: the truth-side options of :func:`evaluate` and their defaults (fixed by a Screen).
 _TRUTH_DEFAULTS = dict(
@@ -163,7 +164,29 @@ def score_screen(
     table.attrs["reference"] = screen.spec.reference_name
     table.attrs["normalization"] = screen.normalization
     table.attrs["metrics"] = list(metrics)
+    table.attrs["inputs"] = input_record(screen, prediction)
     return table
+
+
+def input_record(screen: Screen, prediction: Prediction | None) -> dict:
+    """What each input's values looked like and what was done to them (``attrs["inputs"]``).
+
+    ``{"truth": {...}, "prediction": {...}}``: the fields of
+    :class:`vcjax.data.ScaleEvidence` (``kind``, ``max``, ``frac_integer``, …) and
+    ``normalization`` (``"log1p_cp10k"`` when vcjax normalised raw counts, else
+    ``"none"``); a prediction given as cells also has ``pseudobulked: True``.
+    """
+    truth = {"normalization": screen.normalization}
+    if screen.scale is not None:
+        truth = {**screen.scale.to_dict(), **truth}
+    out = {"truth": truth}
+    if prediction is not None:
+        pred = {"normalization": prediction.normalization}
+        if prediction.scale is not None:
+            pred = {**prediction.scale.to_dict(), **pred}
+        pred["pseudobulked"] = prediction.cells is not None
+        out["prediction"] = pred
+    return out
 
 
 def evaluate(
@@ -196,6 +219,7 @@ def evaluate(
     refit_weights: bool = True,
     chunk_size: int | None = None,
     progress: bool = False,
+    check_scale: Literal["error", "warn", "off"] = "error",
 ) -> pd.DataFrame:
     """Score a model's predictions and the calibration baselines; return a tidy table.
 
@@ -206,9 +230,11 @@ def evaluate(
       pred: the model's predictions — an AnnData of predicted cells (pseudobulked by
         ``key``) or with one row per perturbation, a DataFrame (index perturbations,
         columns genes), a mapping ``name → (G,)`` in the truth's gene order, a tuple
-        ``(names, matrix[, genes])``, a ``(P, G)`` array in the screen's order, an
-        ``.h5ad`` path, or a :class:`~vcjax.pipeline.Prediction` — or None to score the
-        baselines only.
+        ``(names, matrix[, genes])`` (matrix dense or sparse), a ``(P, G)`` array in the
+        screen's order, a path (``.h5ad``, ``.csv``/``.tsv``, ``.parquet``), or a
+        :class:`~vcjax.pipeline.Prediction` — or None to score the baselines only.
+        Predicted cells may be backed (``anndata.read_h5ad(path, backed="r")``).
+        Perturbations and genes the truth lacks are left out, with one warning naming them.
       key: ``obs`` column with the condition labels (required unless ``truth`` is a Screen).
       control: the control label (e.g. ``"control"``, ``"non-targeting"``); required
         unless ``truth`` is a Screen.
@@ -240,6 +266,11 @@ def evaluate(
         (:func:`vcjax.pipeline.add_intervals`).
       chunk_size: rows per engine chunk.
       progress: show progress bars.
+      check_scale: ``"error"`` (default): a prediction on another scale than the truth
+        (linear or raw counts against log1p-normalised, centred/z-scored against
+        non-negative, …), told from the values' range, integers, sign and per-cell totals
+        (:func:`vcjax.data.compare_scales`), raises a one-line error naming the evidence;
+        ``"warn"``: a ``UserWarning`` and the table; ``"off"``: no check.
 
     Returns:
       A DataFrame with one row per (perturbation, metric, source) and columns
@@ -251,8 +282,14 @@ def evaluate(
       paired rows ``source = "model-vs-<baseline>"`` whose ``value`` is the difference
       oriented so that positive means the model is better, with its interval and
       ``win_rate`` (fraction of resamples the model wins). ``df.attrs`` records the JAX
-      backend and the options used.
+      backend and the options used, and ``df.attrs["inputs"]`` what the truth's and the
+      prediction's values looked like and what was done to them
+      (:func:`input_record`).
     """
+    if check_scale not in CHECK_SCALE:
+        raise VcjaxInputError(
+            f"check_scale must be one of {', '.join(map(repr, CHECK_SCALE))}; got {check_scale!r}"
+        )
     score = ScoreSpec(metrics=metrics, k=k, strict=strict, gate=gate, chunk_size=chunk_size)
     boot = None
     if n_boot:
@@ -281,7 +318,9 @@ def evaluate(
     )
     prediction = None
     if pred is not None:
-        prediction = align(pred, screen, layer=pred_layer, normalize=pred_normalize)
+        prediction = align(
+            pred, screen, layer=pred_layer, normalize=pred_normalize, check_scale=check_scale
+        )
     table = score_screen(screen, prediction, score)
     if boot is not None:
         table = add_intervals(table, screen, prediction, score=score, boot=boot, progress=progress)

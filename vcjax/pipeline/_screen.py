@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -245,12 +246,16 @@ class Screen:
       strata: one :class:`Stratum` per covariate value (one without a covariate).
       normalization: what was done to the truth's values (``"log1p_cp10k"`` or ``"none"``).
       source: where the truth came from (``path`` when read from a file).
+      scale: the evidence of the truth cells' scale (:class:`vcjax.data.ScaleEvidence`,
+        before normalisation, with what was done to them); None for a screen saved
+        before vcjax recorded it (predictions are then checked against the pseudobulks).
     """
 
     spec: TruthSpec
     strata: tuple[Stratum, ...]
     normalization: str
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scale: vdata.ScaleEvidence | None = None
 
     @property
     def genes(self) -> tuple[str, ...]:
@@ -312,6 +317,7 @@ class Screen:
             "spec": self.spec.options(),
             "normalization": self.normalization,
             "source": json_safe(dict(self.source)),
+            "scale": None if self.scale is None else self.scale.to_dict(),
             "genes": list(self.genes),
             "strata": [],
         }
@@ -443,7 +449,14 @@ class Screen:
                             vdata.SplitStats(*halves), derived,
                             {k: tuple(v) for k, v in meta["notes"].items()}, cells)
                 )  # fmt: skip
-        return cls(spec, tuple(strata), header["normalization"], dict(header.get("source") or {}))
+        scale = header.get("scale")  # absent from files written before it was recorded
+        return cls(
+            spec,
+            tuple(strata),
+            header["normalization"],
+            dict(header.get("source") or {}),
+            None if scale is None else vdata.ScaleEvidence.from_dict(scale),
+        )
 
 
 # ---------------------------------------------------------------------------------- prepare
@@ -560,7 +573,17 @@ def prepare_spec(
         in_stratum = None if value is None else cov_labels == value
         strata.append(_stratum(spec, part, value, labels, in_stratum, half, adata, path))
     source = {"path": path, "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}
-    return Screen(spec, tuple(strata), stats.half1.normalization, source)
+    norm = stats.half1.normalization
+    X = adata.X if spec.layer is None else adata.layers[spec.layer]
+    scale = vdata.scale_evidence(X, normalization=norm)
+    if norm == "log1p_cp10k" and spec.normalize == "auto":
+        warnings.warn(
+            f"the truth cells look like raw counts ({scale.summary()}): normalised to "
+            "log1p(1e4·x/total) per cell; pass normalize=None to score them as given",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Screen(spec, tuple(strata), norm, source, scale)
 
 
 def _stratum(

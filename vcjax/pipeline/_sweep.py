@@ -475,6 +475,7 @@ def sweep(
     gate: bool = True,
     pred_layer: str | None = None,
     pred_normalize: str | None = "auto",
+    check_scale: str = "error",
     on_error: str = "raise",
     model_chunk: int | None = None,
     chunk_size: int | None = None,
@@ -502,6 +503,8 @@ def sweep(
       resample: ``"cells"``, ``"perturbations"`` or ``"both"`` (module docstring).
       k, strict, gate: scoring options, as :func:`vcjax.evaluate`.
       pred_layer, pred_normalize: how predictions are read, as :func:`vcjax.evaluate`.
+      check_scale: ``"error"``, ``"warn"`` or ``"off"``: a model on another scale than the
+        truth, as :func:`vcjax.evaluate` (with ``on_error="skip"`` an error skips it).
       on_error: ``"raise"`` (default) or ``"skip"``: a model that cannot be aligned is left
         out and its error recorded in :attr:`SweepResult.errors`.
       model_chunk: models contracted at once (default: about 2**28 elements, at most 128).
@@ -570,7 +573,10 @@ def sweep(
                 raise VcjaxInputError(f"duplicated model name {name!r}")
             seen.add(name)
             try:
-                prediction = align(pred, screen, layer=pred_layer, normalize=pred_normalize)
+                prediction = align(
+                    pred, screen, layer=pred_layer, normalize=pred_normalize,
+                    check_scale=check_scale,
+                )  # fmt: skip
             except (VcjaxInputError, TypeError, ValueError, FileNotFoundError, KeyError) as exc:
                 if on_error == "raise":
                     raise VcjaxInputError(f"model {name!r}: {_one_line(exc)}") from exc
