@@ -65,7 +65,7 @@ draws are shifted so that their median is the estimate and their ``(1 ∓ ci)/2`
 quantiles mapped back. It is the spread of the estimate over repeats of the
 experiment, placed at the estimate: it always contains the estimate, R²w(Δ) ends are ≤ 1
 and WMSE ends ≥ 0; the confidence interval is ``100·clip`` of the calibrated one. NaN
-where the estimate is NaN.
+where the estimate is NaN or no draw is defined.
 
 **Per perturbation**: the calibrated score of :func:`vcjax.evaluate` (0 at the best
 negative/null baseline, 1 at the technical duplicate; default metric R²w(Δ)) with an
@@ -692,7 +692,7 @@ PATHWAY_REASONS = (
 )
 
 
-def _set_reasons(stratum: Stratum, y, w, gated, masks, r2d) -> np.ndarray:
+def _set_reasons(stratum: Stratum, y, dup, w, gated, masks, r2d) -> np.ndarray:
     """``(P, S)`` reason why each (perturbation, set) score is undefined (float64, host)."""
     P = y.shape[0]
     S = masks.shape[0]
@@ -715,7 +715,9 @@ def _set_reasons(stratum: Stratum, y, w, gated, masks, r2d) -> np.ndarray:
         const = flat(y[:, idx]) | flat(delta[:, idx])
         col = np.full(P, "", dtype=object)
         col[~(r2d[:, s] > 0)] = "duplicate_not_better"
-        col[const] = "constant_truth"
+        # a NaN R²w(Δ) of a finite duplicate: zero variance of Δ in float32
+        zero_var = np.isnan(r2d[:, s]) & np.isfinite(dup[:, idx]).all(axis=1)
+        col[const | zero_var] = "constant_truth"
         col[npos < 2] = "too_few_genes"
         col[ws.sum(axis=1) <= 0] = "no_weight"
         col[gated] = "no_degs"
@@ -752,7 +754,7 @@ def _pathway_table(
     )
     r2 = np.asarray(out["r2w_delta"], np.float64)
     r2d = np.asarray(out["r2w_delta_duplicate"], np.float64)
-    reason = _set_reasons(stratum, y, w64, gated, gsm.masks, r2d)
+    reason = _set_reasons(stratum, y, np.asarray(dup, np.float64), w64, gated, gsm.masks, r2d)
     r2_undefined = np.isin(reason, PATHWAY_REASONS[:5])
     r2 = np.where(r2_undefined, np.nan, r2)
     r2d = np.where(r2_undefined, np.nan, r2d)
