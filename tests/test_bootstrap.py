@@ -164,18 +164,23 @@ def test_add_intervals_via_evaluate(ds1):
     exp = load_fixture("ds1_sparse")[1]
     pred = (list(exp["perts"]), model, list(exp["genes"]))
     kw = dict(key="condition", control="control", normalize=None, k=10, seed=0)
-    t1 = PL.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
+    with pytest.warns(UserWarning, match="fewer than 100 resamples"):
+        t1 = PL.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
     t2 = PL.evaluate(adata, pred, n_boot=40, ci_method="bca", **kw)
     pd.testing.assert_frame_equal(t1, t2)
     base = t1[~t1.source.str.startswith("model-vs-")]
     ok = base["value"].notna() & base["ci_low"].notna()
     assert ok.sum() > 100
     assert (base.loc[ok, "ci_low"] <= base.loc[ok, "ci_high"]).all()
-    # intervals around the point estimate for most rows
-    inside = (base.loc[ok, "ci_low"] <= base.loc[ok, "value"] + 1e-9) & (
-        base.loc[ok, "value"] <= base.loc[ok, "ci_high"] + 1e-9
+    # every interval contains its estimate and lies in its metric's range
+    inside = (base.loc[ok, "ci_low"] <= base.loc[ok, "value"]) & (
+        base.loc[ok, "value"] <= base.loc[ok, "ci_high"]
     )
-    assert inside.mean() > 0.9
+    assert inside.all(), base.loc[ok][~inside]
+    _assert_in_range(base)
+    cal = base["calibrated"].notna() & base["calibrated_ci_low"].notna()
+    assert (base.loc[cal, "calibrated_ci_low"] <= base.loc[cal, "calibrated"]).all()
+    assert (base.loc[cal, "calibrated"] <= base.loc[cal, "calibrated_ci_high"]).all()
     comp = t1[t1.source.str.startswith("model-vs-")]
     assert set(comp.source) == {f"model-vs-{b}" for b in PL.DEFAULT_BASELINES}
     # orientation: positive = model better
@@ -189,6 +194,117 @@ def test_add_intervals_via_evaluate(ds1):
     assert ((w >= 0) & (w <= 1)).all()
     assert base["win_rate"].isna().all()
     assert t1["calibrated_ci_low"].notna().any()
+
+
+#: each core metric's closed range, written out independently of the registry
+RANGES = {
+    "mse": (0.0, np.inf),
+    "wmse": (0.0, np.inf),
+    "mae": (0.0, np.inf),
+    "pearson_delta": (-1.0, 1.0),
+    "pearson_delta_degs": (-1.0, 1.0),
+    "pearson_delta_topk": (-1.0, 1.0),
+    "pearson_delta_ctrl": (-1.0, 1.0),
+    "cosine_delta": (-1.0, 1.0),
+    "r2_delta": (-np.inf, 1.0),
+    "r2w_delta": (-np.inf, 1.0),
+    "r2_delta_ctrl": (-np.inf, 1.0),
+}
+
+
+def _assert_in_range(table):
+    for metric, rows in table[table["ci_low"].notna()].groupby("metric"):
+        lo, hi = RANGES[metric]
+        assert (rows["ci_low"] >= lo).all() and (rows["ci_high"] <= hi).all(), (metric, rows)
+
+
+def test_interval_scales_follow_the_metric_ranges():
+    """The registry's interval scale of each core metric matches its range."""
+    from vcjax.metrics import interval_scale
+
+    want = {(0.0, np.inf): "log", (-1.0, 1.0): "fisher", (-np.inf, 1.0): "r2"}
+    for metric, rng in RANGES.items():
+        assert interval_scale(metric) == want[rng], metric
+        assert interval_scale(metric, calibrated=True) == "identity"
+
+
+@pytest.mark.parametrize("scale", ST.SCALES)
+def test_scale_round_trip(scale):
+    x = {
+        "identity": np.array([-3.0, 0.0, 2.5]),
+        "fisher": np.array([-0.99, 0.0, 0.5, 0.999]),
+        "log": np.array([1e-8, 0.3, 40.0]),
+        "r2": np.array([-150.0, -0.2, 0.0, 0.9, 0.99999]),
+        "logit": np.array([1e-4, 0.2, 0.5, 0.97]),
+    }[scale]
+    np.testing.assert_allclose(ST.from_scale(ST.to_scale(x, scale), scale), x, rtol=1e-9)
+    assert np.all(np.diff(ST.to_scale(x, scale)) > 0)  # increasing
+
+
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_intervals_stay_in_range_and_contain_the_estimate(method):
+    """Skewed resamples against a range's end (what the issue found on Norman 2019): a shift
+    for bias on the raw scale leaves the range or excludes the estimate; on the metric's
+    scale neither happens, and the identity scale keeps the raw-scale behaviour."""
+    rng = np.random.default_rng(9)
+    B = 400
+    cases = {
+        # correlations near 1 whose resamples are biased low (a noisy truth)
+        "fisher": (
+            np.array([0.999, 0.98, 1.0]),
+            1 - rng.gamma(1.0, [[0.02], [0.05], [0.01]], (3, B)),
+        ),
+        # errors near 0 with right-skewed resamples above the estimate
+        "log": (np.array([0.001, 0.01, 0.0]), rng.gamma(0.5, [[0.02], [0.05], [0.01]], (3, B))),
+        # R² near 1 with long left tails
+        "r2": (np.array([1.0, 0.97, 0.5]), 1 - rng.lognormal(-3, 2, (3, B))),
+    }
+    bounds = {"fisher": (-1.0, 1.0), "log": (0.0, np.inf), "r2": (-np.inf, 1.0)}
+    for scale, (est, samp) in cases.items():
+        samp = np.clip(samp, *bounds[scale])
+        lo, hi = ST.interval(samp, est, ci=0.95, method=method, target="expected", scale=scale)
+        assert np.all(lo <= est) and np.all(est <= hi), (scale, lo, est, hi)
+        assert np.all(lo >= bounds[scale][0]) and np.all(hi <= bounds[scale][1]), (scale, lo, hi)
+        raw_lo, raw_hi = ST.interval(samp, est, ci=0.95, method=method, target="expected")
+        out = (raw_lo < bounds[scale][0]) | (raw_hi > bounds[scale][1])
+        out |= (raw_lo > est) | (raw_hi < est)
+        assert out.any(), (scale, raw_lo, raw_hi)  # the raw scale fails on these cases
+    # identity = the raw-scale interval, bit for bit (percentile, centred); NaN estimate → NaN
+    s = rng.normal(size=(4, 300))
+    e = np.array([0.1, -0.2, np.nan, 0.0])
+    lo, hi = ST.interval(s, e, ci=0.9, method="percentile", target="expected")
+    c = ST.center_samples(s, e)
+    for i in (0, 1, 3):
+        q = np.quantile(c[i], [0.05, 0.95])
+        np.testing.assert_allclose([lo[i], hi[i]], [min(q[0], e[i]), max(q[1], e[i])], rtol=1e-12)
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+
+
+def test_ties_within_float32_noise():
+    a = np.array([1.0, 0.5, 1e-9, 100.0, np.nan])
+    b = np.array([1.0 + 5e-8, 0.5 + 1e-7, 0.0, 100.0 + 1e-6, np.nan])
+    np.testing.assert_array_equal(ST.ties(a, b), [True, False, True, True, False])
+    assert ST.TIE_TOL == 6e-8
+
+
+def test_win_rate_counts_ties_as_half():
+    """Paired resamples: a win counts 1, a tie within float32 noise ½ (a model equal to a
+    baseline wins 0.5, not 0), non-finite pairs are left out; against a NumPy loop."""
+    rng = np.random.default_rng(10)
+    a = rng.normal(size=(5, 50)).astype(np.float32).astype(np.float64)
+    b = rng.normal(size=(5, 50)).astype(np.float32).astype(np.float64)
+    b[1] = a[1]  # identical
+    b[2] = a[2] * (1 + 3e-8)  # float32 round-off apart
+    a[3, :10] = np.nan
+    b[4] = np.nan
+    got = ST.win_rate(a, b)
+    for i in range(4):
+        keep = np.isfinite(a[i]) & np.isfinite(b[i])
+        d = np.abs(a[i] - b[i]) <= 6e-8 * np.maximum(1, np.maximum(abs(a[i]), abs(b[i])))
+        want = np.mean(np.where(d, 0.5, (a[i] > b[i]).astype(float))[keep])
+        np.testing.assert_allclose(got[i], want, rtol=1e-12)
+    np.testing.assert_allclose(got[1:3], 0.5)
+    assert np.isnan(got[4])
 
 
 def test_percentile_matches_numpy():
@@ -285,8 +401,11 @@ def test_coverage_validation_small():
     from validation.coverage import run
 
     table = run(n_rep=30, n_boot=300, n_estimand=3000, verbose=False)
-    exp = table[table.method.str.contains("target=expected")]
+    exp = table[
+        table.method.str.contains("target=expected") & ~table.method.str.contains("raw scale")
+    ]
     assert len(exp) == 6
+    assert (exp.sane == 1.0).all(), exp  # in range and containing the estimate
     assert (exp.coverage_E > 0.85).all() and (exp.coverage_E < 0.995).all(), exp
     pop = table[table.method == "percentile (target=population)"].set_index("metric")
     # Pearson(Δ) against a noisy truth is biased: raw intervals miss the population value

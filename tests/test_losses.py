@@ -315,3 +315,71 @@ def test_gears_loss_rejects_bad_options():
         L.gears_loss(x, x, np.zeros(2, int), mode="focal")
     with pytest.raises(ValueError):
         L.gears_loss(x, x, np.zeros(2, int), mode="default", control=x[0], gamma=-1.0)
+
+
+# ------------------------------------------------------------ non-finite inputs
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_non_finite_inputs_propagate(loss):
+    """A NaN/±Inf anywhere in an example's predictions, targets or weights gives a
+    non-finite loss (never the finite fallback of an undefined metric) and a non-finite
+    gradient; the clean examples keep their values (one vmapped call over every case)."""
+    fn = LOSSES[loss]
+    pred, truth, ref, w = _data(11, shape=(12,))
+    p, t, ww = pred.copy(), truth.copy(), w.copy()
+    cases = [(arr, bad) for arr in (p, t, ww) for bad in (np.nan, np.inf, -np.inf)]
+    for k, (arr, bad) in enumerate(cases):  # example k corrupted; examples 9-11 clean
+        arr[k, 5] = bad
+    vf = jax.vmap(fn, (0, 0, None, 0))
+    values = np.asarray(jax.jit(vf)(p, t, ref, ww))
+    grads = np.asarray(jax.jit(jax.vmap(jax.grad(fn), (0, 0, None, 0)))(p, t, ref, ww))
+    clean_values = np.asarray(vf(pred, truth, ref, w))
+    takes_weights = loss not in ("mse", "gears_plain", "gears_gamma1")
+    for k, (arr, bad) in enumerate(cases):
+        if arr is ww and not takes_weights:
+            np.testing.assert_allclose(values[k], clean_values[k], rtol=1e-6)
+            continue
+        assert not np.isfinite(values[k]), (loss, k, bad, values[k])
+        assert not np.all(np.isfinite(grads[k])), (loss, k, bad)
+    np.testing.assert_allclose(values[9:], clean_values[9:], rtol=1e-6)
+    assert np.all(np.isfinite(grads[9:]))
+
+
+def test_nan_prediction_is_not_a_perfect_loss():
+    """The issue's case: a diverging model (NaN prediction) must not log loss 0, also where
+    the finite fallback would apply (all-zero weights, no selected gene)."""
+    pred, truth, ref, w = _data(12, shape=())
+    pred = pred.copy()
+    pred[3] = np.nan
+    zero_w = np.zeros_like(w)
+    no_gene = np.zeros(G, bool)
+    for value in (
+        L.mse_loss(pred, truth),
+        L.mse_loss(pred, truth, where=no_gene),
+        L.wmse_loss(pred, truth, w),
+        L.wmse_loss(pred, truth, zero_w),
+        L.wmse_loss(pred, truth, zero_w, fallback="zero"),
+        L.r2w_loss(pred, truth, ref, zero_w),
+        L.r2w_loss(pred, truth, ref, w, fallback="zero"),
+        L.gears_loss(pred[None], truth[None], jnp.zeros(1, int), weights=w),
+    ):
+        assert np.isnan(float(value))
+    # an infinite prediction on a weighted gene is an infinitely bad squared error
+    inf_pred = np.asarray(_data(12, shape=())[0]).copy()
+    inf_pred[3] = np.inf
+    assert float(L.mse_loss(inf_pred, truth)) == np.inf
+    assert float(L.wmse_loss(inf_pred, truth, w)) == np.inf
+
+
+def test_gears_padding_cells_are_ignored_even_if_non_finite():
+    pred, truth, _, w = _data(13, shape=(5,))
+    ids = np.array([0, 0, 1, 2, 2])
+    mask = np.array([True, True, True, True, False])
+    want = float(L.gears_loss(pred[:4], truth[:4], ids[:4], weights=w[:4]))
+    pred = pred.copy()
+    pred[4] = np.nan
+    got = float(L.gears_loss(pred, truth, ids, weights=w, cell_mask=mask))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    pred[0, 0] = np.nan  # a NaN in a real cell does propagate
+    assert np.isnan(float(L.gears_loss(pred, truth, ids, weights=w, cell_mask=mask)))

@@ -51,6 +51,19 @@ def swept(sim):
     return vcjax.sweep(screen, _models(screen), n_boot=24, seed=5)
 
 
+def _interval_tol(frame, tol):
+    """Per row: ``tol``, or 1e-3 near a closed end of the metric's range. Intervals are
+    bias-corrected on the metric's scale (Fisher z, −log(1 − R²)); near ±1 it amplifies the
+    float32 round-off (~1e-6) that separates the sweep's resamples from evaluate's, in the
+    resamples that reach the edge."""
+    from vcjax.metrics import interval_scale
+
+    scale = np.array([interval_scale(m) for m in frame["metric"]])
+    v = frame["value"].to_numpy(float)
+    near = ((scale == "fisher") & (np.abs(v) > 0.99)) | ((scale == "r2") & (v > 0.99))
+    return np.where(near, 1e-3, tol)
+
+
 def test_point_values_and_intervals_equal_evaluate(sim, swept):
     _, screen = sim
     for name, pred in _models(screen).items():
@@ -68,7 +81,11 @@ def test_point_values_and_intervals_equal_evaluate(sim, swept):
             a, b = m[col].to_numpy(float), m[f"{col}_ev"].to_numpy(float)
             np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{name} {col}")
             ok = ~np.isnan(a)
-            np.testing.assert_allclose(a[ok], b[ok], rtol=tol, atol=tol, err_msg=f"{name} {col}")
+            if col.startswith("ci_"):
+                tol = _interval_tol(m, tol)[ok]
+            np.testing.assert_array_less(
+                np.abs(a[ok] - b[ok]), tol * (1 + np.abs(b[ok])), err_msg=f"{name} {col}"
+            )
         assert (m["note"] == m["note_ev"]).all()
     # the baselines, scored once, are evaluate's baseline rows
     ev = vcjax.evaluate(screen, None)
@@ -310,7 +327,11 @@ def test_covariate_sweep_equals_evaluate():
     j = res.table.merge(ev, on=["perturbation", "metric", "covariate"], suffixes=("", "_ev"))
     assert len(j) == len(res.table) == len(ev)
     np.testing.assert_allclose(j["value"], j["value_ev"], rtol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(j["ci_high"], j["ci_high_ev"], rtol=2e-6, atol=2e-6, equal_nan=True)
+    a, b = j["ci_high"].to_numpy(float), j["ci_high_ev"].to_numpy(float)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    ok = ~np.isnan(a)
+    tol = _interval_tol(j, 2e-6)[ok]
+    np.testing.assert_array_less(np.abs(a[ok] - b[ok]), tol * (1 + np.abs(b[ok])))
 
 
 def test_save_round_trip(swept, tmp_path):

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from vcjax import pipeline as PL
+from vcjax.metrics import interval_scale
 from vcjax.stats import interval
 
 METRICS = ("r2w_delta", "wmse", "pearson_delta")
@@ -160,7 +161,15 @@ def run(
         screen0, model, mu, sd, n_exp=n_estimand, seed=seed + 1
     )
     t_est = time.time() - t0
-    kinds = [(meth, tg) for tg in ("expected", "population") for meth in ("percentile", "bca")]
+    # (method, target, scale): each metric's own range-respecting scale (the default), and
+    # for comparison the raw scale that earlier versions used
+    kinds = [
+        (meth, tg, sc)
+        for sc in ("metric", "raw")
+        for tg in ("expected", "population")
+        for meth in ("percentile", "bca")
+    ]
+    sane = {(m, k): [] for m in METRICS for k in kinds}  # in range and containing θ̂
     hits = {(m, k, tgt): [] for m in METRICS for k in kinds for tgt in ("E", "pop")}
     widths = {(m, k): [] for m in METRICS for k in kinds}
     boot_nan = {m: [] for m in METRICS}
@@ -183,8 +192,10 @@ def run(
             boot_nan[m].append(np.mean(np.isnan(samp)))
             point_all[m].append(point[m])
             for kd in kinds:
-                lo, hi = interval(samp, point[m], ci=ci, method=kd[0], target=kd[1])
+                scale = interval_scale(m) if kd[2] == "metric" else "identity"
+                lo, hi = interval(samp, point[m], ci=ci, method=kd[0], target=kd[1], scale=scale)
                 ok = np.isfinite(lo) & np.isfinite(hi)
+                sane[(m, kd)].append(np.where(ok, _sane(m, lo, hi, point[m]), np.nan))
                 hits[(m, kd, "E")].append(
                     np.where(ok, (lo <= expected[m]) & (expected[m] <= hi), np.nan)
                 )
@@ -198,7 +209,7 @@ def run(
     for m in METRICS:
         pts = np.array(point_all[m])
         for kd in kinds:
-            meth = f"{kd[0]} (target={kd[1]})"
+            meth = f"{kd[0]} (target={kd[1]}{', raw scale' if kd[2] == 'raw' else ''})"
             cov_e = np.array(hits[(m, kd, "E")])
             cov_p = np.array(hits[(m, kd, "pop")])
             n_int = int(np.isfinite(cov_e).sum())
@@ -216,6 +227,7 @@ def run(
                     mean_E=float(np.mean(expected[m])),
                     mean_population=float(np.mean(population[m])),
                     boot_nan_frac=float(np.mean(boot_nan[m])),
+                    sane=float(np.nanmean(np.array(sane[(m, kd)]))),
                 )
             )
     table = pd.DataFrame(rows)
@@ -226,6 +238,16 @@ def run(
         sd_point={m: float(np.nanmean(np.nanstd(np.array(point_all[m]), axis=0))) for m in METRICS},
     )
     return table
+
+
+#: the closed range of each metric: (low, high)
+_RANGE = {"r2w_delta": (-np.inf, 1.0), "wmse": (0.0, np.inf), "pearson_delta": (-1.0, 1.0)}
+
+
+def _sane(metric, lo, hi, est):
+    """Whether each interval lies in the metric's range and contains its estimate."""
+    a, b = _RANGE[metric]
+    return (lo >= a) & (hi <= b) & (lo <= est) & (est <= hi)
 
 
 def coverage_of_mean(*, n_rep=300, n_cells=40, n_boot=400, ci=0.9, seed=0) -> dict[str, float]:
@@ -247,14 +269,14 @@ def coverage_of_mean(*, n_rep=300, n_cells=40, n_boot=400, ci=0.9, seed=0) -> di
 
 def markdown(table: pd.DataFrame) -> str:
     lines = [
-        "| metric | method | coverage of E[θ̂] | ± MC s.e. | coverage of population value | mean width | mean θ̂ | E[θ̂] | population | NaN resamples |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| metric | method | coverage of E[θ̂] | ± MC s.e. | coverage of population value | mean width | mean θ̂ | E[θ̂] | population | NaN resamples | in range, contains θ̂ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table.itertuples():
         lines.append(
             f"| {r.metric} | {r.method} | {100 * r.coverage_E:.1f}% | {100 * r.mc_se:.1f} | "
             f"{100 * r.coverage_population:.1f}% | {r.mean_width:.4f} | {r.mean_point:.4f} | {r.mean_E:.4f} | "
-            f"{r.mean_population:.4f} | {100 * r.boot_nan_frac:.2f}% |"
+            f"{r.mean_population:.4f} | {100 * r.boot_nan_frac:.2f}% | {100 * r.sane:.1f}% |"
         )
     return "\n".join(lines)
 

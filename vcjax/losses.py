@@ -13,10 +13,17 @@ Conventions (as ``optax.losses``):
   of a batch), so it reduces the cell axis too and returns ``(...)`` for ``(..., B, G)``.
 * data are positional, options keyword-only; all options are static Python values, so
   every loss is ``jax.jit``-, ``jax.vmap``- and ``jax.grad``/``jax.jacfwd``-compatible.
-* a loss is never NaN for finite inputs, and its gradient is finite everywhere, including
+* a loss is never NaN for finite inputs, and its gradient is finite there, including
   perfect predictions, all-zero weights and constant targets. Where the underlying metric
-  is undefined (NaN by the rules of docs/metrics.md §5), the loss uses a documented finite
-  fallback (see each function).
+  is undefined **on finite inputs** (NaN by the rules of docs/metrics.md §5: no selected
+  gene, ``Σw = 0``, a constant true delta, fewer than 2 genes), the loss uses a documented
+  finite fallback (see each function).
+* non-finite inputs propagate: a NaN or ±Inf anywhere in an example's predictions,
+  targets, reference, weights or control (genes outside ``where`` included: the kernels
+  multiply by the mask) gives a NaN loss — or +Inf where that is the exact value, e.g. an
+  infinite prediction in a squared error — and a non-finite gradient, never a fallback.
+  A diverging model therefore never logs a finite loss. The only inputs that are ignored
+  are :func:`gears_loss`'s padding cells (``cell_mask=False``), which are not data.
 
 References:
   docs/metrics.md §5 (metrics) and §8 (GEARS loss); Mejia, Miller et al., *Diversity by
@@ -45,9 +52,34 @@ def _check_fallback(fallback: str) -> None:
         raise ValueError(f"fallback must be 'unweighted' or 'zero', got {fallback!r}")
 
 
-def _finite_or_zero(value: jax.Array) -> jax.Array:
-    """``value`` where finite, 0 elsewhere (the kernels' NaN branches carry zero gradient)."""
-    return jnp.where(jnp.isnan(value), jnp.zeros_like(value), value)
+def _all_finite(*arrays: ArrayLike | None) -> jax.Array:
+    """Per example: True where every value of every input (all genes) is finite.
+
+    The inputs broadcast to a common ``(..., G)`` shape; the result has shape ``(...)``.
+    """
+    present = [jnp.asarray(a) for a in arrays if a is not None]
+    shape = jnp.broadcast_shapes(*(a.shape for a in present))
+    ok = jnp.ones(shape[:-1], bool)
+    for a in present:
+        ok = ok & jnp.all(jnp.broadcast_to(jnp.isfinite(a), shape), axis=-1)
+    return ok
+
+
+def _fallback(value: jax.Array, finite: jax.Array, replacement: ArrayLike = 0.0) -> jax.Array:
+    """The loss ``value`` with its finite fallback where it is NaN **on finite inputs**.
+
+    ``finite`` (per example, :func:`_all_finite`) says whether the example's inputs are all
+    finite. There a NaN ``value`` (the metric is undefined) becomes ``replacement``
+    (0 by default; the kernels' NaN branches carry zero gradient). Elsewhere ``value`` is
+    returned as it is — NaN or ±Inf from the non-finite input — and if it happened to be
+    finite it is made NaN (value only: the gradient is left to the kernel, which is itself
+    non-finite there), so a non-finite input never yields a finite loss.
+    """
+    value = jnp.asarray(value)
+    undefined = finite & jnp.isnan(value)
+    out = jnp.where(undefined, jnp.asarray(replacement, value.dtype), value)
+    poison = jnp.where(finite | ~jnp.isfinite(out), 0.0, jnp.nan).astype(out.dtype)
+    return out + jax.lax.stop_gradient(poison)
 
 
 def _weight_sum(weights: ArrayLike, *arrays: ArrayLike, where: ArrayLike | None) -> jax.Array:
@@ -77,12 +109,14 @@ def mse_loss(
 
     Returns:
       ``(...)`` per-example loss. An example with no selected gene has loss 0 (the metric
-      is NaN there) and zero gradient.
+      is NaN there) and zero gradient, when its inputs are finite. A NaN anywhere in the
+      example gives NaN, an infinite prediction or target +Inf (``Inf − Inf``: NaN).
 
     References:
       docs/metrics.md §5 ("MSE").
     """
-    return _finite_or_zero(M.mse(predictions, targets, where=where))
+    finite = _all_finite(predictions, targets)
+    return _fallback(M.mse(predictions, targets, where=where), finite)
 
 
 def wmse_loss(
@@ -109,20 +143,25 @@ def wmse_loss(
       where: optional boolean gene mask, applied on top of the weights.
       fallback: what an example whose (selected) weights sum to 0 contributes, where the
         metric is NaN: ``"unweighted"`` (default) — the plain :func:`mse_loss` on the
-        selected genes (uniform weights); ``"zero"`` — loss 0 with zero gradient.
+        selected genes (uniform weights); ``"zero"`` — loss 0 with zero gradient. (A
+        negative weight sum, outside the weights' domain, is treated the same way.)
 
     Returns:
-      ``(...)`` per-example loss, finite for finite inputs.
+      ``(...)`` per-example loss, finite for finite inputs. Non-finite inputs propagate
+      (module docstring): a NaN prediction, target or weight gives NaN, never a fallback;
+      an infinite error on a gene with positive weight gives +Inf.
 
     References:
       docs/metrics.md §5 ("WMSE"); Mejia, Miller et al., arXiv:2506.22641 (2025).
     """
     _check_fallback(fallback)
+    finite = _all_finite(predictions, targets, weights)
     value = M.wmse(predictions, targets, weights, where=where)
     if fallback == "unweighted":
+        # sw <= 0 is False for a NaN sum (a non-finite weight): the kernel's NaN is kept
         sw = _weight_sum(weights, predictions, targets, where=where)
-        value = jnp.where(sw > 0, value, M.mse(predictions, targets, where=where))
-    return _finite_or_zero(value)
+        value = jnp.where(sw <= 0, M.mse(predictions, targets, where=where), value)
+    return _fallback(value, finite)
 
 
 # --------------------------------------------------------------------------- R²w(Δ)
@@ -149,7 +188,9 @@ def r2w_loss(
     numerator does not depend on ``reference``; the denominator does (unless the reference
     is constant across genes).
 
-    Finite fallbacks (the loss is never NaN for finite inputs):
+    Finite fallbacks (the loss is never NaN for finite inputs; they never apply to an
+    example with a non-finite input, whose loss is NaN or +Inf — e.g. an infinite
+    prediction on a weighted gene):
 
     * ``Σ_g w_g = 0`` (NaN metric): ``fallback="unweighted"`` (default, as CellSimBench's
       ``weighted_r2``) uses the unweighted ``1 - R²(Δ)`` on the selected genes;
@@ -175,11 +216,13 @@ def r2w_loss(
       CellSimBench ``cellsimbench/core/data_manager.py`` (unweighted fallback).
     """
     _check_fallback(fallback)
+    finite = _all_finite(predictions, targets, reference, weights)
     r2w = M.r2w_delta(predictions, targets, reference, weights, where=where)
     if fallback == "unweighted":
+        # sw <= 0 is False for a NaN sum (a non-finite weight): the kernel's NaN is kept
         sw = _weight_sum(weights, predictions, targets, reference, where=where)
-        r2w = jnp.where(sw > 0, r2w, M.r2_delta(predictions, targets, reference, where=where))
-    return _finite_or_zero(1.0 - r2w)
+        r2w = jnp.where(sw <= 0, M.r2_delta(predictions, targets, reference, where=where), r2w)
+    return _fallback(1.0 - r2w, finite)
 
 
 # --------------------------------------------------------------------------- GEARS
@@ -281,15 +324,18 @@ def gears_loss(
         *not* normalised in GEARS). A cell with ``Σλ = 0`` or no selected gene gives 0.
         """
         if lam is None:
-            return _finite_or_zero(M.mse(s, zero, where=gene_mask))
+            return _fallback(M.mse(s, zero, where=gene_mask), finite)
         sum_lam = _weight_sum(lam, s, where=gene_mask)
         count = (
             jnp.full(shape[:-1], shape[-1], dtype)
             if gene_mask is None
             else jnp.sum(gene_mask, axis=-1).astype(dtype)
         )
-        wm = _finite_or_zero(M.wmse(s, zero, lam, where=gene_mask))
+        wm = _fallback(M.wmse(s, zero, lam, where=gene_mask), finite)
         return wm * (sum_lam / jnp.where(count > 0, count, 1.0))
+
+    # per cell: are its predictions, targets, weights (and control) all finite?
+    finite = _all_finite(pred, y, lam, None if mode == "mse" else control)
 
     # λ|d|^e = λ s² with s = |d|^(e/2); integer powers stay exact (s = d for e = 2, d² for 4)
     d = pred - y
@@ -314,5 +360,6 @@ def gears_loss(
     n_same = jnp.einsum("...ij,...j->...i", same, valid)  # n_{p(i)} among valid cells
     inv_n = valid / jnp.where(n_same > 0, n_same, 1.0)
     n_conditions = jnp.sum(inv_n, axis=-1)  # |B|
-    total = jnp.sum(inv_n * per_cell, axis=-1)
+    # padding cells (cell_mask False) are not data: their values, finite or not, are ignored
+    total = jnp.sum(jnp.where(valid > 0, inv_n * per_cell, 0.0), axis=-1)
     return jnp.where(n_conditions > 0, total / jnp.where(n_conditions > 0, n_conditions, 1.0), 0.0)

@@ -34,6 +34,7 @@ __all__ = [
     "METRICS",
     "MetricSpec",
     "higher_is_better",
+    "interval_scale",
     "kernel_metrics",
     "label",
     "metric_spec",
@@ -61,6 +62,10 @@ class MetricSpec:
       gated_by_degs: NaN where a perturbation has no significant DEG.
       undefined_for: sources for which it is NaN against a ``u_ALL``-type reference.
       level: ``"perturbation"`` (one value per perturbation) or ``"dataset"`` (one value).
+      scale: the scale its bootstrap intervals are computed on, from its range
+        (:func:`vcjax.stats.to_scale`): ``"fisher"`` for a correlation in [−1, 1], ``"log"``
+        for an error or distance in [0, ∞), ``"r2"`` for an R² in (−∞, 1], ``"logit"`` for
+        a fraction in [0, 1], ``"identity"`` when unbounded.
     """
 
     name: str
@@ -73,6 +78,7 @@ class MetricSpec:
     gated_by_degs: bool = False
     undefined_for: tuple[str, ...] = ()
     level: Literal["perturbation", "dataset"] = "perturbation"
+    scale: Literal["identity", "fisher", "log", "r2", "logit"] = "identity"
 
     @property
     def is_core(self) -> bool:
@@ -101,10 +107,21 @@ KERNELS: Mapping[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
 }
 
 
+#: the range, hence the interval scale, of each core kernel
+_KERNEL_SCALES = {
+    "mse": "log", "wmse": "log", "mae": "log", "pearson_delta": "fisher",
+    "pearson_delta_degs": "fisher", "pearson_delta_topk": "fisher", "r2_delta": "r2",
+    "r2w_delta": "r2", "cosine_delta": "fisher",
+}  # fmt: skip
+
+
 def _core(name, hib, label, *, kernel=None, reference="delta", **kw) -> MetricSpec:
     kernel = kernel or name
     kind = "similarity" if hib else "error"
-    return MetricSpec(name, hib, label, kind, kernel, reference, KERNELS[kernel][1], **kw)
+    return MetricSpec(
+        name, hib, label, kind, kernel, reference, KERNELS[kernel][1],
+        scale=_KERNEL_SCALES[kernel], **kw,
+    )  # fmt: skip
 
 
 _DATA_MEAN = ("dataset_mean",)
@@ -134,23 +151,34 @@ _ENTRIES = (
     ),
     _core("r2_delta_ctrl", True, "R²(Δ vs control)", kernel="r2_delta", reference="control"),
     # the peers' metrics (vcjax.peers): pseudobulk, dataset-level and cell-level
-    MetricSpec("pearson_delta_top20", True, "Pearson(Δ vs control) top-20 (GEARS)"),
-    MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)"),
-    MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)"),
-    MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)"),
-    MetricSpec("rank", False, "cosine rank (PerturBench)", "rank"),
-    MetricSpec("pds", True, "discrimination score L1"),
-    MetricSpec("hit_recall_at_budget", True, "hit recall at budget", level="dataset"),
-    MetricSpec("hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset"),
-    MetricSpec("de_overlap_at_k", True, "DE overlap (cell-eval)", needs=("cells", "pred_control")),
+    MetricSpec("pearson_delta_top20", True, "Pearson(Δ vs control) top-20 (GEARS)", scale="fisher"),
+    MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)", scale="logit"),
+    MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)", scale="fisher"),
+    MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)", scale="logit"),
+    MetricSpec("rank", False, "cosine rank (PerturBench)", "rank", scale="logit"),
+    MetricSpec("pds", True, "discrimination score L1", scale="logit"),
+    MetricSpec(
+        "hit_recall_at_budget", True, "hit recall at budget", level="dataset", scale="logit"
+    ),
+    MetricSpec("hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset", scale="logit"),
+    MetricSpec(
+        "de_overlap_at_k",
+        True,
+        "DE overlap (cell-eval)",
+        needs=("cells", "pred_control"),
+        scale="logit",
+    ),  # fmt: skip
     MetricSpec(
         "de_direction_agreement",
         True,
         "DE direction match (cell-eval)",
         needs=("cells", "pred_control"),
+        scale="logit",
     ),
-    MetricSpec("energy_distance", False, "energy distance", "distance", needs=("cells",)),
-    MetricSpec("mmd", False, "MMD", "distance", needs=("cells",)),
+    MetricSpec(
+        "energy_distance", False, "energy distance", "distance", needs=("cells",), scale="log"
+    ),
+    MetricSpec("mmd", False, "MMD", "distance", needs=("cells",)),  # unbiased MMD² can be < 0
 )
 
 #: every metric the evaluation table can hold, by name.
@@ -174,6 +202,13 @@ def metric_spec(name: str) -> MetricSpec:
 def higher_is_better(name: str) -> bool:
     """Orientation of a metric (errors such as MSE are lower-is-better)."""
     return metric_spec(name).higher_is_better
+
+
+def interval_scale(name: str, *, calibrated: bool = False) -> str:
+    """The scale of ``name``'s bootstrap intervals (:attr:`MetricSpec.scale`); calibrated
+    values, and names not registered, are unbounded (``"identity"``)."""
+    spec = METRICS.get(name)
+    return "identity" if calibrated or spec is None else spec.scale
 
 
 def label(name: str) -> str:

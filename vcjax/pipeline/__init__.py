@@ -42,12 +42,15 @@ from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, 
 from vcjax.pipeline._evaluate import as_screen, calibration_card, evaluate, score_screen
 from vcjax.pipeline._known import known_models
 from vcjax.pipeline._per_gene import PER_GENE_SOURCES, per_gene_data
+from vcjax.pipeline._scorer import Scorer, scorer
 from vcjax.pipeline._scoring import gate, resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
 from vcjax.pipeline._spec import DEFAULT_BASELINES, UALL_REFERENCES, BootSpec, ScoreSpec, TruthSpec
 from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep
 
 __all__ = [
+    "Scorer",
+    "scorer",
     "BASELINE_ROLES",
     "DEFAULT_BASELINES",
     "DEG",

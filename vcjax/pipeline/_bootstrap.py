@@ -68,7 +68,14 @@ from vcjax import engine
 from vcjax._errors import VcjaxInputError
 from vcjax._host import working_dtype
 from vcjax.data import iter_chunks, normalize_chunk
-from vcjax.metrics import METRICS, fused_scores, higher_is_better, pearson_delta, topk_indices
+from vcjax.metrics import (
+    METRICS,
+    fused_scores,
+    higher_is_better,
+    interval_scale,
+    pearson_delta,
+    topk_indices,
+)
 from vcjax.pipeline._align import Prediction
 from vcjax.pipeline._calibrate import calibrate
 from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, derive
@@ -80,6 +87,7 @@ from vcjax.stats import (
     interval,
     jackknife_acceleration,
     per_cell_groups,
+    win_rate,
 )
 
 __all__ = [
@@ -913,7 +921,9 @@ def add_intervals(
                 continue
             ridx = np.asarray([pert_pos[p] for p in out.loc[idx, "perturbation"]])
             samp = res["values"][source][metric][:, ridx].T
-            lo, hi = interval(samp, out.loc[idx, "value"].to_numpy(float), **kw)
+            lo, hi = interval(
+                samp, out.loc[idx, "value"].to_numpy(float), scale=interval_scale(metric), **kw
+            )
             out.loc[idx, "ci_low"], out.loc[idx, "ci_high"] = lo, hi
             out.loc[idx, "boot_nan_frac"] = np.mean(~np.isfinite(samp), axis=1)
             csamp = res["calibrated"][source][metric][:, ridx].T
@@ -950,12 +960,12 @@ def _paired_rows(sub: pd.DataFrame, res, pert_pos, covariate, kw) -> list[pd.Dat
             )
             b_v = brows.loc[list(mrows["perturbation"]), "value"].to_numpy(float)
             b_notes = brows.loc[list(mrows["perturbation"]), "note"].to_numpy()
-            d_s = sgn * (m_s - res["values"][source][metric][:, ridx].T)
+            b_s = res["values"][source][metric][:, ridx].T
+            d_s = sgn * (m_s - b_s)
             d_v = sgn * (m_v - b_v)
             lo, hi = interval(d_s, d_v, **kw)
             fin = np.isfinite(d_s)
-            with np.errstate(invalid="ignore"):
-                win = np.sum((d_s > 0) & fin, axis=1) / np.sum(fin, axis=1)
+            win = win_rate(sgn * m_s, sgn * b_s)
             frame = {
                 "perturbation": mrows["perturbation"].to_numpy(),
                 "metric": metric,
@@ -1022,9 +1032,14 @@ def summary_intervals(
             if method == "bca" and P > 1:
                 jk = np.array([stat(np.delete(v, i)) for i in range(P)])
                 acc = jackknife_acceleration(jk[None])[0]
-        lo, hi = interval(
-            samp[None], np.array([est]), ci=ci, method=method, acceleration=acc, target=target
+        source, metric = str(gkey[0]), str(gkey[1])
+        scale = interval_scale(
+            metric, calibrated=column != "value" or source.startswith("model-vs-")
         )
+        lo, hi = interval(
+            samp[None], np.array([est]), ci=ci, method=method, acceleration=acc, target=target,
+            scale=scale,
+        )  # fmt: skip
         row = dict(zip(keys, gkey if isinstance(gkey, tuple) else (gkey,)))
         row.update(
             statistic=statistic, value=est, ci_low=lo[0], ci_high=hi[0], n=int(np.isfinite(v).sum())

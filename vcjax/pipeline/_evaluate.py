@@ -39,7 +39,13 @@ from vcjax.pipeline._bootstrap import add_intervals
 from vcjax.pipeline._calibrate import calibrate, card
 from vcjax.pipeline._scoring import resolve_metrics, score_sources, warm_up
 from vcjax.pipeline._screen import Screen, prepare_spec
-from vcjax.pipeline._spec import DEFAULT_BASELINES, BootSpec, ScoreSpec, TruthSpec
+from vcjax.pipeline._spec import (
+    DEFAULT_BASELINES,
+    BootSpec,
+    ScoreSpec,
+    TruthSpec,
+    warn_if_rough,
+)
 from vcjax.pipeline._tidy import tidy, tidy_dataset
 
 __all__ = ["as_screen", "calibration_card", "evaluate", "score_screen"]
@@ -250,6 +256,7 @@ def evaluate(
     score = ScoreSpec(metrics=metrics, k=k, strict=strict, gate=gate, chunk_size=chunk_size)
     boot = None
     if n_boot:
+        warn_if_rough(n_boot)
         boot = BootSpec(
             n_boot=n_boot, ci=ci, method=ci_method, refit_weights=refit_weights, seed=seed
         )

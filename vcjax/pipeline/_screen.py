@@ -281,6 +281,14 @@ class Screen:
             f"reference={self.spec.reference_name!r}, weights={self.spec.weights_kind!r})"
         )
 
+    def scorer(self, **options):
+        """This truth as a pure JAX function of a ``(P, G)`` prediction:
+        :func:`vcjax.pipeline.scorer` (``metrics=``, ``calibrated=``, ``k=``, ``strict=``,
+        ``gate=``)."""
+        from vcjax.pipeline._scorer import scorer  # the scorer builds on this module
+
+        return scorer(self, **options)
+
     def with_cells(self, adata) -> Screen:
         """The same screen with its cells in ``adata`` (for a screen prepared in memory)."""
         n = self.strata[0].cells.codes.size

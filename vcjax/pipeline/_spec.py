@@ -10,6 +10,7 @@ option at fault.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +18,15 @@ import numpy as np
 from vcjax._errors import VcjaxInputError
 from vcjax.data import REFERENCES
 
-__all__ = ["DEFAULT_BASELINES", "BootSpec", "ScoreSpec", "TruthSpec", "UALL_REFERENCES"]
+__all__ = [
+    "DEFAULT_BASELINES",
+    "ROUGH_N_BOOT",
+    "UALL_REFERENCES",
+    "BootSpec",
+    "ScoreSpec",
+    "TruthSpec",
+    "warn_if_rough",
+]
 
 #: every baseline, in the order tables list them (what each one is: docs/metrics.md §4).
 DEFAULT_BASELINES = (
@@ -163,6 +172,22 @@ class ScoreSpec:
             raise VcjaxInputError(f"k must be >= 1, got {self.k}")
         if self.chunk_size is not None and int(self.chunk_size) < 1:
             raise VcjaxInputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+
+#: below this many resamples the interval ends are rough (a 95 % interval's ends are the
+#: 2.5th and 97.5th percentiles: 2–3 resamples each at 100)
+ROUGH_N_BOOT = 100
+
+
+def warn_if_rough(n_boot: int, *, stacklevel: int = 3) -> None:
+    """A ``UserWarning`` when ``0 < n_boot < ROUGH_N_BOOT``."""
+    if 0 < int(n_boot) < ROUGH_N_BOOT:
+        warnings.warn(
+            f"n_boot={int(n_boot)}: with fewer than {ROUGH_N_BOOT} resamples the interval "
+            "ends are rough (1000 is usual for reported intervals)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ import pandas as pd
 from vcjax._errors import VcjaxInputError
 from vcjax._host import working_dtype
 from vcjax._io import save_table
-from vcjax.metrics import METRICS, higher_is_better
+from vcjax.metrics import METRICS, higher_is_better, interval_scale
 from vcjax.pipeline._align import align
 from vcjax.pipeline._bootstrap import resampler
 from vcjax.pipeline._calibrate import calibrate
@@ -46,14 +46,12 @@ from vcjax.pipeline._contract import model_sums, model_values, resample_terms
 from vcjax.pipeline._evaluate import as_screen
 from vcjax.pipeline._scoring import engine_inputs, resolve_metrics, score_sources, usable_metrics
 from vcjax.pipeline._screen import Screen
-from vcjax.pipeline._spec import BootSpec, ScoreSpec
+from vcjax.pipeline._spec import BootSpec, ScoreSpec, warn_if_rough
 from vcjax.pipeline._tidy import tidy
-from vcjax.stats import interval
+from vcjax.stats import TIE_TOL, interval, ties
 
 __all__ = ["AGGREGATES", "RESAMPLE", "TIE_TOL", "SweepResult", "sweep"]
 
-#: a paired difference within this (relative to ``max(1, |a|, |b|)``) is a tie: float32 noise
-TIE_TOL = 6e-8
 AGGREGATES = ("mean", "median")
 RESAMPLE = ("cells", "perturbations", "both")
 
@@ -248,10 +246,6 @@ def _aggregate(values: np.ndarray, how: str, counts: np.ndarray | None = None) -
     return np.where(tot > 0, med, np.nan)
 
 
-def _ties(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a - b) <= TIE_TOL * np.maximum(1.0, np.maximum(np.abs(a), np.abs(b)))
-
-
 # ------------------------------------------------------------------------------- result
 
 
@@ -341,7 +335,10 @@ class SweepResult:
             best = _best_share(s * point[:, None])[:, 0]
             differs = np.full(M, None, dtype=object)
         else:
-            lo, hi = interval(samples, point, ci=ci, method="percentile", target="expected")
+            lo, hi = interval(
+                samples, point, ci=ci, method="percentile", target="expected",
+                scale=interval_scale(metric, calibrated=calibrated),
+            )  # fmt: skip
             rk = _rank(s * samples)  # (M, B)
             r_lo = np.floor(np.quantile(rk, (1 - ci) / 2, axis=1, method="lower"))
             r_hi = np.ceil(np.quantile(rk, (1 + ci) / 2, axis=1, method="higher"))
@@ -373,8 +370,9 @@ class SweepResult:
                 b_lo, b_hi = (np.nan, np.nan)
                 if smp is not None and smp.size:
                     lo_, hi_ = interval(
-                        smp[None], np.array([v]), ci=ci, method="percentile", target="expected"
-                    )
+                        smp[None], np.array([v]), ci=ci, method="percentile", target="expected",
+                        scale=interval_scale(metric, calibrated=calibrated),
+                    )  # fmt: skip
                     b_lo, b_hi = float(lo_[0]), float(hi_[0])
                 rows.append(dict(model=f"[{name}]", value=v, ci_low=b_lo, ci_high=b_hi))
             extra = pd.DataFrame(rows).set_index("model")
@@ -397,7 +395,7 @@ class SweepResult:
         )
         x = np.where(np.isfinite(x), x, -np.inf)
         a, b = x[:, None, :], x[None, :, :]
-        tie = _ties(a, b) | ((a == -np.inf) & (b == -np.inf))
+        tie = ties(a, b) | ((a == -np.inf) & (b == -np.inf))
         win = np.where(tie, 0.5, (a > b).astype(float)).mean(axis=-1)
         return pd.DataFrame(win, index=pd.Index(self.models, name="model"), columns=self.models)
 
@@ -428,7 +426,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
         r = np.arange(1, M + 1)
         # ties (within TIE_TOL) take the rank of the first of their run
         same = np.r_[
-            False, _ties(srt[1:], srt[:-1]) | ((srt[1:] == -np.inf) & (srt[:-1] == -np.inf))
+            False, ties(srt[1:], srt[:-1]) | ((srt[1:] == -np.inf) & (srt[:-1] == -np.inf))
         ]
         starts = np.where(same, 0, r)
         r = np.maximum.accumulate(starts)
@@ -440,7 +438,7 @@ def _best_share(x: np.ndarray) -> np.ndarray:
     """Per column, 1/k for each of the k rows tied for the largest value, 0 elsewhere."""
     x = np.where(np.isfinite(x), x, -np.inf)
     top = x.max(axis=0, keepdims=True)
-    is_best = _ties(x, top) & np.isfinite(top)
+    is_best = ties(x, top) & np.isfinite(top)
     k = is_best.sum(axis=0, keepdims=True)
     return np.where(k > 0, is_best / np.maximum(k, 1), 0.0)
 
@@ -512,6 +510,7 @@ def sweep(
         raise VcjaxInputError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
     if n_boot and n_boot < 2:
         raise VcjaxInputError(f"n_boot must be 0 or >= 2, got {n_boot}")
+    warn_if_rough(n_boot)
     t_start = time.perf_counter()
     report = progress if callable(progress) else None
     score = ScoreSpec(metrics=metrics, k=k, strict=strict, gate=gate, chunk_size=None)
@@ -845,7 +844,7 @@ def _row_intervals(result, spool: _Spool, metrics, blocks, ci, step: int = 8):
                 smp = spool.read(mi, a, c)  # (c − a, R, B)
                 l_, h_ = interval(
                     smp.reshape(-1, smp.shape[-1]), point[a:c].reshape(-1), ci=ci,
-                    method="percentile", target="expected",
+                    method="percentile", target="expected", scale=interval_scale(m),
                 )  # fmt: skip
                 lo[mi, a:c], hi[mi, a:c] = l_.reshape(c - a, R), h_.reshape(c - a, R)
     return lo, hi

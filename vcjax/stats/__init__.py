@@ -4,8 +4,9 @@
   :func:`pvalues`, :func:`benjamini_hochberg`, :func:`log_fold_change`,
   :func:`minmax_weights` as ``jax.numpy`` kernels, with host twins for float64 parity);
 * the Wilcoxon rank-sum test against control (:func:`mannwhitney_vs_control`, cell-eval's);
-* bootstrap interval maths (:func:`percentile_interval`, :func:`bca_interval`,
-  :func:`center_samples`) and :func:`bootstrap_metric` for any statistic.
+* bootstrap interval maths (:func:`interval` on a range-respecting scale,
+  :func:`percentile_interval`, :func:`bca_interval`, :func:`center_samples`, the tie
+  tolerance :data:`TIE_TOL`, :func:`win_rate`) and :func:`bootstrap_metric` for any statistic.
 """
 
 from vcjax.stats._deg import (
@@ -26,15 +27,21 @@ from vcjax.stats._deg import (
     t_test_vs_rest_host,
 )
 from vcjax.stats._intervals import (
+    SCALES,
+    TIE_TOL,
     BootstrapResult,
     bca_interval,
     bootstrap_metric,
     center_samples,
     draw_within_groups,
+    from_scale,
     interval,
     jackknife_acceleration,
     per_cell_groups,
     percentile_interval,
+    ties,
+    to_scale,
+    win_rate,
 )
 from vcjax.stats._wilcoxon import (
     MannWhitneyResult,
@@ -44,6 +51,8 @@ from vcjax.stats._wilcoxon import (
 )
 
 __all__ = [
+    "SCALES",
+    "TIE_TOL",
     "BootstrapResult",
     "DEGResult",
     "MannWhitneyResult",
@@ -55,6 +64,7 @@ __all__ = [
     "bootstrap_metric",
     "center_samples",
     "draw_within_groups",
+    "from_scale",
     "interval",
     "jackknife_acceleration",
     "log2_fold_change",
@@ -72,4 +82,7 @@ __all__ = [
     "t_from_moments_host",
     "t_test_vs_rest",
     "t_test_vs_rest_host",
+    "ties",
+    "to_scale",
+    "win_rate",
 ]
