@@ -59,13 +59,14 @@ Both halves are drawn anew around the pooled pseudobulk ``μ̂ = (n₁d + n₂y)
 ``y* = μ̂ + σ₂ε``, ``d* = μ̂ + σ₁ε'`` (``σᵢ² = sᵢ²/nᵢ``, floored as above; ``ε, ε' ~ N(0, 1)``
 per gene); prediction, weights and reference fixed. Each draw gives ``r2w_delta*``,
 ``wmse*`` and ``calibrated* = r2w_delta*/r2w_delta_duplicate*`` (NaN, ignored, where
-``r2w_delta_duplicate* ≤ 0``). The interval is median-centred on a range-respecting scale,
-``t = log(1 − R²)`` for R²w(Δ), ``log`` for WMSE, identity for ``calibrated``: the
-draws are shifted so that their median is the estimate and their ``(1 ∓ ci)/2``
-quantiles mapped back. It is the spread of the estimate over repeats of the
-experiment, placed at the estimate: it always contains the estimate, R²w(Δ) ends are ≤ 1
-and WMSE ends ≥ 0; the confidence interval is ``100·clip`` of the calibrated one. NaN
-where the estimate is NaN or no draw is defined.
+``r2w_delta_duplicate* ≤ 0``). Intervals are :func:`vcjax.stats.interval`'s with
+``target="expected"`` on the metric's scale (:func:`vcjax.metrics.interval_scale`:
+``−log(1 − R²)`` for R²w(Δ), ``log`` for WMSE, identity for ``calibrated``): the draws'
+mean is moved to the estimate there, their ``(1 ∓ ci)/2`` quantiles mapped back, and the
+interval widened if need be to contain the estimate. It is the spread of the estimate over
+repeats of the experiment, placed at the estimate: it contains the estimate, R²w(Δ) ends
+are ≤ 1 and WMSE ends ≥ 0; the confidence interval is ``100·clip`` of the calibrated one.
+NaN where the estimate is NaN or no draw is defined.
 
 **Per perturbation**: the calibrated score of :func:`vcjax.evaluate` (0 at the best
 negative/null baseline, 1 at the technical duplicate; default metric R²w(Δ)) with an
@@ -74,7 +75,7 @@ interval: ``interval="bootstrap"`` (default) from the cell bootstrap
 baselines refitted, on the same prepared truth; the interval of :func:`vcjax.evaluate`);
 ``interval="parametric"`` from a Gaussian resampling of the measurements, ``y* = y + σ₂ε``,
 ``d* = d + σ₁ε'`` and the null baseline's half-1 profile likewise (control and data means
-fixed), median-centred on the identity scale as above (so it contains the estimate).
+fixed), with the same interval on the identity scale (so it contains the estimate).
 ``confidence = 100·clip(calibrated, 0, 1)`` (100: at least as good as the technical
 duplicate; 0: no better than the best negative baseline; NaN where the calibrated score is,
 :func:`vcjax.pipeline.calibrate`) and a band (:func:`confidence_band`):
@@ -101,7 +102,7 @@ import pandas as pd
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
 from vcjax.data import gene_set_masks, read_h5ad
-from vcjax.metrics import KERNELS, METRICS, metric_spec, r2w_delta, wmse
+from vcjax.metrics import KERNELS, METRICS, interval_scale, metric_spec, r2w_delta, wmse
 from vcjax.pipeline import (
     NEGATIVES,
     BootSpec,
@@ -119,7 +120,6 @@ from vcjax.pipeline import (
     stratum_samples,
 )
 from vcjax.stats import interval as boot_interval
-from vcjax.stats import percentile_interval
 from vcjax.uncertainty._scores import (
     LEVELS,
     chunk_for,
@@ -221,49 +221,14 @@ def _ensemble_matrix(ens, screen: Screen, index: int, *, layer, normalize) -> np
     )
 
 
-#: interval scales: name -> (to_scale, from_scale); "r2" and "log" map the metric's range
-#: (−∞, 1] and [0, ∞) onto the real line (``t = log(1 − R²)``, ``t = log x``).
-_SCALES = {
-    "identity": (lambda x: x, lambda t: t),
-    "log": (lambda x: np.log(np.where(x > 0, x, 0.0)), np.exp),
-    "r2": (lambda x: np.log(np.where(x < 1, 1.0 - x, 0.0)), lambda t: 1.0 - np.exp(t)),
-}
-
-
 def _interval(draws, estimate, *, ci: float, scale: str) -> tuple[np.ndarray, np.ndarray]:
-    r"""Median-centred percentile interval of resampled values, on a range-respecting scale.
-
-    On the scale ``t = h(θ)`` (:data:`_SCALES`), the draws are shifted so that their median
-    is the estimate's, ``t* − (median(t*) − h(θ̂))``, and the ``(1 ∓ ci)/2`` quantiles of
-    the shifted draws are mapped back with ``h⁻¹``. This is the interval of the estimate
-    around the value the experiment gives in the median (the draws' median bias removed);
-    it contains the estimate (the shifted median is ``h(θ̂)``) and stays in the metric's
-    range. Where ``h(θ̂)`` is infinite (``R² = 1``, a zero error) the draws are used
-    unshifted. Ends are finally widened to the estimate against round-off. NaN draws are
-    ignored; NaN where the estimate is NaN or no draw is finite.
-
-    (One call, so that it becomes ``vcjax.stats.interval(draws, estimate, ci=ci,
-    method="percentile", target="expected", scale=scale)`` once that has scales.)
-    """
-    to_s, from_s = _SCALES[scale]
-    x = np.asarray(draws, np.float64)
-    x = np.where(np.isfinite(x), x, np.nan)
-    est = np.asarray(estimate, np.float64)
-    with np.errstate(all="ignore"):
-        t = to_s(x)
-        t = np.where(np.isfinite(t), t, np.nan)
-        t0 = to_s(est)
-        scaled = np.isfinite(t).any(axis=-1) & np.isfinite(t0)
-        med = np.nanmedian(np.where(scaled[..., None], t, 0.0), axis=-1)
-        shift = np.where(scaled, med - t0, 0.0)
-        a, b = percentile_interval(t - shift[..., None], ci=ci)
-        a, b = from_s(a), from_s(b)
-        raw_lo, raw_hi = percentile_interval(x, ci=ci)  # at the range's edge: unshifted
-        lo = np.where(scaled, np.minimum(a, b), raw_lo)
-        hi = np.where(scaled, np.maximum(a, b), raw_hi)
-        lo, hi = np.minimum(lo, est), np.maximum(hi, est)
-    bad = ~np.isfinite(est) | ~np.isfinite(x).any(axis=-1)
-    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+    """Interval of resampled values around their estimate, in the metric's range:
+    :func:`vcjax.stats.interval` with ``target="expected"`` (the draws' mean bias removed on
+    ``scale``), percentile method, widened to contain the estimate. NaN where the estimate
+    or every draw is NaN."""
+    return boot_interval(
+        draws, estimate, ci=ci, method="percentile", target="expected", scale=scale
+    )
 
 
 # ============================================================== parametric resampling
@@ -771,9 +736,9 @@ def _pathway_table(
         b_e = np.moveaxis(np.asarray(out["boot_wmse"], np.float64), 1, -1)
         with np.errstate(invalid="ignore", divide="ignore"):
             b_cal = np.where(b_r2d > 0, b_r2 / np.where(b_r2d > 0, b_r2d, 1.0), np.nan)
-        ci_r2 = _interval(b_r2, r2, ci=ci, scale="r2")
-        ci_e = _interval(b_e, e, ci=ci, scale="log")
-        ci_cal = _interval(b_cal, cal, ci=ci, scale="identity")
+        ci_r2 = _interval(b_r2, r2, ci=ci, scale=interval_scale("r2w_delta"))
+        ci_e = _interval(b_e, e, ci=ci, scale=interval_scale("wmse"))
+        ci_cal = _interval(b_cal, cal, ci=ci, scale=interval_scale("r2w_delta", calibrated=True))
     conf64 = np.asarray(conf, np.float64)
     cols = {
         "perturbation": np.repeat(np.asarray(stratum.perturbations, dtype=object), S),
@@ -928,7 +893,8 @@ def _perturbation_table(
         out = engine.row_map(
             lambda *r: fn(*r, *shared), rows, chunk_size=chunk, devices=jax.devices()[:1]
         )
-        lo, hi = _interval(np.asarray(out["draws"]), calibrated, ci=ci, scale="identity")
+        scale = interval_scale(metric, calibrated=True)
+        lo, hi = _interval(np.asarray(out["draws"]), calibrated, ci=ci, scale=scale)
 
     conf64 = np.asarray(conf, np.float64)
     fin = np.isfinite(conf64)
