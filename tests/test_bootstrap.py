@@ -218,66 +218,57 @@ def _assert_in_range(table):
         assert (rows["ci_low"] >= lo).all() and (rows["ci_high"] <= hi).all(), (metric, rows)
 
 
-def test_interval_scales_follow_the_metric_ranges():
-    """The registry's interval scale of each core metric matches its range."""
-    from vcjax.metrics import interval_scale
+def test_metric_bounds_follow_the_metric_ranges():
+    """The registry's range of each core metric is the one written out here."""
+    from vcjax.metrics import metric_bounds
 
-    want = {(0.0, np.inf): "log", (-1.0, 1.0): "fisher", (-np.inf, 1.0): "r2"}
     for metric, rng in RANGES.items():
-        assert interval_scale(metric) == want[rng], metric
-        assert interval_scale(metric, calibrated=True) == "identity"
-
-
-@pytest.mark.parametrize("scale", ST.SCALES)
-def test_scale_round_trip(scale):
-    x = {
-        "identity": np.array([-3.0, 0.0, 2.5]),
-        "fisher": np.array([-0.99, 0.0, 0.5, 0.999]),
-        "log": np.array([1e-8, 0.3, 40.0]),
-        "r2": np.array([-150.0, -0.2, 0.0, 0.9, 0.99999]),
-        "logit": np.array([1e-4, 0.2, 0.5, 0.97]),
-    }[scale]
-    np.testing.assert_allclose(ST.from_scale(ST.to_scale(x, scale), scale), x, rtol=1e-9)
-    assert np.all(np.diff(ST.to_scale(x, scale)) > 0)  # increasing
+        assert metric_bounds(metric) == rng, metric
+        assert metric_bounds(metric, calibrated=True) == (-np.inf, np.inf)
 
 
 @pytest.mark.parametrize("method", ["percentile", "bca"])
 def test_intervals_stay_in_range_and_contain_the_estimate(method):
-    """Skewed resamples against a range's end (what the issue found on Norman 2019): a shift
-    for bias on the raw scale leaves the range or excludes the estimate; on the metric's
-    scale neither happens, and the identity scale keeps the raw-scale behaviour."""
+    """Skewed resamples against a range's end (what the issue found on Norman 2019): the
+    bias shift carries ends past the range; with ``bounds`` every interval is clipped to
+    the range and contains its estimate, and is otherwise the unbounded interval."""
     rng = np.random.default_rng(9)
     B = 400
     cases = {
         # correlations near 1 whose resamples are biased low (a noisy truth)
-        "fisher": (
+        (-1.0, 1.0): (
             np.array([0.999, 0.98, 1.0]),
             1 - rng.gamma(1.0, [[0.02], [0.05], [0.01]], (3, B)),
         ),
         # errors near 0 with right-skewed resamples above the estimate
-        "log": (np.array([0.001, 0.01, 0.0]), rng.gamma(0.5, [[0.02], [0.05], [0.01]], (3, B))),
+        (0.0, np.inf): (
+            np.array([0.001, 0.01, 0.0]),
+            rng.gamma(0.5, [[0.02], [0.05], [0.01]], (3, B)),
+        ),
         # R² near 1 with long left tails
-        "r2": (np.array([1.0, 0.97, 0.5]), 1 - rng.lognormal(-3, 2, (3, B))),
+        (-np.inf, 1.0): (np.array([1.0, 0.97, 0.5]), 1 - rng.lognormal(-3, 2, (3, B))),
     }
-    bounds = {"fisher": (-1.0, 1.0), "log": (0.0, np.inf), "r2": (-np.inf, 1.0)}
-    for scale, (est, samp) in cases.items():
-        samp = np.clip(samp, *bounds[scale])
-        lo, hi = ST.interval(samp, est, ci=0.95, method=method, target="expected", scale=scale)
-        assert np.all(lo <= est) and np.all(est <= hi), (scale, lo, est, hi)
-        assert np.all(lo >= bounds[scale][0]) and np.all(hi <= bounds[scale][1]), (scale, lo, hi)
+    for bounds, (est, samp) in cases.items():
+        samp = np.clip(samp, *bounds)
+        lo, hi = ST.interval(samp, est, ci=0.95, method=method, target="expected", bounds=bounds)
+        assert np.all(lo <= est) and np.all(est <= hi), (bounds, lo, est, hi)
+        assert np.all(lo >= bounds[0]) and np.all(hi <= bounds[1]), (bounds, lo, hi)
         raw_lo, raw_hi = ST.interval(samp, est, ci=0.95, method=method, target="expected")
-        out = (raw_lo < bounds[scale][0]) | (raw_hi > bounds[scale][1])
-        out |= (raw_lo > est) | (raw_hi < est)
-        assert out.any(), (scale, raw_lo, raw_hi)  # the raw scale fails on these cases
-    # identity = the raw-scale interval, bit for bit (percentile, centred); NaN estimate → NaN
+        assert ((raw_lo < bounds[0]) | (raw_hi > bounds[1])).any(), (bounds, raw_lo, raw_hi)
+        np.testing.assert_array_equal(lo, np.minimum(np.clip(raw_lo, *bounds), est))
+        np.testing.assert_array_equal(hi, np.maximum(np.clip(raw_hi, *bounds), est))
+    # against NumPy: the centred percentile interval, widened to its estimate; NaN estimate
     s = rng.normal(size=(4, 300))
-    e = np.array([0.1, -0.2, np.nan, 0.0])
+    e = np.array([0.1, -0.2, np.nan, 5.0])
     lo, hi = ST.interval(s, e, ci=0.9, method="percentile", target="expected")
-    c = ST.center_samples(s, e)
+    c = s - (s.mean(axis=1) - np.nan_to_num(e))[:, None]
     for i in (0, 1, 3):
         q = np.quantile(c[i], [0.05, 0.95])
         np.testing.assert_allclose([lo[i], hi[i]], [min(q[0], e[i]), max(q[1], e[i])], rtol=1e-12)
     assert np.isnan(lo[2]) and np.isnan(hi[2])
+    # an estimate outside the uncentred resamples' interval is still contained
+    lo, hi = ST.interval(s, e, ci=0.9, method="percentile", target="population")
+    assert lo[3] < 5.0 and hi[3] == 5.0
 
 
 def test_ties_within_float32_noise():
@@ -401,9 +392,7 @@ def test_coverage_validation_small():
     from validation.coverage import run
 
     table = run(n_rep=30, n_boot=300, n_estimand=3000, verbose=False)
-    exp = table[
-        table.method.str.contains("target=expected") & ~table.method.str.contains("raw scale")
-    ]
+    exp = table[table.method.str.contains("target=expected")]
     assert len(exp) == 6
     assert (exp.sane == 1.0).all(), exp  # in range and containing the estimate
     assert (exp.coverage_E > 0.85).all() and (exp.coverage_E < 0.995).all(), exp

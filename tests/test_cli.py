@@ -768,3 +768,283 @@ def test_one_run_reads_and_prepares_the_truth_once(screen, tmp_path, monkeypatch
     )  # fmt: skip
     assert res.exit_code == 0, (res.stderr, res.exception)
     assert passes == [True]
+
+
+# ------------------------------------------------------------- options, help and warnings
+
+
+def _commands() -> list[str]:
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+def test_version():
+    import vcjax
+
+    res = invoke("--version")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert res.stdout.strip() == vcjax.__version__
+
+
+def test_short_help_on_every_command():
+    cmds = _commands()
+    assert {"score", "baselines", "prepare", "report", "sweep", "demo"} <= set(cmds)
+    for args in ([], *([c] for c in cmds)):
+        res = invoke(*args, "-h")
+        assert res.exit_code == 0, (args, res.stdout, res.stderr)
+        assert "Usage:" in res.stdout and "--help" in res.stdout, args
+
+
+def test_flags_are_plain():
+    """--quiet, --drop-small and --backed are flags without a --no- twin."""
+    for cmd in _commands():
+        res = invoke(cmd, "--no-quiet")
+        assert res.exit_code == 2 and "No such option: --no-quiet" in res.stderr, cmd
+    for cmd in ("score", "baselines", "prepare", "sweep", "demo"):
+        res = invoke(cmd, "--no-drop-small")
+        assert res.exit_code == 2 and "No such option: --no-drop-small" in res.stderr, cmd
+    res = invoke("score", "--no-backed")
+    assert res.exit_code == 2 and "No such option: --no-backed" in res.stderr
+
+
+def test_help_lists_the_registry_metrics():
+    from vcjax.metrics import METRICS
+
+    wide = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}  # no wrapping inside a name
+    for cmd in ("score", "baselines", "sweep"):
+        res = runner.invoke(app, [cmd, "--help"], env=wide)
+        assert res.exit_code == 0, res.stderr
+        text = " ".join(res.stdout.split())
+        for name in METRICS:
+            assert name in text, (cmd, name)
+    assert "warnings still print" in text  # --quiet says what it keeps
+    res = runner.invoke(app, ["score", "--help"], env=wide)
+    text = " ".join(res.stdout.split())
+    for opt in ("--n-boot", "--ci", "--ci-method", "--covariate", "--deg-method"):
+        assert opt in text, opt
+    assert "range-respecting scale" in text and "docs/metrics.md §11" in text
+
+
+def test_errors_name_the_options_not_the_api_arguments(screen, tmp_path):
+    d, truth, _ = screen
+    lab = truth.obs["condition"].astype(str)
+    victim = lab[lab != "control"].iloc[0]
+    keep = (lab != victim).to_numpy()
+    keep[np.flatnonzero(~keep)[0]] = True  # one cell of the victim survives
+    truth[keep].copy().write_h5ad(tmp_path / "one.h5ad")
+    res = invoke(*_score_args(d, tmp_path / "r.csv", truth=tmp_path / "one.h5ad"))
+    err = _assert_input_error(res, victim, "fewer than 2 cells", "pass --drop-small")
+    assert "drop_small" not in err and "min_cells" not in err
+    # with --drop-small the run goes on, and the library's warning prints in CLI terms
+    res = invoke(
+        *_score_args(d, tmp_path / "r.csv", "-q", "--drop-small", truth=tmp_path / "one.h5ad")
+    )
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    lines = res.stderr.strip().splitlines()
+    assert any(ln.startswith("warning: dropping 1 group(s)") and victim in ln for ln in lines), (
+        lines
+    )
+
+
+def test_api_messages_translated_at_the_boundary():
+    """Every API argument spelled in a VcjaxInputError/warning reaching the CLI."""
+    from vcjax.cli import _cli_terms
+
+    cases = {
+        "2 group(s) have fewer than min_cells=2 cells: A (1); pass drop_small=True to drop them":
+            "2 group(s) have fewer than 2 cells: A (1); pass --drop-small to drop them",
+        "x has 1.5; pass normalize=None or 'log1p_cp10k' explicitly":
+            "x has 1.5; pass --normalize none or --normalize counts explicitly",
+        "normalize='auto': cells before 'c1' onward": "--normalize auto: cells before 'c1' onward",
+        "adata.X is None; pass layer=":
+            "adata.X is None; pass --layer LAYER (truth) or --pred-layer LAYER (prediction)",
+        "group 'A' occurs in several covariates ['x', 'y']; pass covariate=":
+            "group 'A' occurs in several covariates ['x', 'y']; pass --covariate COLUMN",
+        "try deg_method='t-test' (Welch), covariate=COLUMN (pooled)":
+            "try --deg-method t-test (Welch), --covariate COLUMN (pooled)",
+        "n_boot=10 resamples give rough intervals": "--n-boot 10 resamples give rough intervals",
+        "ci_method='bca' needs": "--ci-method bca needs",
+        "n_boot must be >= 2 for intervals, got 1": "--n-boot must be >= 2 for intervals, got 1",
+        "a\nmulti-line\tmessage": "a multi-line message",
+    }  # fmt: skip
+    for api, cli in cases.items():
+        assert _cli_terms(api) == cli, (api, _cli_terms(api))
+
+
+def test_pred_layer_with_a_table_is_an_error(screen, tmp_path):
+    d, _, pred = screen
+    df = pd.DataFrame(pred.X, index=list(pred.obs["condition"]), columns=list(pred.var_names))
+    df.to_csv(tmp_path / "pred.csv")
+    res = invoke(
+        *_score_args(d, tmp_path / "r.csv", "--pred-layer", "counts", pred=tmp_path / "pred.csv")
+    )
+    _assert_input_error(res, "--pred-layer", "pred.csv", "table")
+    res = invoke(
+        "sweep", "--truth", d / "truth.h5ad", "-k", "condition", "-c", "control",
+        "--pred", f"a={d / 'pred.h5ad'}", "--pred", f"b={tmp_path / 'pred.csv'}",
+        "--pred-layer", "counts",
+    )  # fmt: skip
+    _assert_input_error(res, "--pred-layer", "pred.csv")
+    assert _files(tmp_path) == {"pred.csv"}
+
+
+def test_warnings_print_as_one_line_each_even_when_quiet(screen, tmp_path, monkeypatch):
+    """--n-boot 10 warns that intervals are rough; a UserWarning from the API becomes one
+    `warning:` line (twice the same: once), in CLI terms; --quiet keeps them."""
+    import warnings
+
+    import vcjax.pipeline
+
+    real = vcjax.pipeline.evaluate
+
+    def evaluate(*a, **k):  # the scoring without its bootstrap (the options are the CLI's)
+        assert k["n_boot"] == 10
+        for _ in range(2):
+            warnings.warn("the model is odd; pass drop_small=True", UserWarning, stacklevel=2)
+        warnings.warn("n_boot=10 is few", UserWarning, stacklevel=2)  # said by the CLI already
+        warnings.warn("all-NaN slice", RuntimeWarning, stacklevel=2)  # not a UserWarning
+        return real(*a, **{**k, "n_boot": 0})
+
+    monkeypatch.setattr(vcjax.pipeline, "evaluate", evaluate)
+    d, _, _ = screen
+    res = invoke(*_score_args(d, tmp_path / "r.csv", "-q", "--n-boot", "10"))
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [
+        "warning: --n-boot 10: intervals from fewer than 100 resamples are rough (their ends "
+        "move from seed to seed); use 1000 for reporting",
+        "warning: the model is odd; pass --drop-small",
+    ]
+    # a failed run prints its error line only
+    res = invoke(*_score_args(d, tmp_path / "nodir" / "r.csv", "--n-boot", "10"))
+    _assert_input_error(res, "nodir")
+
+
+def test_undefined_summary_counts():
+    """The NaN summary counts the perturbations (per covariate value) whose rows carry the
+    no-DEG gate's note, ignores dataset-level rows, and speaks above the threshold only."""
+    from vcjax.pipeline import undefined_summary
+    from vcjax.pipeline._tidy import NO_DEG_NOTE
+
+    def table(gated: list[bool], cov=None):
+        rows = []
+        for i, g in enumerate(gated):
+            for m in ("r2w_delta", "mse"):
+                note = NO_DEG_NOTE if g and m == "r2w_delta" else ""
+                c = None if cov is None else cov[i]
+                rows.append(dict(perturbation=f"P{i % 3}", metric=m, note=note, covariate=c))
+        rows.append(dict(perturbation="(all)", metric="pds", note="dataset-level", covariate=None))
+        return pd.DataFrame(rows)
+
+    assert undefined_summary(table([True, True, False])).startswith(
+        "2 of 3 perturbations have no significant DEG (t-test_overestim_var"
+    )
+    assert undefined_summary(table([True, False, False])) is None
+    assert undefined_summary(table([True, False, False]), threshold=0.3) is not None
+    msg = undefined_summary(
+        table([True] * 4 + [False] * 2, cov=list("aaabbb")), deg_method="t-test"
+    )
+    assert msg.startswith("4 of 6 perturbation × covariate groups")
+    assert "R²w(Δ) are NaN" in msg and "deg_method" not in msg and "covariate=" not in msg
+    assert undefined_summary(table([False, False, False])) is None
+
+
+def test_nan_summary_line(screen, tmp_path):
+    """`vcjax baselines` on a screen without effects (most perturbations without a DEG)
+    says so in one line with the right count; on the module's screen (few) it says nothing."""
+    import vcjax
+    from vcjax.simulate import simulate_screen
+
+    null = simulate_screen(seed=1, effect_size=0.0, knockdown=0.0, **SIM)
+    null.obs_names_make_unique()
+    null.write_h5ad(tmp_path / "null.h5ad")
+    for path, data in ((tmp_path / "null.h5ad", null), (screen[0] / "truth.h5ad", screen[1])):
+        no_deg = vcjax.prepare(data, key="condition", control="control").strata[0].no_degs
+        n, P = int(no_deg.sum()), no_deg.size
+        res = invoke(
+            "baselines", "--truth", path, "-k", "condition", "-c", "control", "-q",
+            "--out", tmp_path / "b.csv",
+        )  # fmt: skip
+        assert res.exit_code == 0, (res.stderr, res.exception)
+        lines = [ln for ln in res.stderr.splitlines() if "no significant DEG" in ln]
+        if n > P / 2:
+            assert path.name == "null.h5ad" and n >= 6
+            assert lines == [lines[0]] and lines[0].startswith(
+                f"warning: {n} of {P} perturbations have no significant DEG"
+            )
+            assert "--deg-method t-test" in lines[0] and "--covariate COLUMN" in lines[0]
+        else:
+            assert path.name == "truth.h5ad" and lines == []
+
+
+def _covariate_pred(truth: ad.AnnData, cov: str) -> ad.AnnData:
+    X = _log_norm(truth.X)
+    obs = truth.obs[[cov, "condition"]].astype(str)
+    groups = obs[obs["condition"] != "control"].drop_duplicates()
+    rng = np.random.default_rng(1)
+    rows = [
+        X[((obs[cov] == c) & (obs["condition"] == p)).to_numpy()].mean(0)
+        for c, p in groups.itertuples(index=False)
+    ]
+    M = np.stack(rows) + rng.normal(0.0, 0.1, (len(rows), X.shape[1]))
+    return ad.AnnData(
+        M.astype(np.float32),
+        obs=groups.reset_index(drop=True).set_axis([f"r{i}" for i in range(len(rows))]),
+        var=pd.DataFrame(index=truth.var_names.copy()),
+    )
+
+
+def test_covariate_option(tmp_path):
+    """--covariate scores within each covariate value: the file is evaluate(covariate=...)."""
+    import vcjax
+    from vcjax.simulate import simulate_screen
+
+    truth = simulate_screen(seed=0, covariate="cell_type", n_covariates=2, **SIM)
+    truth.obs_names_make_unique()
+    pred = _covariate_pred(truth, "cell_type")
+    truth.write_h5ad(tmp_path / "t.h5ad")
+    pred.write_h5ad(tmp_path / "p.h5ad")
+    out = tmp_path / "r.csv"
+    res = invoke(
+        *_score_args(tmp_path, out, "-q", "--covariate", "cell_type", truth=tmp_path / "t.h5ad",
+                     pred=tmp_path / "p.h5ad")
+    )  # fmt: skip
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    got = _io.read_table(out)
+    ref = vcjax.evaluate(truth, pred, key="condition", control="control", covariate="cell_type")
+    assert set(ref["covariate"]) == {"cell_type_0", "cell_type_1"}
+    keys = ["covariate", "perturbation", "metric", "source"]
+    assert got.groupby("covariate").size().to_dict() == ref.groupby("covariate").size().to_dict()
+    merged = got.merge(ref, on=keys, suffixes=("", "_ref"))
+    assert len(merged) == len(ref) == len(got)
+    np.testing.assert_allclose(merged["value"], merged["value_ref"], rtol=1e-12, equal_nan=True)
+    # a prepared truth fixes the covariate
+    res = invoke("prepare", "--truth", tmp_path / "t.h5ad", "-k", "condition", "-c", "control",
+                 "--covariate", "cell_type", "--out", tmp_path / "t.vcjax", "-q")  # fmt: skip
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    res = invoke("score", "--truth", tmp_path / "t.vcjax", "--pred", tmp_path / "p.h5ad",
+                 "--out", tmp_path / "r2.csv", "--covariate", "cell_type")  # fmt: skip
+    _assert_input_error(res, "--covariate", "vcjax prepare")
+
+
+@pytest.mark.slow
+def test_demo_on_mcfaline23_by_cell_type(shared_data):
+    """McFaline 2023 pools three cell lines: with the paper's DEG test no perturbation has a
+    DEG (all rows NaN, said in one warning line); within each cell line and with Welch's
+    test most do, and the leaderboard has values."""
+    path = shared_data("mcfaline23_perturbench_devel.h5ad")
+    base = ["demo", "--h5ad", path, "-k", "condition", "-c", "control", "--n-boot", "100"]
+    res = invoke(*base)
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    warn = [ln for ln in res.stderr.splitlines() if "no significant DEG" in ln]
+    assert len(warn) == 1 and warn[0].startswith("warning: 9 of 9 perturbations"), res.stderr
+    assert _leaderboard_rows(res.stdout)["other half"][2] == "—"
+    res = invoke(*base, "--covariate", "cell_type", "--deg-method", "t-test")
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    assert "no significant DEG" not in res.stderr, res.stderr
+    assert "27 perturbations (3 values of cell_type)" in " ".join(res.stdout.split())
+    rows = _leaderboard_rows(res.stdout)
+    assert rows["[technical_duplicate]"][2] == "1.000"
+    for name in ("other half", "collapsed", "[dataset_mean]"):
+        assert rows[name][2] != "—", rows[name]

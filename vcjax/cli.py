@@ -5,7 +5,8 @@ reports, a demo.
 
     vcjax score --truth T.h5ad --pred P.h5ad --key condition --control control \\
                 --out results.parquet [--report report.html] [--n-boot 1000]
-    vcjax baselines --truth T.h5ad --key condition --control control --out card.csv
+    vcjax baselines --truth T.h5ad --key condition --control control \\
+                    --out baselines.csv --card card.csv
     vcjax prepare --truth T.h5ad --key condition --control control --out truth.vcjax
     vcjax sweep --truth truth.vcjax --preds 'runs/*/pred.h5ad' --n-boot 1000 \
                 --out sweep.parquet --leaderboard leaderboard.csv --report sweep.html
@@ -16,6 +17,9 @@ Every output is written atomically (a temporary file in the same folder, then
 :func:`os.replace`), so a failed run writes nothing and never overwrites a good file.
 Bad input ends with one line ``error: <what, naming the culprit>`` on stderr and exit
 status 2, before anything is written (output folders are checked before any computation).
+A warning from the library (a Python ``UserWarning``) or from the command prints as one line
+``warning: <what>`` on stderr after the run, even with ``--quiet``; messages name the
+command's options (``--drop-small``), not the library's arguments (``drop_small=True``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import contextlib
 import datetime as _dt
 import enum
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -39,6 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 EXIT_INPUT = 2  # bad input or options (also what typer uses for usage errors)
@@ -63,6 +70,16 @@ class Normalize(str, enum.Enum):
     none = "none"
 
 
+class DegMethod(str, enum.Enum):
+    overestim_var = "t-test_overestim_var"
+    welch = "t-test"
+
+
+class CiMethod(str, enum.Enum):
+    percentile = "percentile"
+    bca = "bca"
+
+
 _NORMALIZE = {"auto": "auto", "counts": "log1p_cp10k", "none": None}
 _PRED_TABLES = (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet", ".pq")
 
@@ -83,15 +100,96 @@ def _stdout():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
 
-def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+#: the library's argument spellings in its messages → the command's options, applied to every
+#: ``error:`` and ``warning:`` line (the library's messages stay in API terms)
+_API_TO_CLI: tuple[tuple[str, str], ...] = (
+    (r"\bpass drop_small=True\b", "pass --drop-small"),
+    (r"\bdrop_small=True\b", "--drop-small"),
+    (r"\bfewer than min_cells=(\d+) cells\b", r"fewer than \1 cells"),
+    (r"\bmin_cells=(\d+)", r"\1"),
+    (r"\bnormalize=None or 'log1p_cp10k'", "--normalize none or --normalize counts"),
+    (r"\bnormalize='log1p_cp10k'", "--normalize counts"),
+    (r"\bnormalize=None\b", "--normalize none"),
+    (r"\bnormalize='auto'", "--normalize auto"),
+    (r"\bpass layer=(?=\W|$)", "pass --layer LAYER (truth) or --pred-layer LAYER (prediction)"),
+    (r"\bcovariate=COLUMN\b", "--covariate COLUMN"),
+    (r"\bpass covariate=(?=\W|$)", "pass --covariate COLUMN"),
+    (r"\bdeg_method='([\w-]+)'", r"--deg-method \1"),
+    (r"\bci_method='(\w+)'", r"--ci-method \1"),
+    (r"\bpred_layer=", "--pred-layer "),
+    (r"\bn_boot=(\d+)", r"--n-boot \1"),
+    (r"\bn_boot\b", "--n-boot"),
+)
+
+
+def _cli_terms(message: str) -> str:
+    """``message`` in the command's terms (:data:`_API_TO_CLI`), on one line."""
     line = " ".join(str(message).split())  # one line, whatever the message holds
-    typer.echo(f"error: {line}", err=True)
+    for pattern, repl in _API_TO_CLI:
+        line = re.sub(pattern, repl, line)
+    return line
+
+
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    typer.echo(f"error: {_cli_terms(message)}", err=True)
     raise typer.Exit(code)
 
 
+class _Warnings:
+    """The run's warnings: the library's ``UserWarning``\\ s and the command's own, printed
+    once each as ``warning: <message>`` on stderr when the run succeeds (even with --quiet)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.topics: set[str] = set()
+
+    def add(self, message: str | None, *, topic: str | None = None) -> None:
+        """Record ``message`` (None: nothing); ``topic`` marks what a command's own warning
+        is about, so that the library's warning on the same topic is not printed twice."""
+        if not message:
+            return
+        line = _cli_terms(message)
+        if line not in self.lines:
+            self.lines.append(line)
+        if topic is not None:
+            self.topics.add(topic)
+
+    def add_records(self, records: Sequence[warnings.WarningMessage]) -> None:
+        for r in records:
+            # UserWarning itself (the library's) and vcjax's own subclasses; not NumPy's
+            # RuntimeWarnings (NaN is a documented outcome), nor other libraries' subclasses
+            if not issubclass(r.category, UserWarning):
+                continue
+            if r.category is not UserWarning and not r.category.__module__.startswith("vcjax"):
+                continue
+            line = _cli_terms(str(r.message))
+            if "--n-boot" in line and "n_boot" in self.topics:
+                continue  # the command said it already
+            self.add(line)
+
+    def print(self) -> None:
+        for line in self.lines:
+            typer.echo(f"warning: {line}", err=True)
+
+
 @contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn input errors into ``error: <message>`` and exit 2; anything else exits 1."""
+def _errors() -> Iterator[_Warnings]:
+    """Turn input errors into ``error: <message>`` and exit 2; anything else exits 1.
+
+    Yields the run's :class:`_Warnings`; the library's warnings are recorded too, and all
+    print after a successful run (a failed one prints only its error line).
+    """
+    notes = _Warnings()
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        with _errors_only():
+            yield notes
+    notes.add_records(records)
+    notes.print()
+
+
+@contextlib.contextmanager
+def _errors_only() -> Iterator[None]:
     from vcjax._errors import VcjaxInputError
     from vcjax._io import OutputPathError
 
@@ -238,6 +336,8 @@ _TRUTH_FLAGS = {
     "--layer": None,
     "--backed": False,
     "--drop-small": False,
+    "--covariate": None,
+    "--deg-method": "t-test_overestim_var",
 }
 
 
@@ -253,6 +353,8 @@ def _screen(
     layer: str | None = None,
     backed: bool = False,
     drop_small: bool = False,
+    covariate: str | None = None,
+    deg_method: str = "t-test_overestim_var",
 ):
     """The prepared truth of a run: loaded from a ``.vcjax`` file, or prepared (once) from
     an ``.h5ad`` with the truth-side options."""
@@ -265,6 +367,8 @@ def _screen(
         "--layer": layer,
         "--backed": backed,
         "--drop-small": drop_small,
+        "--covariate": covariate,
+        "--deg-method": deg_method,
     }
     if _is_screen_file(truth):
         set_flags = [f for f, v in flags.items() if v != _TRUTH_FLAGS[f]]
@@ -300,6 +404,8 @@ def _screen(
             layer=layer,
             normalize=_NORMALIZE[normalize],
             drop_small=drop_small,
+            covariate=covariate,
+            deg_method=deg_method,
         )
 
 
@@ -481,14 +587,33 @@ ControlOpt = Annotated[
     typer.Option("--control", "-c", help="the control label in obs[KEY] (not for a .vcjax truth)"),
 ]
 ReferenceOpt = Annotated[Reference, typer.Option(help="delta reference (docs/metrics.md §2)")]
+
+
+def _metric_names() -> tuple[list[str], list[str]]:
+    """The registry's metric names (vcjax.metrics.METRICS): the core ones, the peers'."""
+    from vcjax.metrics import METRICS
+
+    core = [m for m, spec in METRICS.items() if spec.is_core]
+    return core, [m for m in METRICS if m not in core]
+
+
+_CORE, _PEERS = _metric_names()
 MetricsOpt = Annotated[
     list[str] | None,
     typer.Option(
-        "--metrics", "-m", help="metric names, repeated or comma-separated; 'all' adds peer metrics"
+        "--metrics",
+        "-m",
+        help="metric names, repeated or comma-separated (default: the core ones): "
+        + ", ".join(_CORE)
+        + "; peers' metrics, or 'all' for those the prediction allows: "
+        + ", ".join(_PEERS),
     ),
 ]
 SeedOpt = Annotated[int, typer.Option(help="seed of the null baseline and the bootstrap")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress, no summary")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="no progress, no summary (warnings still print, on stderr)"),
+]
 DeviceOpt = Annotated[Device | None, typer.Option(help="JAX platform (default: JAX's choice)")]
 NormalizeOpt = Annotated[
     Normalize,
@@ -497,10 +622,35 @@ NormalizeOpt = Annotated[
     ),
 ]
 LayerOpt = Annotated[str | None, typer.Option(help="truth layer to read instead of X")]
-BackedOpt = Annotated[bool, typer.Option(help="read the truth's X from disk (backed mode)")]
-DropSmallOpt = Annotated[
-    bool, typer.Option(help="drop conditions with < 2 cells instead of failing")
+BackedOpt = Annotated[
+    bool, typer.Option("--backed", help="read the truth's X from disk (backed mode)")
 ]
+DropSmallOpt = Annotated[
+    bool, typer.Option("--drop-small", help="drop conditions with < 2 cells instead of failing")
+]
+CovariateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--covariate",
+        help="obs column (e.g. cell_type): statistics, DEGs, baselines and scores within each "
+        "of its values, one row per (value, perturbation) (not for a .vcjax truth)",
+    ),
+]
+DegMethodOpt = Annotated[
+    DegMethod,
+    typer.Option(
+        "--deg-method",
+        help="the DEG test of each perturbation vs the other perturbed cells (docs/metrics.md "
+        "§3): the paper's conservative t-test_overestim_var, or Welch's t-test",
+    ),
+]
+_INTERVALS = (
+    "intervals target the value this experiment would give on average: resamples are "
+    "bias-corrected on a range-respecting scale (Fisher z for correlations, log for errors, "
+    "−log(1−R²) for R²), so each interval stays in its metric's range and contains its "
+    "estimate (docs/metrics.md §11)"
+)
+_ROUGH_BOOT = 100  # fewer resamples than this give rough interval ends
 
 
 # ------------------------------------------------------------------------------ commands
@@ -526,9 +676,22 @@ def score(
     reference: ReferenceOpt = Reference.perturbed,
     metrics: MetricsOpt = None,
     n_boot: Annotated[
-        int, typer.Option("--n-boot", help="bootstrap resamples for intervals (0: none)")
+        int,
+        typer.Option(
+            "--n-boot",
+            help="cell-bootstrap resamples for intervals (0: none; under 100 the interval ends "
+            f"are rough, 1000 for reporting); {_INTERVALS}",
+        ),
     ] = 0,
-    ci: Annotated[float, typer.Option(help="interval level")] = 0.95,
+    ci: Annotated[float, typer.Option(help=f"interval level; {_INTERVALS}")] = 0.95,
+    ci_method: Annotated[
+        CiMethod,
+        typer.Option(
+            "--ci-method",
+            help="percentile: the resamples' quantiles; bca: bias-corrected and accelerated "
+            f"(Efron 1987); either way {_INTERVALS}",
+        ),
+    ] = CiMethod.percentile,
     seed: SeedOpt = 0,
     report: Annotated[
         str | None, typer.Option(help="also write an HTML report (+ per-gene side-car)")
@@ -538,10 +701,12 @@ def score(
     normalize: NormalizeOpt = Normalize.auto,
     layer: LayerOpt = None,
     pred_layer: Annotated[
-        str | None, typer.Option(help="prediction layer to read instead of X")
+        str | None, typer.Option(help="prediction layer to read instead of X (an .h5ad --pred)")
     ] = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    covariate: CovariateOpt = None,
+    deg_method: DegMethodOpt = DegMethod.overestim_var,
     gene_sets: Annotated[
         str | None,
         typer.Option(
@@ -564,7 +729,7 @@ def score(
     The truth is read and prepared once (or loaded from `vcjax prepare`'s .vcjax file);
     the table, the pathway and uncertainty side tables and the report all use it.
     """
-    with _errors():
+    with _errors() as notes:
         _check_outputs((out, None), (report, (".html", ".htm")))
         if gene_sets is not None and gene_sets != "example":
             _check_input_file(gene_sets, "gene-set file")
@@ -574,6 +739,8 @@ def score(
             _fail(f"--ci must be in (0, 1), got {ci}")
         if n_boot < 0:
             _fail(f"--n-boot must be >= 0, got {n_boot}")
+        _check_pred_layer(pred_layer, [pred])
+        _rough_boot(n_boot, notes)
         _select_device(device)
         steps = _Steps(quiet)
         screen = _screen(
@@ -587,8 +754,10 @@ def score(
             layer=layer,
             backed=backed,
             drop_small=drop_small,
+            covariate=covariate,
+            deg_method=deg_method.value,
         )
-        from vcjax.pipeline import align, evaluate
+        from vcjax.pipeline import align, evaluate, undefined_summary
         from vcjax.uncertainty import confidence
 
         with steps("reading the prediction"):
@@ -601,8 +770,10 @@ def score(
                 seed=seed,
                 n_boot=n_boot,
                 ci=ci,
+                ci_method=ci_method.value,
                 progress=steps.show,
             )
+        notes.add(undefined_summary(table, deg_method=screen.spec.deg_method))
         extra = {}
         if gene_sets is not None:
             with steps("per-pathway confidence"):
@@ -630,6 +801,7 @@ def score(
             seed=seed,
             n_boot=n_boot,
             ci=ci if n_boot else None,
+            ci_method=ci_method.value if n_boot else None,
         )
         table.attrs.update({k: v for k, v in meta.items() if k != "command"})
         _write_outputs(
@@ -647,6 +819,31 @@ def score(
             _stdout().print(_summary_table(table, title=f"median over {n} perturbations"))
             steps.console.print(_backend_line())
             steps.console.print(f"wrote {out}" + (f", {report}" if report else ""))
+
+
+def _is_table(path: str) -> bool:
+    return path.lower().endswith(_PRED_TABLES)
+
+
+def _check_pred_layer(pred_layer: str | None, paths: Sequence[str]) -> None:
+    """``--pred-layer`` names a layer of an .h5ad prediction; a table has none."""
+    if pred_layer is None:
+        return
+    tables = [p for p in paths if _is_table(p)]
+    if tables:
+        _fail(
+            f"--pred-layer {pred_layer!r} needs an .h5ad prediction, but {tables[0]} is a table "
+            "(its values are used as they are); leave out --pred-layer"
+        )
+
+
+def _rough_boot(n_boot: int, notes: _Warnings) -> None:
+    if 0 < n_boot < _ROUGH_BOOT:
+        notes.add(
+            f"--n-boot {n_boot}: intervals from fewer than {_ROUGH_BOOT} resamples are rough "
+            "(their ends move from seed to seed); use 1000 for reporting",
+            topic="n_boot",
+        )
 
 
 def _side_path(out: str, tag: str) -> str:
@@ -727,9 +924,16 @@ def baselines(
     layer: LayerOpt = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    covariate: CovariateOpt = None,
+    deg_method: DegMethodOpt = DegMethod.overestim_var,
 ) -> None:
-    """A data set's calibration card: every baseline scored, no model needed."""
-    with _errors():
+    """A data set's calibration card: every baseline scored, no model needed.
+
+    --out gets every baseline's per-perturbation scores (the evaluate table without a
+    model); --card the card itself, one row per metric (DRF, discrimination); the card also
+    prints, and travels in --out's metadata.
+    """
+    with _errors() as notes:
         _check_outputs((out, None), (card, None), (report, (".html", ".htm")))
         _select_device(device)
         steps = _Steps(quiet)
@@ -744,13 +948,16 @@ def baselines(
             layer=layer,
             backed=backed,
             drop_small=drop_small,
+            covariate=covariate,
+            deg_method=deg_method.value,
         )
-        from vcjax.pipeline import calibration_card, evaluate
+        from vcjax.pipeline import calibration_card, evaluate, undefined_summary
 
         with steps("scoring the baselines"):
             table = evaluate(screen, None, metrics=_metric_list(metrics), progress=steps.show)
             with _quiet_warnings():
                 card_df = calibration_card(table)
+        notes.add(undefined_summary(table, deg_method=screen.spec.deg_method))
         meta = _table_meta(
             table,
             key=screen.spec.key,
@@ -796,6 +1003,8 @@ def prepare(
     layer: LayerOpt = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    covariate: CovariateOpt = None,
+    deg_method: DegMethodOpt = DegMethod.overestim_var,
 ) -> None:
     """Read and prepare a truth once (statistics, DEG weights, baselines) into a .vcjax file.
 
@@ -817,6 +1026,8 @@ def prepare(
             layer=layer,
             backed=backed,
             drop_small=drop_small,
+            covariate=covariate,
+            deg_method=deg_method.value,
         )
         with steps("writing"):
             screen.save(out)
@@ -1094,7 +1305,11 @@ def _sweep_outputs(result, *, out, leaderboard, report, metric, calibrated, meta
 
 
 MetricOpt = Annotated[
-    str, typer.Option("--metric", help="the leaderboard's metric (calibrated unless --raw)")
+    str,
+    typer.Option(
+        "--metric",
+        help="the leaderboard's metric (calibrated unless --raw), a core one: " + ", ".join(_CORE),
+    ),
 ]
 ResampleOpt = Annotated[
     str,
@@ -1147,6 +1362,8 @@ def sweep_cmd(
     layer: LayerOpt = None,
     backed: BackedOpt = False,
     drop_small: DropSmallOpt = False,
+    covariate: CovariateOpt = None,
+    deg_method: DegMethodOpt = DegMethod.overestim_var,
 ) -> None:
     """Score many models against one truth on shared resamples: a leaderboard with rank
     intervals and p_best (the share of resamples in which a model is best).
@@ -1154,12 +1371,13 @@ def sweep_cmd(
     The truth is read and prepared once; every model is scored on the same resamples, so
     every comparison is paired.
     """
-    with _errors():
+    with _errors() as notes:
         _check_outputs((out, None), (leaderboard, None), (report, (".html", ".htm")))
         if not 0 < ci < 1:
             _fail(f"--ci must be in (0, 1), got {ci}")
         if n_boot < 0 or n_boot == 1:
             _fail(f"--n-boot must be 0 or >= 2, got {n_boot}")
+        _rough_boot(n_boot, notes)
         from vcjax.pipeline._sweep import RESAMPLE
 
         if resample not in RESAMPLE:
@@ -1170,12 +1388,14 @@ def sweep_cmd(
             core = ", ".join(m for m in METRICS if METRICS[m].is_core)
             _fail(f"--metric {metric!r} is not a core metric ({core})")
         files = _sweep_preds(pred, preds)
+        _check_pred_layer(pred_layer, [path for _, path in files])
         _select_device(device)
         steps = _Steps(quiet)
         screen = _screen(
             truth, key=key, control=control, steps=steps, seed=seed,
             reference=reference.value, normalize=normalize.value, layer=layer,
-            backed=backed, drop_small=drop_small,
+            backed=backed, drop_small=drop_small, covariate=covariate,
+            deg_method=deg_method.value,
         )  # fmt: skip
 
         def models():
@@ -1201,6 +1421,7 @@ def sweep_cmd(
             result, out=out, leaderboard=leaderboard, report=report, metric=metric,
             calibrated=not raw, meta=meta, steps=steps,
         )  # fmt: skip
+        _sweep_notes(result, screen, notes)
         if not quiet:
             _print_leaderboard(result, metric=metric, calibrated=not raw, steps=steps)
             written = [p for p in (out, leaderboard, report) if p]
@@ -1222,9 +1443,16 @@ def _print_leaderboard(result, *, metric: str, calibrated: bool, steps: _Steps) 
         else "mean over perturbations; no resamples (--n-boot) so no intervals"
     )
     _stdout().print(_leaderboard_table(lb, title=f"leaderboard: {name}", caption=cap))
-    for model, err in result.errors.items():
-        steps.console.print(f"warning: model {model!r} left out: {err}")
     steps.console.print(_backend_line())
+
+
+def _sweep_notes(result, screen, notes: _Warnings) -> None:
+    """A sweep's warnings: the models left out, and the NaN summary."""
+    from vcjax.pipeline import undefined_summary
+
+    for model, err in result.errors.items():
+        notes.add(f"model {model!r} left out: {err}")
+    notes.add(undefined_summary(result.tidy(), deg_method=screen.spec.deg_method))
 
 
 @app.command()
@@ -1237,7 +1465,9 @@ def demo(
     ] = "condition",
     control: Annotated[str, typer.Option("--control", "-c", help="the control label")] = "control",
     seed: Annotated[int, typer.Option(help="simulator seed (and null-baseline seed)")] = 0,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="shared resamples")] = 200,
+    n_boot: Annotated[
+        int, typer.Option("--n-boot", help="shared cell resamples (docs/metrics.md §11)")
+    ] = 200,
     out: Annotated[
         str | None, typer.Option("--out", "-o", help="also write the sweep table (.csv/.parquet)")
     ] = None,
@@ -1246,6 +1476,8 @@ def demo(
     device: DeviceOpt = None,
     normalize: NormalizeOpt = Normalize.auto,
     drop_small: DropSmallOpt = False,
+    covariate: CovariateOpt = None,
+    deg_method: DegMethodOpt = DegMethod.overestim_var,
 ) -> None:
     """The engine's job in seconds: a small sweep of models of known quality, ranked.
 
@@ -1255,10 +1487,13 @@ def demo(
     also its true expected means. They are scored with the baselines on shared cell
     resamples, and the leaderboard prints with rank intervals and p_best.
     """
-    with _errors():
+    with _errors() as notes:
         _check_outputs((out, None), (report, (".html", ".htm")))
         if n_boot < 0 or n_boot == 1:
             _fail(f"--n-boot must be 0 or >= 2, got {n_boot}")
+        if covariate is not None and h5ad is None:
+            _fail("--covariate needs --h5ad (the simulated screen has no covariate)")
+        _rough_boot(n_boot, notes)
         _select_device(device)
         steps = _Steps(quiet)
         oracle = None
@@ -1271,12 +1506,16 @@ def demo(
             source = f"vcjax.simulate.simulate_screen(seed={seed})"
             oracle = population_means(adata).drop(index=control)
             with steps("reading the truth: statistics, DEGs and baselines"):
-                screen = prepare(adata, key=key, control=control, seed=seed, progress=steps.show)
+                screen = prepare(
+                    adata, key=key, control=control, seed=seed, progress=steps.show,
+                    deg_method=deg_method.value,
+                )  # fmt: skip
         else:
             source = h5ad
             screen = _screen(
                 h5ad, key=key, control=control, steps=steps, seed=seed,
-                normalize=normalize.value, drop_small=drop_small,
+                normalize=normalize.value, drop_small=drop_small, covariate=covariate,
+                deg_method=deg_method.value,
             )  # fmt: skip
         from vcjax.pipeline import known_models
 
@@ -1294,10 +1533,12 @@ def demo(
                 result, out=out, leaderboard=None, report=report, metric="r2w_delta",
                 calibrated=True, meta=meta, steps=steps,
             )  # fmt: skip
+        _sweep_notes(result, screen, notes)
         if not quiet:
             n_p = sum(len(s.perturbations) for s in screen.strata)
+            per = f" ({len(screen.strata)} values of {covariate})" if covariate else ""
             _stdout().print(
-                f"{source}: {n_p} perturbations × {len(screen.genes)} genes; "
+                f"{source}: {n_p} perturbations{per} × {len(screen.genes)} genes; "
                 f"{len(models)} models of known quality, {n_boot} shared cell resamples"
             )
             _print_leaderboard(result, metric="r2w_delta", calibrated=True, steps=steps)
@@ -1306,6 +1547,26 @@ def demo(
                 "'collapsed' (the mean response) near or below 0"
                 + ("; the simulator's truth above both." if oracle is not None else ".")
             )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import vcjax
+
+        typer.echo(vcjax.__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Calibrated metrics for perturbation-response (virtual-cell) models, in JAX."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -36,9 +36,9 @@ from vcjax.metrics._registry import (
     METRICS,
     MetricSpec,
     higher_is_better,
-    interval_scale,
     kernel_metrics,
     label,
+    metric_bounds,
     metric_spec,
 )
 
@@ -52,9 +52,9 @@ __all__ = [
     "cosine_from_moments",
     "fused_scores",
     "higher_is_better",
-    "interval_scale",
     "kernel_metrics",
     "label",
+    "metric_bounds",
     "mae",
     "metric_spec",
     "mse",

@@ -20,6 +20,7 @@ report reads the label; nothing else keeps its own list of metric names.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -34,7 +35,7 @@ __all__ = [
     "METRICS",
     "MetricSpec",
     "higher_is_better",
-    "interval_scale",
+    "metric_bounds",
     "kernel_metrics",
     "label",
     "metric_spec",
@@ -62,10 +63,9 @@ class MetricSpec:
       gated_by_degs: NaN where a perturbation has no significant DEG.
       undefined_for: sources for which it is NaN against a ``u_ALL``-type reference.
       level: ``"perturbation"`` (one value per perturbation) or ``"dataset"`` (one value).
-      scale: the scale its bootstrap intervals are computed on, from its range
-        (:func:`vcjax.stats.to_scale`): ``"fisher"`` for a correlation in [−1, 1], ``"log"``
-        for an error or distance in [0, ∞), ``"r2"`` for an R² in (−∞, 1], ``"logit"`` for
-        a fraction in [0, 1], ``"identity"`` when unbounded.
+      bounds: the closed range ``(low, high)`` of its values (±inf where open): [−1, 1] for
+        a correlation, [0, ∞) for an error or distance, (−∞, 1] for an R², [0, 1] for a
+        fraction. Bootstrap intervals are kept inside it (:func:`vcjax.stats.interval`).
     """
 
     name: str
@@ -78,7 +78,7 @@ class MetricSpec:
     gated_by_degs: bool = False
     undefined_for: tuple[str, ...] = ()
     level: Literal["perturbation", "dataset"] = "perturbation"
-    scale: Literal["identity", "fisher", "log", "r2", "logit"] = "identity"
+    bounds: tuple[float, float] = (-math.inf, math.inf)
 
     @property
     def is_core(self) -> bool:
@@ -107,11 +107,15 @@ KERNELS: Mapping[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
 }
 
 
-#: the range, hence the interval scale, of each core kernel
-_KERNEL_SCALES = {
-    "mse": "log", "wmse": "log", "mae": "log", "pearson_delta": "fisher",
-    "pearson_delta_degs": "fisher", "pearson_delta_topk": "fisher", "r2_delta": "r2",
-    "r2w_delta": "r2", "cosine_delta": "fisher",
+_CORR = (-1.0, 1.0)  # a correlation or cosine
+_ERROR = (0.0, math.inf)  # an error or a distance
+_R2 = (-math.inf, 1.0)
+_FRACTION = (0.0, 1.0)
+#: the range of each core kernel
+_KERNEL_BOUNDS = {
+    "mse": _ERROR, "wmse": _ERROR, "mae": _ERROR, "pearson_delta": _CORR,
+    "pearson_delta_degs": _CORR, "pearson_delta_topk": _CORR, "r2_delta": _R2,
+    "r2w_delta": _R2, "cosine_delta": _CORR,
 }  # fmt: skip
 
 
@@ -120,7 +124,7 @@ def _core(name, hib, label, *, kernel=None, reference="delta", **kw) -> MetricSp
     kind = "similarity" if hib else "error"
     return MetricSpec(
         name, hib, label, kind, kernel, reference, KERNELS[kernel][1],
-        scale=_KERNEL_SCALES[kernel], **kw,
+        bounds=_KERNEL_BOUNDS[kernel], **kw,
     )  # fmt: skip
 
 
@@ -151,32 +155,34 @@ _ENTRIES = (
     ),
     _core("r2_delta_ctrl", True, "R²(Δ vs control)", kernel="r2_delta", reference="control"),
     # the peers' metrics (vcjax.peers): pseudobulk, dataset-level and cell-level
-    MetricSpec("pearson_delta_top20", True, "Pearson(Δ vs control) top-20 (GEARS)", scale="fisher"),
-    MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)", scale="logit"),
-    MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)", scale="fisher"),
-    MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)", scale="logit"),
-    MetricSpec("rank", False, "cosine rank (PerturBench)", "rank", scale="logit"),
-    MetricSpec("pds", True, "discrimination score L1", scale="logit"),
+    MetricSpec("pearson_delta_top20", True, "Pearson(Δ vs control) top-20 (GEARS)", bounds=_CORR),
+    MetricSpec("direction_agreement", True, "direction agreement top-20 (GEARS)", bounds=_FRACTION),
+    MetricSpec("pearson_delta_centroid", True, "Pearson(Δ vs centroid) (Systema)", bounds=_CORR),
+    MetricSpec("centroid_accuracy", True, "centroid accuracy (Systema)", bounds=_FRACTION),
+    MetricSpec("rank", False, "cosine rank (PerturBench)", "rank", bounds=_FRACTION),
+    MetricSpec("pds", True, "discrimination score L1", bounds=_FRACTION),
     MetricSpec(
-        "hit_recall_at_budget", True, "hit recall at budget", level="dataset", scale="logit"
+        "hit_recall_at_budget", True, "hit recall at budget", level="dataset", bounds=_FRACTION
     ),
-    MetricSpec("hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset", scale="logit"),
+    MetricSpec(
+        "hit_recall_at_fdr", True, "hit recall at FDR 0.1", level="dataset", bounds=_FRACTION
+    ),
     MetricSpec(
         "de_overlap_at_k",
         True,
         "DE overlap (cell-eval)",
         needs=("cells", "pred_control"),
-        scale="logit",
+        bounds=_FRACTION,
     ),  # fmt: skip
     MetricSpec(
         "de_direction_agreement",
         True,
         "DE direction match (cell-eval)",
         needs=("cells", "pred_control"),
-        scale="logit",
+        bounds=_FRACTION,
     ),
     MetricSpec(
-        "energy_distance", False, "energy distance", "distance", needs=("cells",), scale="log"
+        "energy_distance", False, "energy distance", "distance", needs=("cells",), bounds=_ERROR
     ),
     MetricSpec("mmd", False, "MMD", "distance", needs=("cells",)),  # unbiased MMD² can be < 0
 )
@@ -204,11 +210,11 @@ def higher_is_better(name: str) -> bool:
     return metric_spec(name).higher_is_better
 
 
-def interval_scale(name: str, *, calibrated: bool = False) -> str:
-    """The scale of ``name``'s bootstrap intervals (:attr:`MetricSpec.scale`); calibrated
-    values, and names not registered, are unbounded (``"identity"``)."""
+def metric_bounds(name: str, *, calibrated: bool = False) -> tuple[float, float]:
+    """The range of ``name``'s values (:attr:`MetricSpec.bounds`); calibrated values, and
+    names not registered, are unbounded."""
     spec = METRICS.get(name)
-    return "identity" if calibrated or spec is None else spec.scale
+    return (-math.inf, math.inf) if calibrated or spec is None else spec.bounds
 
 
 def label(name: str) -> str:

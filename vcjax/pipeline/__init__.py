@@ -8,7 +8,7 @@
   (:func:`calibrate`), with cell-bootstrap intervals and paired comparisons
   (:func:`add_intervals`);
 * :func:`calibration_card`, :func:`summarize`, :func:`summary_intervals`,
-  :func:`per_gene_data` summarise it.
+  :func:`per_gene_data` summarise it; :func:`undefined_summary` says why most rows are NaN.
 """
 
 from vcjax.pipeline._align import Prediction, align, align_stratum
@@ -47,6 +47,7 @@ from vcjax.pipeline._scoring import gate, resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
 from vcjax.pipeline._spec import DEFAULT_BASELINES, UALL_REFERENCES, BootSpec, ScoreSpec, TruthSpec
 from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep
+from vcjax.pipeline._tidy import undefined_summary
 
 __all__ = [
     "Scorer",
@@ -104,5 +105,6 @@ __all__ = [
     "sums_scorer",
     "sweep",
     "known_models",
+    "undefined_summary",
     "wide",
 ]

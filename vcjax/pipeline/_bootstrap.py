@@ -72,7 +72,7 @@ from vcjax.metrics import (
     METRICS,
     fused_scores,
     higher_is_better,
-    interval_scale,
+    metric_bounds,
     pearson_delta,
     topk_indices,
 )
@@ -922,7 +922,7 @@ def add_intervals(
             ridx = np.asarray([pert_pos[p] for p in out.loc[idx, "perturbation"]])
             samp = res["values"][source][metric][:, ridx].T
             lo, hi = interval(
-                samp, out.loc[idx, "value"].to_numpy(float), scale=interval_scale(metric), **kw
+                samp, out.loc[idx, "value"].to_numpy(float), bounds=metric_bounds(metric), **kw
             )
             out.loc[idx, "ci_low"], out.loc[idx, "ci_high"] = lo, hi
             out.loc[idx, "boot_nan_frac"] = np.mean(~np.isfinite(samp), axis=1)
@@ -1033,12 +1033,12 @@ def summary_intervals(
                 jk = np.array([stat(np.delete(v, i)) for i in range(P)])
                 acc = jackknife_acceleration(jk[None])[0]
         source, metric = str(gkey[0]), str(gkey[1])
-        scale = interval_scale(
+        bounds = metric_bounds(
             metric, calibrated=column != "value" or source.startswith("model-vs-")
         )
         lo, hi = interval(
             samp[None], np.array([est]), ci=ci, method=method, acceleration=acc, target=target,
-            scale=scale,
+            bounds=bounds,
         )  # fmt: skip
         row = dict(zip(keys, gkey if isinstance(gkey, tuple) else (gkey,)))
         row.update(

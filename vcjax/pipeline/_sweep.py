@@ -38,7 +38,7 @@ import pandas as pd
 from vcjax._errors import VcjaxInputError
 from vcjax._host import working_dtype
 from vcjax._io import save_table
-from vcjax.metrics import METRICS, higher_is_better, interval_scale
+from vcjax.metrics import METRICS, higher_is_better, metric_bounds
 from vcjax.pipeline._align import align
 from vcjax.pipeline._bootstrap import resampler
 from vcjax.pipeline._calibrate import calibrate
@@ -320,7 +320,8 @@ class SweepResult:
         and ``differs_from_best`` (the paired interval of its difference from the best model
         excludes 0). ``baselines=True`` appends the baselines (aggregate and interval only).
         Without resamples the intervals are NaN, the rank interval is the rank and ``p_best``
-        is 1 for the best (shared when tied).
+        is 1 for the best (shared when tied). A model whose aggregate is undefined (NaN: e.g.
+        every perturbation gated) has no rank and no ``p_best`` (<NA>/NaN) and comes last.
         """
         key = self._key(metric, calibrated, aggregate)
         ci = float(self.info.get("ci", 0.95) if ci is None else ci)
@@ -337,7 +338,7 @@ class SweepResult:
         else:
             lo, hi = interval(
                 samples, point, ci=ci, method="percentile", target="expected",
-                scale=interval_scale(metric, calibrated=calibrated),
+                bounds=metric_bounds(metric, calibrated=calibrated),
             )  # fmt: skip
             rk = _rank(s * samples)  # (M, B)
             r_lo = np.floor(np.quantile(rk, (1 - ci) / 2, axis=1, method="lower"))
@@ -349,20 +350,31 @@ class SweepResult:
                 d, s * (point[top] - point), ci=ci, method="percentile", target="expected"
             )
             differs = np.where(np.arange(M) == top, False, dlo > 0).astype(object)
+        # a model whose aggregate is undefined (every perturbation NaN) has no rank
+        defined = np.isfinite(point)
+        if not defined.any():
+            differs = np.full(M, None, dtype=object)
+        differs = np.where(defined, differs, None)
+
+        def ranked(x) -> pd.array:
+            return pd.array(np.where(defined, np.asarray(x, float), np.nan)).astype("Int64")
+
         out = pd.DataFrame(
             {
                 "value": point,
                 "ci_low": lo,
                 "ci_high": hi,
-                "rank": ranks.astype(int),
-                "rank_low": np.asarray(r_lo, float).astype(int),
-                "rank_high": np.asarray(r_hi, float).astype(int),
-                "p_best": best,
+                "rank": ranked(ranks),
+                "rank_low": ranked(r_lo),
+                "rank_high": ranked(r_hi),
+                "p_best": np.where(defined, best, np.nan),
                 "differs_from_best": differs,
             },
             index=pd.Index(self.models, name="model"),
         )
-        out = out.sort_values(["rank", "value"], ascending=[True, s < 0], kind="stable")
+        out = out.sort_values(
+            ["rank", "value"], ascending=[True, s < 0], kind="stable", na_position="last"
+        )
         if baselines and key in self.baseline_aggregates:
             rows = []
             for name, v in self.baseline_aggregates[key].items():
@@ -371,7 +383,7 @@ class SweepResult:
                 if smp is not None and smp.size:
                     lo_, hi_ = interval(
                         smp[None], np.array([v]), ci=ci, method="percentile", target="expected",
-                        scale=interval_scale(metric, calibrated=calibrated),
+                        bounds=metric_bounds(metric, calibrated=calibrated),
                     )  # fmt: skip
                     b_lo, b_hi = float(lo_[0]), float(hi_[0])
                 rows.append(dict(model=f"[{name}]", value=v, ci_low=b_lo, ci_high=b_hi))
@@ -844,7 +856,7 @@ def _row_intervals(result, spool: _Spool, metrics, blocks, ci, step: int = 8):
                 smp = spool.read(mi, a, c)  # (c − a, R, B)
                 l_, h_ = interval(
                     smp.reshape(-1, smp.shape[-1]), point[a:c].reshape(-1), ci=ci,
-                    method="percentile", target="expected", scale=interval_scale(m),
+                    method="percentile", target="expected", bounds=metric_bounds(m),
                 )  # fmt: skip
                 lo[mi, a:c], hi[mi, a:c] = l_.reshape(c - a, R), h_.reshape(c - a, R)
     return lo, hi

@@ -16,7 +16,7 @@ from vcjax.metrics import METRICS
 from vcjax.pipeline._screen import Stratum
 from vcjax.pipeline._spec import ScoreSpec, TruthSpec
 
-__all__ = ["ALL", "NO_DEG_NOTE", "UNDEFINED_NOTE", "tidy", "tidy_dataset"]
+__all__ = ["ALL", "NO_DEG_NOTE", "UNDEFINED_NOTE", "tidy", "tidy_dataset", "undefined_summary"]
 
 #: the ``perturbation`` of dataset-level rows.
 ALL = "(all)"
@@ -94,3 +94,65 @@ def tidy_dataset(
         for m, v in d.items()
     ]
     return pd.DataFrame(rows)
+
+
+def undefined_summary(
+    table: pd.DataFrame,
+    *,
+    deg_method: str = "t-test_overestim_var",
+    threshold: float = 0.5,
+) -> str | None:
+    """One line saying why most perturbations of ``table`` have NaN gated metrics, or None.
+
+    DbD's no-DEG gate (docs/metrics.md §5) sets WMSE, R²w(Δ) and Pearson(Δ) on DEGs to NaN
+    for a perturbation without a significant DEG; a screen with few cells per perturbation,
+    or with several cell types pooled, can lose most of its rows that way. This counts the
+    perturbations (per covariate value, if any) whose rows carry the gate's note and, when
+    more than ``threshold`` of them do, says how many, why, and what to try. The message
+    names API arguments (``covariate=``, ``deg_method=``); the CLI translates them into its
+    options.
+
+    Args:
+      table: an :func:`evaluate` table, or a sweep's :meth:`SweepResult.tidy` (columns
+        ``perturbation``, ``metric``, ``note``, optionally ``covariate``).
+      deg_method: the DEG test the table's truth used (``screen.spec.deg_method``): the
+        suggestion of Welch's test is left out when it was already used.
+      threshold: the share of undefined perturbations above which a message is returned.
+
+    Returns:
+      The message (one line), or None when at most ``threshold`` of the perturbations are
+      undefined (or the table has no gated metric).
+    """
+    rows = table[table["perturbation"].astype(str) != ALL]
+    if rows.empty:
+        return None
+    cov = rows["covariate"] if "covariate" in rows.columns else None
+    has_cov = cov is not None and cov.notna().any()
+    unit = (
+        list(zip(cov.astype(str), rows["perturbation"].astype(str)))
+        if has_cov
+        else list(rows["perturbation"].astype(str))
+    )
+    units = pd.Series(unit, index=rows.index)
+    gated = rows["note"].astype(str) == NO_DEG_NOTE
+    n_total = int(units.nunique())
+    n_undefined = int(units[gated].nunique())
+    if n_total == 0 or n_undefined <= threshold * n_total:
+        return None
+    names = [METRICS[m].label for m in dict.fromkeys(rows.loc[gated, "metric"]) if m in METRICS]
+    what = "perturbation × covariate groups" if has_cov else "perturbations"
+    tries = []
+    if deg_method == "t-test_overestim_var":
+        tries.append(
+            "deg_method='t-test' (Welch's test; the default overestimates the rest's variance)"
+        )
+    if not has_cov:
+        tries.append("covariate=COLUMN (if the screen pools cell types or conditions)")
+    tries.append("more cells per perturbation")
+    return (
+        f"{n_undefined} of {n_total} {what} have no significant DEG ({deg_method} vs the other "
+        f"perturbed cells, BH FDR < 0.05), so {', '.join(names)} are NaN for them (DbD's gate, "
+        f"docs/metrics.md §5; the other metrics are defined); try "
+        + (", ".join(tries[:-1]) + ", or " if len(tries) > 1 else "")
+        + tries[-1]
+    )

@@ -2,21 +2,27 @@
 
 from vcjax.report._figures import plot_pathway_heatmap
 from vcjax.report._html import (
+    GLOSSARY,
     SOURCE_ORDER,
     build_report,
     load_per_gene,
+    paired_summary,
     sidecar_path,
+    verdict,
     write_report,
 )
 from vcjax.report._sweep import build_sweep_report, write_sweep_report
 
 __all__ = [
+    "GLOSSARY",
     "SOURCE_ORDER",
     "build_report",
     "build_sweep_report",
     "load_per_gene",
+    "paired_summary",
     "plot_pathway_heatmap",
     "sidecar_path",
+    "verdict",
     "write_report",
     "write_sweep_report",
 ]

@@ -4,7 +4,7 @@
   :func:`pvalues`, :func:`benjamini_hochberg`, :func:`log_fold_change`,
   :func:`minmax_weights` as ``jax.numpy`` kernels, with host twins for float64 parity);
 * the Wilcoxon rank-sum test against control (:func:`mannwhitney_vs_control`, cell-eval's);
-* bootstrap interval maths (:func:`interval` on a range-respecting scale,
+* bootstrap interval maths (:func:`interval`, in the statistic's range,
   :func:`percentile_interval`, :func:`bca_interval`, :func:`center_samples`, the tie
   tolerance :data:`TIE_TOL`, :func:`win_rate`) and :func:`bootstrap_metric` for any statistic.
 """
@@ -27,20 +27,17 @@ from vcjax.stats._deg import (
     t_test_vs_rest_host,
 )
 from vcjax.stats._intervals import (
-    SCALES,
     TIE_TOL,
     BootstrapResult,
     bca_interval,
     bootstrap_metric,
     center_samples,
     draw_within_groups,
-    from_scale,
     interval,
     jackknife_acceleration,
     per_cell_groups,
     percentile_interval,
     ties,
-    to_scale,
     win_rate,
 )
 from vcjax.stats._wilcoxon import (
@@ -51,7 +48,6 @@ from vcjax.stats._wilcoxon import (
 )
 
 __all__ = [
-    "SCALES",
     "TIE_TOL",
     "BootstrapResult",
     "DEGResult",
@@ -64,7 +60,6 @@ __all__ = [
     "bootstrap_metric",
     "center_samples",
     "draw_within_groups",
-    "from_scale",
     "interval",
     "jackknife_acceleration",
     "log2_fold_change",
@@ -83,6 +78,5 @@ __all__ = [
     "t_test_vs_rest",
     "t_test_vs_rest_host",
     "ties",
-    "to_scale",
     "win_rate",
 ]

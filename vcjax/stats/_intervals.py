@@ -32,7 +32,6 @@ from jax.typing import ArrayLike
 from scipy import special
 
 __all__ = [
-    "SCALES",
     "TIE_TOL",
     "BootstrapResult",
     "bca_interval",
@@ -43,9 +42,7 @@ __all__ = [
     "jackknife_acceleration",
     "per_cell_groups",
     "percentile_interval",
-    "from_scale",
     "ties",
-    "to_scale",
     "win_rate",
 ]
 
@@ -173,55 +170,6 @@ def center_samples(samples: ArrayLike, estimate: ArrayLike) -> np.ndarray:
     return x - bias[..., None]
 
 
-#: the scales intervals are computed on (:func:`interval`), by the range of the statistic
-SCALES = ("identity", "fisher", "log", "r2", "logit")
-
-#: how far inside a closed end of its range (±1 for a correlation, 0 and 1 for a fraction,
-#: 1 for an R²) a value is kept before it is transformed: about float32's resolution there,
-#: so that values computed in float32 a few roundings apart do not land far apart on it
-_EDGE = 1e-6
-#: the floor of a nonnegative value before its log (an exact 0)
-_TINY = 1e-30
-
-
-def to_scale(x, scale: str) -> np.ndarray:
-    """``x`` on an interval scale (:data:`SCALES`): ``fisher`` ``atanh(r)`` for a correlation
-    in ``[−1, 1]``, ``log`` for a value in ``[0, ∞)``, ``r2`` ``−log(1 − R²)`` for a value in
-    ``(−∞, 1]``, ``logit`` for a fraction in ``[0, 1]``, ``identity`` for an unbounded one.
-    Values at (or, from rounding, past) a closed end are first brought just inside it."""
-    x = np.asarray(x, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if scale == "identity":
-            return x
-        if scale == "fisher":
-            return np.arctanh(np.clip(x, -1.0 + _EDGE, 1.0 - _EDGE))
-        if scale == "log":
-            return np.log(np.maximum(x, _TINY))
-        if scale == "r2":
-            return -np.log(np.maximum(1.0 - x, _EDGE))
-        if scale == "logit":
-            p = np.clip(x, _EDGE, 1.0 - _EDGE)
-            return np.log(p) - np.log1p(-p)
-    raise ValueError(f"interval scale must be one of {SCALES}, got {scale!r}")
-
-
-def from_scale(z, scale: str) -> np.ndarray:
-    """The inverse of :func:`to_scale`."""
-    z = np.asarray(z, dtype=np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if scale == "identity":
-            return z
-        if scale == "fisher":
-            return np.tanh(z)
-        if scale == "log":
-            return np.exp(z)
-        if scale == "r2":
-            return 1.0 - np.exp(-z)
-        if scale == "logit":
-            return special.expit(z)
-    raise ValueError(f"interval scale must be one of {SCALES}, got {scale!r}")
-
-
 def interval(
     samples,
     estimate,
@@ -230,49 +178,48 @@ def interval(
     method,
     acceleration=None,
     target="population",
-    scale="identity",
+    bounds=(-np.inf, np.inf),
 ):
-    """A bootstrap interval over the last axis, in the statistic's range, containing its
+    """A bootstrap interval over the last axis, inside the statistic's range, containing its
     estimate.
 
-    The resamples and the estimate are taken to ``scale`` (:func:`to_scale`), where the
-    interval is computed — ``target="expected"`` centres the resamples there
-    (:func:`center_samples`), then the percentile or BCa interval — and brought back: the
-    ends lie in the statistic's range whatever the skew of the resamples, where a shift on
-    the raw scale can leave it (a correlation past 1, an error below 0). Finally each
-    interval is widened, if need be, to contain its finite estimate.
+    ``target="expected"`` first removes the bootstrap's bias estimate from the resamples
+    (:func:`center_samples`: an interval for the value the same experiment gives on average),
+    then the percentile or BCa interval is taken. A shift can carry an end past the range
+    of the statistic (a correlation above 1, an error below 0): the ends are clipped to
+    ``bounds``, which changes the coverage of no value inside the range (an interval
+    covers such a value after clipping exactly when it did before). Finally each interval is
+    widened, if need be, to contain its finite estimate.
 
     Args:
       samples: ``(..., B)`` resampled values (NaN ignored).
       estimate: ``(...)`` point estimates.
       ci: coverage.
       method: ``"percentile"`` or ``"bca"``.
-      acceleration: BCa's acceleration (:func:`bca_interval`), on the transformed scale.
-      target: ``"expected"`` (the value the same experiment gives on average) or
-        ``"population"`` (the quantiles of the resamples themselves).
-      scale: one of :data:`SCALES`.
+      acceleration: BCa's acceleration (:func:`bca_interval`).
+      target: ``"expected"`` or ``"population"`` (the quantiles of the resamples themselves).
+      bounds: ``(low, high)``, the closed range of the statistic
+        (:func:`vcjax.metrics.metric_bounds`).
 
     Returns:
       ``(low, high)``; NaN where the estimate is not finite or no resample is.
     """
-    est_raw = np.asarray(estimate, dtype=np.float64)
-    z = to_scale(samples, scale)
-    ze = to_scale(est_raw, scale)
+    est = np.asarray(estimate, dtype=np.float64)
     if target == "expected":
-        z = center_samples(z, ze)
+        samples = center_samples(samples, est)
     elif target != "population":
         raise ValueError(f"target must be 'expected' or 'population', got {target!r}")
     if method == "percentile":
-        lo, hi = percentile_interval(z, ci=ci)
+        lo, hi = percentile_interval(samples, ci=ci)
     elif method == "bca":
-        lo, hi = bca_interval(z, ze, ci=ci, acceleration=acceleration)
+        lo, hi = bca_interval(samples, est, ci=ci, acceleration=acceleration)
     else:
         raise ValueError(f"ci method must be 'percentile' or 'bca', got {method!r}")
-    lo, hi = from_scale(lo, scale), from_scale(hi, scale)
-    finite = np.isfinite(est_raw)
+    low, high = (float(b) for b in bounds)
+    ok = np.isfinite(est) & np.isfinite(lo) & np.isfinite(hi)
     with np.errstate(invalid="ignore"):
-        lo = np.where(finite & np.isfinite(lo), np.minimum(lo, est_raw), np.nan)
-        hi = np.where(finite & np.isfinite(hi), np.maximum(hi, est_raw), np.nan)
+        lo = np.where(ok, np.minimum(np.clip(lo, low, high), est), np.nan)
+        hi = np.where(ok, np.maximum(np.clip(hi, low, high), est), np.nan)
     return lo, hi
 
 
