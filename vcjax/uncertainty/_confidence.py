@@ -60,13 +60,12 @@ Both halves are drawn anew around the pooled pseudobulk ``μ̂ = (n₁d + n₂y)
 per gene); prediction, weights and reference fixed. Each draw gives ``r2w_delta*``,
 ``wmse*`` and ``calibrated* = r2w_delta*/r2w_delta_duplicate*`` (NaN, ignored, where
 ``r2w_delta_duplicate* ≤ 0``). Intervals are :func:`vcjax.stats.interval`'s with
-``target="expected"`` on the metric's scale (:func:`vcjax.metrics.interval_scale`:
-``−log(1 − R²)`` for R²w(Δ), ``log`` for WMSE, identity for ``calibrated``): the draws'
-mean is moved to the estimate there, their ``(1 ∓ ci)/2`` quantiles mapped back, and the
-interval widened if need be to contain the estimate. It is the spread of the estimate over
-repeats of the experiment, placed at the estimate: it contains the estimate, R²w(Δ) ends
-are ≤ 1 and WMSE ends ≥ 0; the confidence interval is ``100·clip`` of the calibrated one.
-NaN where the estimate is NaN or no draw is defined.
+``target="expected"``: the draws' mean is moved to the estimate, their ``(1 ∓ ci)/2``
+quantiles taken, the ends clipped to the metric's range (:func:`vcjax.metrics.metric_bounds`:
+R²w(Δ) ≤ 1, WMSE ≥ 0, ``calibrated`` unbounded) and widened if need be to contain the
+estimate. It is the spread of the estimate over repeats of the experiment, placed at the
+estimate; the confidence interval is ``100·clip`` of the calibrated one. NaN where the
+estimate is NaN or no draw is defined.
 
 **Per perturbation**: the calibrated score of :func:`vcjax.evaluate` (0 at the best
 negative/null baseline, 1 at the technical duplicate; default metric R²w(Δ)) with an
@@ -75,7 +74,7 @@ interval: ``interval="bootstrap"`` (default) from the cell bootstrap
 baselines refitted, on the same prepared truth; the interval of :func:`vcjax.evaluate`);
 ``interval="parametric"`` from a Gaussian resampling of the measurements, ``y* = y + σ₂ε``,
 ``d* = d + σ₁ε'`` and the null baseline's half-1 profile likewise (control and data means
-fixed), with the same interval on the identity scale (so it contains the estimate).
+fixed), with the same interval (unbounded; it contains the estimate).
 ``confidence = 100·clip(calibrated, 0, 1)`` (100: at least as good as the technical
 duplicate; 0: no better than the best negative baseline; NaN where the calibrated score is,
 :func:`vcjax.pipeline.calibrate`) and a band (:func:`confidence_band`):
@@ -102,7 +101,7 @@ import pandas as pd
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
 from vcjax.data import gene_set_masks, read_h5ad
-from vcjax.metrics import KERNELS, METRICS, interval_scale, metric_spec, r2w_delta, wmse
+from vcjax.metrics import KERNELS, METRICS, metric_bounds, metric_spec, r2w_delta, wmse
 from vcjax.pipeline import (
     NEGATIVES,
     BootSpec,
@@ -221,13 +220,13 @@ def _ensemble_matrix(ens, screen: Screen, index: int, *, layer, normalize) -> np
     )
 
 
-def _interval(draws, estimate, *, ci: float, scale: str) -> tuple[np.ndarray, np.ndarray]:
+def _interval(draws, estimate, *, ci: float, bounds) -> tuple[np.ndarray, np.ndarray]:
     """Interval of resampled values around their estimate, in the metric's range:
-    :func:`vcjax.stats.interval` with ``target="expected"`` (the draws' mean bias removed on
-    ``scale``), percentile method, widened to contain the estimate. NaN where the estimate
-    or every draw is NaN."""
+    :func:`vcjax.stats.interval` with ``target="expected"`` (the draws' mean bias removed),
+    percentile method, ends clipped to ``bounds`` and widened to contain the estimate. NaN
+    where the estimate or every draw is NaN."""
     return boot_interval(
-        draws, estimate, ci=ci, method="percentile", target="expected", scale=scale
+        draws, estimate, ci=ci, method="percentile", target="expected", bounds=bounds
     )
 
 
@@ -736,9 +735,9 @@ def _pathway_table(
         b_e = np.moveaxis(np.asarray(out["boot_wmse"], np.float64), 1, -1)
         with np.errstate(invalid="ignore", divide="ignore"):
             b_cal = np.where(b_r2d > 0, b_r2 / np.where(b_r2d > 0, b_r2d, 1.0), np.nan)
-        ci_r2 = _interval(b_r2, r2, ci=ci, scale=interval_scale("r2w_delta"))
-        ci_e = _interval(b_e, e, ci=ci, scale=interval_scale("wmse"))
-        ci_cal = _interval(b_cal, cal, ci=ci, scale=interval_scale("r2w_delta", calibrated=True))
+        ci_r2 = _interval(b_r2, r2, ci=ci, bounds=metric_bounds("r2w_delta"))
+        ci_e = _interval(b_e, e, ci=ci, bounds=metric_bounds("wmse"))
+        ci_cal = _interval(b_cal, cal, ci=ci, bounds=metric_bounds("r2w_delta", calibrated=True))
     conf64 = np.asarray(conf, np.float64)
     cols = {
         "perturbation": np.repeat(np.asarray(stratum.perturbations, dtype=object), S),
@@ -893,8 +892,8 @@ def _perturbation_table(
         out = engine.row_map(
             lambda *r: fn(*r, *shared), rows, chunk_size=chunk, devices=jax.devices()[:1]
         )
-        scale = interval_scale(metric, calibrated=True)
-        lo, hi = _interval(np.asarray(out["draws"]), calibrated, ci=ci, scale=scale)
+        bounds = metric_bounds(metric, calibrated=True)
+        lo, hi = _interval(np.asarray(out["draws"]), calibrated, ci=ci, bounds=bounds)
 
     conf64 = np.asarray(conf, np.float64)
     fin = np.isfinite(conf64)
