@@ -451,3 +451,211 @@ def test_perturbation_cell_bootstrap_matches_evaluate(screen):
     got = df.set_index("perturbation").loc[screen["perts"]]
     np.testing.assert_allclose(got["ci_low"], ref["calibrated_ci_low"], rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got["ci_high"], ref["calibrated_ci_high"], rtol=1e-6, equal_nan=True)
+
+
+# ------------------------------------------------- pathway score: calibrated, NaN where undefined
+
+# The pathway score (module docstring of vcjax.uncertainty._confidence): per set,
+# calibrated = R²w(Δ)(pred) / R²w(Δ)(duplicate), confidence = 100·clip(calibrated, 0, 1).
+RESP = [f"G{j}" for j in range(50, 150)]  # genes with large effects in the fixture
+FLAT = [f"G{j}" for j in range(50)]  # genes that barely respond
+
+
+def _diluted(screen):
+    """Weights like DEG weights (1 on responding genes, 0.001 elsewhere, 0 on G0–G1) and
+    sets of 2 responding + 10 flat genes: the flat genes dominate an unweighted gene mean,
+    the responding ones R²w(Δ)."""
+    from vcjax import prepare
+
+    base = prepare(screen["adata"], weights="uniform", **KW)
+    (st,) = base.strata
+    w = np.full((len(st.perturbations), G_SYN), 1e-3)
+    w[:, 50:] = 1.0
+    w[:, :2] = 0.0
+    sets = {f"D{k}": RESP[2 * k : 2 * k + 2] + FLAT[2 + 10 * k : 12 + 10 * k] for k in range(4)}
+    sets.update(
+        NOWEIGHT=["G0", "G1"],  # no weight
+        ONE=["G0", "G60"],  # one weighted gene
+        FLATTRUTH=["G140", "G141", "G142"],  # made constant below
+    )
+    return prepare(screen["adata"], weights=w, **KW), st.perturbations, sets
+
+
+@pytest.fixture(scope="module")
+def diluted(screen):
+    a = screen["adata"].copy()
+    a.X[:, 140:143] = 1.0  # a constant gene: every cell 1.0 (truth constant on FLATTRUTH)
+    scr, perts, sets = _diluted(dict(screen, adata=a))
+    rep = screen["replicate"].loc[list(perts)]
+    kw = dict(level="pathway", gene_sets=sets, n_boot=64)
+    return dict(
+        sets=sets,
+        screen=scr,
+        perts=perts,
+        mean=C.confidence(scr, "dataset_mean", **kw),
+        rep=C.confidence(scr, rep.to_numpy(), **kw),
+    )
+
+
+def test_pathway_undefined_sets_are_nan_with_reason(diluted):
+    for df in (diluted["mean"], diluted["rep"]):
+        by = df.set_index(["gene_set", "perturbation"])
+        for name, why in (
+            ("NOWEIGHT", "no_weight"),
+            ("ONE", "too_few_genes"),
+            ("FLATTRUTH", "constant_truth"),
+        ):
+            rows = by.loc[name]
+            assert rows["confidence"].isna().all(), name  # never 100
+            assert (rows["reason"] == why).all(), (name, rows["reason"].unique())
+            assert rows["calibrated"].isna().all() and rows["r2w_delta"].isna().all()
+            assert (rows["band"] == "undefined").all()
+        d = df[df.gene_set.str.startswith("D")]
+        assert d["reason"].isin(["", "duplicate_not_better"]).all()
+        assert (d["reason"] == "").sum() >= 28
+        assert (d["confidence"].notna() == (d["reason"] == "")).all()
+
+
+def test_pathway_negative_r2_against_good_duplicate_scores_low(diluted):
+    df = diluted["mean"]
+    bad = (df["r2w_delta"] < 0) & (df["r2w_delta_duplicate"] > 0.5)
+    assert bad.sum() >= 16  # most (perturbation, D-set) pairs
+    assert (df.loc[bad, "confidence"] == 0).all()
+    assert (df.loc[bad, "band"] != "high").all()
+    # the diluted unweighted gene mean would have said ~80: the flat genes are right
+    assert df.loc[bad, "gene_confidence"].median() > 75
+
+
+def test_pathway_dataset_mean_far_below_a_good_model(diluted):
+    d = diluted["mean"][diluted["mean"].gene_set.str.startswith("D")]
+    r = diluted["rep"][diluted["rep"].gene_set.str.startswith("D")]
+    assert d["confidence"].median() < 5  # NaN skipped
+    assert r["confidence"].median() > 80
+    assert r["confidence"].median() - d["confidence"].median() > 75
+    # numpy float64 reference of the score: R²w(Δ) ratio on the set, clipped
+    (st,) = diluted["screen"].strata
+    i, s = 3, "D1"
+    idx = [int(g[1:]) for g in diluted["sets"][s]]
+    w = np.asarray(st.weights, np.float64)[i, idx]
+    dt = st.truth[i, idx] - st.reference[idx]
+
+    def r2(p):
+        dp = p[idx] - st.reference[idx]
+        mu = np.sum(w * dt) / w.sum()
+        return 1 - np.sum(w * (dt - dp) ** 2) / np.sum(w * (dt - mu) ** 2)
+
+    dup = np.asarray(st.baselines["technical_duplicate"], np.float64)[i]
+    got = r[(r.perturbation == st.perturbations[i]) & (r.gene_set == s)].iloc[0]
+    assert got["r2w_delta_duplicate"] == pytest.approx(r2(dup), abs=2e-4)
+    assert got["calibrated"] == pytest.approx(got["r2w_delta"] / r2(dup), rel=1e-3)
+    assert got["confidence"] == pytest.approx(100 * np.clip(got["calibrated"], 0, 1), abs=1e-9)
+
+
+def _contains(df, col, lo_ok=-np.inf, hi_ok=np.inf):
+    est, lo, hi = df[col], df[col + "_ci_low"], df[col + "_ci_high"]
+    fin = est.notna()
+    assert (lo[fin].notna() & hi[fin].notna()).all(), col
+    assert (lo[~fin].isna() & hi[~fin].isna()).all(), col
+    assert ((lo[fin] <= est[fin]) & (est[fin] <= hi[fin])).all(), col
+    assert (lo[fin] >= lo_ok).all() and (hi[fin] <= hi_ok).all(), col
+
+
+def test_pathway_intervals_contain_estimate_and_stay_in_range(diluted, screen):
+    # three sets and n_boot=64, as test_pathway_level (one compile)
+    sets = {"late": screen["genes"][-12:], "mixed": screen["genes"][40:55], "few": RESP[:3]}
+    from vcjax import prepare
+
+    (st,) = prepare(screen["adata"], weights="uniform", **KW).strata
+    oracle = pd.DataFrame(st.truth, index=list(st.perturbations), columns=list(st.genes))
+    frames = []
+    for pred in (oracle, screen["replicate"], screen["shuffled"]):  # oracle: R²w = 1, WMSE = 0
+        frames.append(
+            C.confidence(
+                screen["adata"],
+                pred,
+                level="pathway",
+                gene_sets=sets,
+                n_boot=64,
+                weights="uniform",
+                **KW,
+            )
+        )
+    assert (frames[0]["r2w_delta"] == 1).all()
+    for df in frames + [diluted["mean"], diluted["rep"]]:
+        _contains(df, "r2w_delta", hi_ok=1.0)
+        _contains(df, "wmse", lo_ok=0.0)
+        _contains(df, "calibrated")
+    # perturbation level, parametric draws: the interval holds the calibrated estimate
+    per = C.confidence(
+        screen["adata"],
+        screen["replicate"],
+        level="perturbation",
+        n_boot=64,
+        interval="parametric",
+        **KW,
+    )
+    fin = per["calibrated"].notna()
+    assert ((per["ci_low"] <= per["calibrated"]) & (per["calibrated"] <= per["ci_high"]))[fin].all()
+
+
+def test_deg_weighted_gene_confidence_summaries(diluted, screen):
+    scr = diluted["screen"]
+    (st,) = scr.strata
+    rep = screen["replicate"].loc[list(st.perturbations)].to_numpy()
+    gene = C.confidence(scr, rep, level="gene")
+    per = C.confidence(scr, rep, level="perturbation", n_boot=0).set_index("perturbation")
+    w = np.asarray(st.weights, np.float64)
+    c = gene["confidence"].to_numpy(np.float64).reshape(w.shape)
+    np.testing.assert_allclose(gene["weight"].to_numpy().reshape(w.shape), w, rtol=1e-6)
+    fin = np.isfinite(c)
+    ref = np.sum(np.where(fin, w * c, 0), 1) / np.sum(np.where(fin, w, 0), 1)
+    np.testing.assert_allclose(
+        per.loc[list(st.perturbations), "gene_confidence_weighted"], ref, rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        per.loc[list(st.perturbations), "gene_confidence"], np.nanmean(c, 1), rtol=1e-6
+    )
+    # per set: weighted and unweighted means over the set's genes
+    pw = diluted["rep"].set_index(["perturbation", "gene_set"])
+    idx = [int(g[1:]) for g in diluted["sets"]["D2"]]
+    for i, p in enumerate(st.perturbations):
+        row = pw.loc[(p, "D2")]
+        ww, cc = w[i, idx], c[i, idx]
+        assert row["gene_confidence_weighted"] == pytest.approx(
+            np.sum(ww * cc) / np.sum(ww), rel=1e-6
+        )
+        assert row["gene_confidence"] == pytest.approx(cc.mean(), rel=1e-6)
+    # the weighted summary sees what the unweighted one dilutes
+    dm = C.confidence(scr, "dataset_mean", level="perturbation", n_boot=0)
+    assert dm["gene_confidence_weighted"].mean() < 25
+    assert dm["gene_confidence"].mean() > dm["gene_confidence_weighted"].mean() + 20
+
+
+@pytest.mark.slow
+def test_norman_pathway_confidence(shared_data):
+    from vcjax import prepare
+    from vcjax.pipeline import known_models
+
+    scr = prepare(
+        shared_data("norman19_perturbench_devel.h5ad"), key="condition", control="control"
+    )
+    good = known_models(scr)["other half + noise"]
+    kw = dict(level="pathway", gene_sets="example", n_boot=50)
+    dm = C.confidence(scr, "dataset_mean", **kw)
+    dup = C.confidence(scr, "technical_duplicate", **kw)
+    noisy = C.confidence(scr, good, **kw)
+    for df in (dm, dup, noisy):
+        bad = (df["r2w_delta"] < 0) & (df["r2w_delta_duplicate"] > 0.5)
+        assert (df.loc[bad, "confidence"] == 0).all()
+    assert dm["confidence"].median() < 5  # over the defined sets (NaN skipped)
+    for df in (dm, dup, noisy):
+        undefined = df["reason"] != ""
+        assert undefined.sum() > 100 and df.loc[undefined, "confidence"].isna().all()
+        assert df.loc[~undefined, "confidence"].notna().all()
+        _contains(df, "r2w_delta", hi_ok=1.0)
+        _contains(df, "calibrated")
+    # measured (n_boot irrelevant): medians over the 52 defined sets 0 / 100, means 3.7 / 100
+    assert dm.loc[dm.reason == "", "confidence"].median() < 5
+    assert dup.loc[dup.reason == "", "confidence"].median() == 100
+    assert dm.loc[dm.reason == "", "confidence"].mean() < 10
+    assert noisy.loc[noisy.reason == "", "confidence"].mean() > 15  # between the two

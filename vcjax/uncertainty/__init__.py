@@ -5,7 +5,7 @@ and a prediction); the scoring rules it builds on (:func:`gene_confidence`,
 :func:`gaussian_crps`, :func:`uncertainty_scores`, ...) are pure JAX functions.
 """
 
-from vcjax.uncertainty._confidence import confidence, detection_value
+from vcjax.uncertainty._confidence import PATHWAY_REASONS, confidence, detection_value
 from vcjax.uncertainty._scores import (
     BANDS,
     LEVELS,
@@ -25,6 +25,7 @@ from vcjax.uncertainty._scores import (
 __all__ = [
     "BANDS",
     "LEVELS",
+    "PATHWAY_REASONS",
     "UncertaintyScores",
     "confidence",
     "confidence_band",

@@ -17,22 +17,67 @@ that half's variance is raised to ``v̄_g²/n``, the variance of a single detect
 undefined (a half with fewer than 2 cells) or zero (``floor=None`` and a gene constant in
 both halves; ``min_se`` floors ``se``).
 
-**Per gene set** (GMT file or dict) and perturbation: R²w(Δ) and WMSE restricted to the
-set's genes through the kernels' ``where=`` mask (same DEG weights, reference and DbD no-DEG
-gate as :func:`vcjax.evaluate`), the mean gene confidence over the set's genes
-(``confidence``), and ``coverage`` = fraction of the set's genes present in the data.
-Intervals: a parametric (central-limit) resampling of the truth measurement,
-``y* = y + se₂·ε``, ``ε ~ N(0, 1)`` per gene, ``n_boot`` draws, percentile interval at level
-``ci``; weights, reference and prediction held fixed.
+Gene-level summaries: ``gene_confidence`` is the unweighted mean of the finite gene
+confidences over the genes (all of them per perturbation, the set's per gene set);
+``gene_confidence_weighted`` is ``Σ w_g c_g / Σ w_g`` over the same finite genes, with the
+DEG weights ``w_g`` of WMSE/R²w(Δ) (the DbD weights; uniform with ``weights="uniform"``;
+NaN where those genes carry no weight) — most genes of a perturbation do not respond, so
+the unweighted mean is diluted by them (the dataset mean scores ~99 on it);
+``gene_confidence_degs`` (per perturbation) is the unweighted mean over the DEG set. The
+gene table has the weight of each gene (``weight``).
+
+**Per gene set** (GMT file or dict) and perturbation, with the DEG weights ``w`` restricted
+to the set's genes ``S`` (same weights, reference ``r`` and DbD no-DEG gate as
+:func:`vcjax.evaluate`; ``coverage`` = fraction of the set's genes present in the data):
+
+* ``r2w_delta`` = R²w(Δ) on the set, ``1 − Σ_S w(Δ − Δ̂)² / Σ_S w(Δ − Δ̄_w)²``, and
+  ``r2w_delta_duplicate`` the same for the technical duplicate ``d``; ``wmse`` and
+  ``wmse_duplicate`` the weighted MSEs;
+* ``calibrated = r2w_delta / r2w_delta_duplicate``: the share of the set's weighted
+  variance of Δ explained by the prediction, in units of what a second measurement of the
+  same cells explains (0: no better than the set's weighted mean Δ̄_w, which itself knows
+  the set's mean response; 1: as good as the duplicate; > 1: better);
+* ``confidence = 100·clip(calibrated, 0, 1)``: 100 = the prediction reproduces the set's
+  gene-specific response as well as a technical duplicate; 0 = it explains none of it (any
+  negative R²w(Δ), e.g. the dataset mean on a set that responds). ``band`` as per
+  perturbation (:func:`confidence_band` on ``calibrated`` and its interval).
+
+Undefined (NaN, ``reason`` says why; "" where defined; checked in this order,
+:data:`PATHWAY_REASONS`): ``no_genes`` (no gene of the set in the data), ``no_degs``
+(perturbation without DEGs: the DbD gate), ``no_weight`` (``Σ_S w = 0``),
+``too_few_genes`` (fewer than 2 genes with ``w > 0``), ``constant_truth`` (the truth
+``y`` or its Δ is constant on the weighted genes, e.g. the set is not detected in the
+truth half): for these ``r2w_delta``, ``r2w_delta_duplicate``, ``calibrated`` and
+``confidence`` are NaN (no forced 1.0/0.0 on a gene set, whatever ``strict``); and
+``duplicate_not_better`` (``r2w_delta_duplicate ≤ 0``: the duplicate does not reproduce the
+set's within-set pattern, so the set's response is not measured above replicate noise and
+cannot be calibrated): ``calibrated`` and ``confidence`` are NaN, the R²w(Δ) values are
+kept.
+
+Intervals (``n_boot > 0``, level ``ci``): a parametric bootstrap from the fitted model.
+Both halves are drawn anew around the pooled pseudobulk ``μ̂ = (n₁d + n₂y)/(n₁+n₂)``:
+``y* = μ̂ + σ₂ε``, ``d* = μ̂ + σ₁ε'`` (``σᵢ² = sᵢ²/nᵢ``, floored as above; ``ε, ε' ~ N(0, 1)``
+per gene); prediction, weights and reference fixed. Each draw gives ``r2w_delta*``,
+``wmse*`` and ``calibrated* = r2w_delta*/r2w_delta_duplicate*`` (NaN, ignored, where
+``r2w_delta_duplicate* ≤ 0``). Intervals are :func:`vcjax.stats.interval`'s with
+``target="expected"``: the draws' mean is moved to the estimate, their ``(1 ∓ ci)/2``
+quantiles taken, the ends clipped to the metric's range (:func:`vcjax.metrics.metric_bounds`:
+R²w(Δ) ≤ 1, WMSE ≥ 0, ``calibrated`` unbounded) and widened if need be to contain the
+estimate. It is the spread of the estimate over repeats of the experiment, placed at the
+estimate; the confidence interval is ``100·clip`` of the calibrated one. NaN where the
+estimate is NaN or no draw is defined.
 
 **Per perturbation**: the calibrated score of :func:`vcjax.evaluate` (0 at the best
 negative/null baseline, 1 at the technical duplicate; default metric R²w(Δ)) with an
 interval: ``interval="bootstrap"`` (default) from the cell bootstrap
 (:func:`vcjax.pipeline.stratum_samples`: cells resampled within halves, weights and
-baselines refitted, on the same prepared truth); ``interval="parametric"`` from the Gaussian
-resampling above, applied to the truth and to the duplicate (``d* = d + se₁·ε'``, and the
-null baseline's half-1 profile likewise; control and data means fixed).
-``confidence = 100·clip(calibrated, 0, 1)`` and a band (:func:`confidence_band`):
+baselines refitted, on the same prepared truth; the interval of :func:`vcjax.evaluate`);
+``interval="parametric"`` from a Gaussian resampling of the measurements, ``y* = y + σ₂ε``,
+``d* = d + σ₁ε'`` and the null baseline's half-1 profile likewise (control and data means
+fixed), with the same interval (unbounded; it contains the estimate).
+``confidence = 100·clip(calibrated, 0, 1)`` (100: at least as good as the technical
+duplicate; 0: no better than the best negative baseline; NaN where the calibrated score is,
+:func:`vcjax.pipeline.calibrate`) and a band (:func:`confidence_band`):
 ``high`` when calibrated ≥ 0.75 **and** the interval's lower end ≥ 0.5; ``low`` when the
 interval's upper end < 0.5; ``medium`` otherwise; ``undefined`` when calibrated is NaN.
 
@@ -56,7 +101,7 @@ import pandas as pd
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
 from vcjax.data import gene_set_masks, read_h5ad
-from vcjax.metrics import KERNELS, METRICS, metric_spec, r2w_delta, wmse
+from vcjax.metrics import KERNELS, METRICS, metric_bounds, metric_spec, r2w_delta, wmse
 from vcjax.pipeline import (
     NEGATIVES,
     BootSpec,
@@ -74,7 +119,6 @@ from vcjax.pipeline import (
     stratum_samples,
 )
 from vcjax.stats import interval as boot_interval
-from vcjax.stats import percentile_interval
 from vcjax.uncertainty._scores import (
     LEVELS,
     chunk_for,
@@ -85,7 +129,7 @@ from vcjax.uncertainty._scores import (
     uncertainty_scores,
 )
 
-__all__ = ["confidence", "detection_value"]
+__all__ = ["PATHWAY_REASONS", "confidence", "detection_value"]
 
 
 def detection_value(stats) -> np.ndarray:
@@ -176,25 +220,32 @@ def _ensemble_matrix(ens, screen: Screen, index: int, *, layer, normalize) -> np
     )
 
 
-def _percentile(draws: np.ndarray, ci: float) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval over the last axis; non-finite draws are ignored."""
-    d = np.asarray(draws, np.float64)
-    return percentile_interval(np.where(np.isfinite(d), d, np.nan), ci=ci)
+def _interval(draws, estimate, *, ci: float, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """Interval of resampled values around their estimate, in the metric's range:
+    :func:`vcjax.stats.interval` with ``target="expected"`` (the draws' mean bias removed),
+    percentile method, ends clipped to ``bounds`` and widened to contain the estimate. NaN
+    where the estimate or every draw is NaN."""
+    return boot_interval(
+        draws, estimate, ci=ci, method="percentile", target="expected", bounds=bounds
+    )
 
 
 # ============================================================== parametric resampling
 
 
 @functools.lru_cache(maxsize=16)
-def _pathway_fn(n_boot: int, strict: bool):
-    def one_row(i, pred, y, se, dup, w, gated, ref, masks, key):
+def _pathway_fn(n_boot: int):
+    """Per row: the set statistics of the prediction and of the duplicate, and ``n_boot``
+    parametric draws of them (module docstring), vmapped over perturbations."""
+
+    def one_row(i, pred, y, mu, sd_y, sd_d, dup, w, gated, ref, masks, key):
         S = masks.shape[0]
 
         def vals(p, yy):
             pb = jnp.broadcast_to(p, (S, p.shape[-1]))
             yb = jnp.broadcast_to(yy, pb.shape)
             wb = jnp.broadcast_to(w, pb.shape)
-            r2 = r2w_delta(pb, yb, ref, wb, where=masks, strict=strict)
+            r2 = r2w_delta(pb, yb, ref, wb, where=masks, strict=True)
             e = wmse(pb, yb, wb, where=masks)
             nan = jnp.full_like(r2, jnp.nan)
             return jnp.where(gated, nan, r2), jnp.where(gated, nan, e)
@@ -206,13 +257,18 @@ def _pathway_fn(n_boot: int, strict: bool):
             keys = jax.random.split(jax.random.fold_in(key, i), n_boot)
 
             def draw(k):
-                eps = jax.random.normal(k, y.shape, y.dtype)
-                return vals(pred, y + jnp.nan_to_num(se) * eps)
+                k1, k2 = jax.random.split(k)
+                yy = mu + jnp.nan_to_num(sd_y) * jax.random.normal(k1, y.shape, y.dtype)
+                dd = mu + jnp.nan_to_num(sd_d) * jax.random.normal(k2, y.shape, y.dtype)
+                r2_, e_ = vals(pred, yy)
+                r2d_, _ = vals(dd, yy)
+                return r2_, e_, r2d_
 
-            out["boot_r2w_delta"], out["boot_wmse"] = jax.vmap(draw)(keys)  # (B, S)
+            b_r2, b_e, b_r2d = jax.vmap(draw)(keys)  # (B, S) each
+            out.update(boot_r2w_delta=b_r2, boot_wmse=b_e, boot_r2w_delta_duplicate=b_r2d)
         return out
 
-    return jax.jit(jax.vmap(one_row, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None, None)))
+    return jax.jit(jax.vmap(one_row, in_axes=(0,) * 9 + (None,) * 3))
 
 
 @functools.lru_cache(maxsize=16)
@@ -322,7 +378,7 @@ def confidence(
       interval: per-perturbation interval: ``"bootstrap"`` (the cell bootstrap of
         :func:`vcjax.evaluate`, on the same prepared truth) or ``"parametric"`` (the
         Gaussian resampling of the module docstring; cheap). Gene-set intervals are always
-        parametric. ``"auto"`` is ``"bootstrap"``.
+        the parametric bootstrap of the module docstring. ``"auto"`` is ``"bootstrap"``.
       null: ``"replicate"`` (100 ≈ a technical duplicate) or ``"population"``.
       alpha, decades: the confidence mapping (:func:`vcjax.uncertainty.confidence_score`).
       min_se: floor on the noise standard error.
@@ -336,7 +392,8 @@ def confidence(
       fair: fair ensemble CRPS.
       pred_layer, pred_normalize: as :func:`vcjax.evaluate`.
       chunk_size: rows per jitted chunk.
-      k, strict, gate: scoring options, as :func:`vcjax.evaluate`.
+      k, strict, gate: scoring options, as :func:`vcjax.evaluate` (gene sets always use
+        strict R²: NaN, not a forced value, where the set's truth is constant).
       progress: progress bar over the truth's streaming pass (when preparing here).
       **truth_options: the other truth-side options of :func:`vcjax.evaluate`
         (``reference``, ``weights``, ``covariate``, ...), when preparing here.
@@ -345,14 +402,16 @@ def confidence(
       A tidy DataFrame (plus ``covariate`` with a covariate):
 
       * ``level="gene"``: ``perturbation, gene, pred, truth, error, se, dof, z, p_value,
-        confidence, is_deg`` and, with uncertainty, ``pred_sd, nll, crps, pit``;
+        confidence, is_deg, weight`` and, with uncertainty, ``pred_sd, nll, crps, pit``;
       * ``level="pathway"``: ``perturbation, gene_set, n_genes, n_present, coverage,
-        confidence, r2w_delta, r2w_delta_ci_low, r2w_delta_ci_high, wmse, wmse_ci_low,
-        wmse_ci_high, r2w_delta_duplicate, wmse_duplicate`` and, with uncertainty,
-        ``coverage_<L>, nll, crps, spearman``;
+        confidence, calibrated, calibrated_ci_low, calibrated_ci_high, band, reason,
+        r2w_delta, r2w_delta_ci_low, r2w_delta_ci_high, wmse, wmse_ci_low, wmse_ci_high,
+        r2w_delta_duplicate, wmse_duplicate, gene_confidence, gene_confidence_weighted``
+        and, with uncertainty, ``coverage_<L>, nll, crps, spearman``;
       * ``level="perturbation"``: ``perturbation, metric, value, calibrated, ci_low,
-        ci_high, confidence, band, gene_confidence, gene_confidence_degs`` and, with
-        uncertainty, ``coverage_<L>, nll, crps, mean_sq_z, spearman``;
+        ci_high, confidence, band, gene_confidence, gene_confidence_degs,
+        gene_confidence_weighted`` and, with uncertainty, ``coverage_<L>, nll, crps,
+        mean_sq_z, spearman``;
         ``df.attrs["uncertainty"]`` holds the overall uncertainty scores.
     """
     if level not in ("gene", "pathway", "perturbation"):
@@ -520,6 +579,8 @@ def _stratum_confidence(
         )
         if stratum.deg_mask is not None:
             df["is_deg"] = np.asarray(stratum.deg_mask, bool).ravel()
+        if stratum.weights is not None:
+            df["weight"] = np.asarray(stratum.weights, np.float64).ravel()
         if unc is not None:
             sd = np.sqrt(pvar) if pvar is not None else ens.std(axis=0, ddof=1)
             df["pred_sd"] = sd.ravel()
@@ -532,8 +593,7 @@ def _stratum_confidence(
             stratum,
             yhat,
             y,
-            se2,
-            h["mean1"],
+            h,
             conf,
             gene_sets,
             n_boot=n_boot,
@@ -571,58 +631,141 @@ def _gene_fn(alpha: float, decades: float):
     return jax.jit(f)
 
 
-def _masked_mean(values: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """``(P, S)`` mean of ``values (P, G)`` over each mask's genes, skipping NaN."""
+def _masked_mean(values: np.ndarray, masks: np.ndarray, weights=None) -> np.ndarray:
+    """``(P, S)`` mean of ``values (P, G)`` over each mask's genes, skipping NaN; with
+    ``weights (P, G)`` the weighted mean ``Σ w v / Σ w`` over the finite genes (NaN where
+    they carry no weight)."""
     fin = np.isfinite(values)
-    num = np.where(fin, values, 0.0) @ masks.T.astype(np.float64)
-    cnt = fin.astype(np.float64) @ masks.T.astype(np.float64)
+    w = fin.astype(np.float64) if weights is None else np.where(fin, weights, 0.0)
+    mt = np.asarray(masks, np.float64).T
+    num = (np.where(fin, values, 0.0) * w) @ mt
+    den = w @ mt
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, num / np.maximum(cnt, 1), np.nan)
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+#: why a gene set's score is NaN (``reason`` column of ``level="pathway"``), in the order
+#: they are checked; "" where the score is defined.
+PATHWAY_REASONS = (
+    "no_genes",  # none of the set's genes is in the data
+    "no_degs",  # the perturbation has no DEGs: R²w(Δ) is gated (as vcjax.evaluate)
+    "no_weight",  # the set's genes carry no weight
+    "too_few_genes",  # fewer than 2 of the set's genes carry weight
+    "constant_truth",  # the truth (or its Δ) is constant on the weighted genes
+    "duplicate_not_better",  # the duplicate's R²w(Δ) on the set is ≤ 0: no calibration
+)
+
+
+def _set_reasons(stratum: Stratum, y, dup, w, gated, masks, r2d) -> np.ndarray:
+    """``(P, S)`` reason why each (perturbation, set) score is undefined (float64, host)."""
+    P = y.shape[0]
+    S = masks.shape[0]
+    delta = y - np.asarray(stratum.reference, np.float64)[None, :]
+    out = np.full((P, S), "", dtype=object)
+    for s in range(S):  # a loop over gene sets; each step is vectorised over perturbations
+        idx = np.flatnonzero(masks[s])
+        if idx.size == 0:
+            out[:, s] = "no_genes"
+            continue
+        ws = w[:, idx]
+        pos = ws > 0
+        npos = pos.sum(axis=1)
+
+        def flat(a, pos=pos):
+            hi = np.where(pos, a, -np.inf).max(axis=1)
+            lo = np.where(pos, a, np.inf).min(axis=1)
+            return hi <= lo
+
+        const = flat(y[:, idx]) | flat(delta[:, idx])
+        col = np.full(P, "", dtype=object)
+        col[~(r2d[:, s] > 0)] = "duplicate_not_better"
+        # a NaN R²w(Δ) of a finite duplicate: zero variance of Δ in float32
+        zero_var = np.isnan(r2d[:, s]) & np.isfinite(dup[:, idx]).all(axis=1)
+        col[const | zero_var] = "constant_truth"
+        col[npos < 2] = "too_few_genes"
+        col[ws.sum(axis=1) <= 0] = "no_weight"
+        col[gated] = "no_degs"
+        out[:, s] = col
+    return out
 
 
 def _pathway_table(
-    stratum: Stratum, yhat, y, se2, dup, conf, gene_sets, *, n_boot, ci, seed, score, unc_inputs
+    stratum: Stratum, yhat, y, h, conf, gene_sets, *, n_boot, ci, seed, score, unc_inputs
 ):
     gsm = gene_set_masks(gene_sets, stratum.genes)
     P, G = y.shape
     S = len(gsm.names)
     w = stratum.weights if stratum.weights is not None else np.ones((P, G), np.float32)
+    w64 = np.asarray(w, np.float64)
     gated = stratum.no_degs if (score.gate and stratum.deg_mask is not None) else np.zeros(P, bool)
-    fn = _pathway_fn(int(n_boot), bool(score.strict))
+    gated = np.asarray(gated, bool)
+    fn = _pathway_fn(int(n_boot))
     masks = jnp.asarray(gsm.masks)
     ref = jnp.asarray(stratum.reference, jnp.float32)
     key = jax.random.PRNGKey(seed)
-    chunk = score.chunk_size or chunk_for(S * G * max(n_boot, 1), P, budget=1 << 24)
+    dup = h["mean1"]
+    n1, n2 = h["n1"][:, None], h["n2"][:, None]
+    mu = (n1 * dup + n2 * y) / (n1 + n2)  # the pooled pseudobulk, centre of the draws
+    sd_y, sd_d = np.sqrt(h["var2"] / n2), np.sqrt(h["var1"] / n1)
+    chunk = score.chunk_size or chunk_for(3 * S * G * max(n_boot, 1), P, budget=1 << 24)
     rows = (
         [np.arange(P, dtype=np.int32)]
-        + [np.asarray(a, np.float32) for a in (yhat, y, se2, dup, w)]
+        + [np.asarray(a, np.float32) for a in (yhat, y, mu, sd_y, sd_d, dup, w)]
         + [gated]
     )
     out = engine.row_map(
         lambda *r: fn(*r, ref, masks, key), rows, chunk_size=chunk, devices=jax.devices()[:1]
     )
-    gene_conf = _masked_mean(np.asarray(conf, np.float64), gsm.masks)
+    r2 = np.asarray(out["r2w_delta"], np.float64)
+    r2d = np.asarray(out["r2w_delta_duplicate"], np.float64)
+    reason = _set_reasons(stratum, y, np.asarray(dup, np.float64), w64, gated, gsm.masks, r2d)
+    r2_undefined = np.isin(reason, PATHWAY_REASONS[:5])
+    r2 = np.where(r2_undefined, np.nan, r2)
+    r2d = np.where(r2_undefined, np.nan, r2d)
+    ok = reason == ""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cal = np.where(ok, r2 / np.where(ok, r2d, 1.0), np.nan)
+    e = np.asarray(out["wmse"], np.float64)
+    ed = np.asarray(out["wmse_duplicate"], np.float64)
+    nan = np.full((P, S), np.nan)
+    ci_r2 = ci_e = ci_cal = (nan, nan)
+    if n_boot:
+        b_r2 = np.moveaxis(np.asarray(out["boot_r2w_delta"], np.float64), 1, -1)  # (P, S, B)
+        b_r2d = np.moveaxis(np.asarray(out["boot_r2w_delta_duplicate"], np.float64), 1, -1)
+        b_e = np.moveaxis(np.asarray(out["boot_wmse"], np.float64), 1, -1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            b_cal = np.where(b_r2d > 0, b_r2 / np.where(b_r2d > 0, b_r2d, 1.0), np.nan)
+        ci_r2 = _interval(b_r2, r2, ci=ci, bounds=metric_bounds("r2w_delta"))
+        ci_e = _interval(b_e, e, ci=ci, bounds=metric_bounds("wmse"))
+        ci_cal = _interval(b_cal, cal, ci=ci, bounds=metric_bounds("r2w_delta", calibrated=True))
+    conf64 = np.asarray(conf, np.float64)
     cols = {
         "perturbation": np.repeat(np.asarray(stratum.perturbations, dtype=object), S),
         "gene_set": np.tile(np.asarray(gsm.names, dtype=object), P),
         "n_genes": np.tile(gsm.n_genes, P),
         "n_present": np.tile(gsm.n_present, P),
         "coverage": np.tile(gsm.coverage, P),
-        "confidence": gene_conf.ravel(),
+        "confidence": (100.0 * np.clip(cal, 0.0, 1.0)).ravel(),
+        "calibrated": cal.ravel(),
+        "calibrated_ci_low": ci_cal[0].ravel(),
+        "calibrated_ci_high": ci_cal[1].ravel(),
+        "band": confidence_band(cal, *ci_cal).ravel(),
+        "reason": reason.ravel(),
+        "r2w_delta": r2.ravel(),
+        "r2w_delta_ci_low": ci_r2[0].ravel(),
+        "r2w_delta_ci_high": ci_r2[1].ravel(),
+        "wmse": e.ravel(),
+        "wmse_ci_low": ci_e[0].ravel(),
+        "wmse_ci_high": ci_e[1].ravel(),
+        "r2w_delta_duplicate": r2d.ravel(),
+        "wmse_duplicate": ed.ravel(),
+        "gene_confidence": _masked_mean(conf64, gsm.masks).ravel(),
+        "gene_confidence_weighted": _masked_mean(conf64, gsm.masks, w64).ravel(),
     }
-    for nm in ("r2w_delta", "wmse"):
-        cols[nm] = np.asarray(out[nm], np.float64).ravel()
-        if n_boot:
-            lo, hi = _percentile(np.moveaxis(np.asarray(out["boot_" + nm]), 1, -1), ci)  # (P, S)
-        else:
-            lo = hi = np.full((P, S), np.nan)
-        cols[nm + "_ci_low"], cols[nm + "_ci_high"] = lo.ravel(), hi.ravel()
-    for nm in ("r2w_delta_duplicate", "wmse_duplicate"):
-        cols[nm] = np.asarray(out[nm], np.float64).ravel()
     df = pd.DataFrame(cols)
     mean, pvar, ens, add_noise, levels, fair = unc_inputs
     if pvar is not None or ens is not None:
-        noise = np.nan_to_num(se2**2) if add_noise else None
+        noise = np.nan_to_num(sd_y**2) if add_noise else None
         per_set = []
         for s in range(S):  # a loop over gene sets; each call is vectorised over perturbations
             u = uncertainty_scores(
@@ -749,9 +892,8 @@ def _perturbation_table(
         out = engine.row_map(
             lambda *r: fn(*r, *shared), rows, chunk_size=chunk, devices=jax.devices()[:1]
         )
-        lo, hi = _percentile(np.asarray(out["draws"]), ci)
-        lo = np.where(np.isnan(calibrated), np.nan, lo)
-        hi = np.where(np.isnan(calibrated), np.nan, hi)
+        bounds = metric_bounds(metric, calibrated=True)
+        lo, hi = _interval(np.asarray(out["draws"]), calibrated, ci=ci, bounds=bounds)
 
     conf64 = np.asarray(conf, np.float64)
     fin = np.isfinite(conf64)
@@ -766,6 +908,8 @@ def _perturbation_table(
             )
         else:
             gconf_deg = np.full(P, np.nan)
+    w = np.ones((P, G)) if stratum.weights is None else np.asarray(stratum.weights, np.float64)
+    gconf_w = _masked_mean(conf64, np.ones((1, G), bool), w)[:, 0]
     df = pd.DataFrame(
         {
             "perturbation": list(stratum.perturbations),
@@ -778,6 +922,7 @@ def _perturbation_table(
             "band": confidence_band(calibrated, lo, hi),
             "gene_confidence": gconf,
             "gene_confidence_degs": gconf_deg,
+            "gene_confidence_weighted": gconf_w,
         }
     )
     if unc is not None:
