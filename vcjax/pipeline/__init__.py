@@ -11,7 +11,7 @@
   :func:`per_gene_data` summarise it; :func:`undefined_summary` says why most rows are NaN.
 """
 
-from vcjax.pipeline._align import Prediction, align, align_stratum
+from vcjax.pipeline._align import CHECK_SCALE, Prediction, align, align_stratum, read_prediction
 from vcjax.pipeline._baselines import (
     BASELINE_ROLES,
     NEGATIVES,
@@ -50,6 +50,8 @@ from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep
 from vcjax.pipeline._tidy import undefined_summary
 
 __all__ = [
+    "CHECK_SCALE",
+    "read_prediction",
     "Scorer",
     "scorer",
     "BASELINE_ROLES",

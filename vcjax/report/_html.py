@@ -1397,9 +1397,13 @@ def _section_pathways(pathways: pd.DataFrame | None) -> str:
     fig = plot_pathway_heatmap(pathways)
     return (
         '<section id="pathways"><h2>Per-pathway confidence</h2>'
-        "<p>Mean per-gene confidence (0–100; 100 = indistinguishable from a technical "
-        "replicate) over each gene set's genes present in the data; labels give present/total "
-        "genes.</p>" + fig_to_img(fig, "per-pathway confidence heatmap") + "</section>"
+        "<p>Per gene set: the prediction's R²w(Δ) on the set's genes as a share of the "
+        "technical duplicate's, 0–100 (100 = as good as a technical duplicate, 0 = none of the "
+        "set's gene-specific response, i.e. R²w(Δ) ≤ 0); grey = undefined (no DEG, no weight, "
+        "a constant truth, or a duplicate no better than 0: the pathway table's "
+        "<code>reason</code>). Labels give present/total genes.</p>"
+        + fig_to_img(fig, "per-pathway confidence heatmap")
+        + "</section>"
     )
 
 
