@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references of the core metrics (METRICS.md §5), written loop-style.
+"""Independent float64 NumPy references of the core metrics (docs/metrics.md §5), written loop-style.
 
 These deliberately avoid the vectorised formulations of ``vcjax.metrics``: each metric is
 computed for one perturbation at a time with plain NumPy on the selected genes.

@@ -144,7 +144,12 @@ def test_score_parquet_quiet_metadata_and_report_command(screen, tmp_path):
     out = tmp_path / "results.parquet"
     res = invoke(*_score_args(d, out, "--quiet", "--reference", "control", "--seed", "3"))
     assert res.exit_code == 0, (res.stdout, res.stderr, res.exception)
-    assert res.stdout == "" and res.stderr == ""
+    # quiet: no progress, no summary; only the one line saying the raw-count truth was
+    # normalised (warnings are never silenced)
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: the truth cells look like raw counts")
+    assert "--normalize none" in lines[0] and "normalize=None" not in lines[0]
     table = _io.read_table(out)
     assert table.attrs["key"] == "condition" and table.attrs["control"] == "control"
     assert table.attrs["reference"] == "control" and table.attrs["seed"] == 3
@@ -911,11 +916,14 @@ def test_warnings_print_as_one_line_each_even_when_quiet(screen, tmp_path, monke
     res = invoke(*_score_args(d, tmp_path / "r.csv", "-q", "--n-boot", "10"))
     assert res.exit_code == 0, (res.stderr, res.exception)
     assert res.stdout == ""
-    assert res.stderr.splitlines() == [
+    lines = res.stderr.splitlines()
+    assert lines[0] == (
         "warning: --n-boot 10: intervals from fewer than 100 resamples are rough (their ends "
-        "move from seed to seed); use 1000 for reporting",
-        "warning: the model is odd; pass --drop-small",
-    ]
+        "move from seed to seed); use 1000 for reporting"
+    )
+    # the library's own line on the raw-count truth, then the patched evaluate's, once
+    assert lines[1].startswith("warning: the truth cells look like raw counts")
+    assert lines[2:] == ["warning: the model is odd; pass --drop-small"]
     # a failed run prints its error line only
     res = invoke(*_score_args(d, tmp_path / "nodir" / "r.csv", "--n-boot", "10"))
     _assert_input_error(res, "nodir")

@@ -41,7 +41,7 @@ def _np_r2w(p, y, r, w):
 
 
 def _np_gears(pred, y, perts, lam, *, mode, ctrl=None, gamma=2.0, where=None, dl=1e-3):
-    """Loop-over-conditions reference, written as the GEARS loss_fct (METRICS.md §8)."""
+    """Loop-over-conditions reference, written as the GEARS loss_fct (docs/metrics.md §8)."""
     pred, y = np.asarray(pred, np.float64), np.asarray(y, np.float64)
     perts = np.asarray(perts)
     lam = np.ones_like(pred) if lam is None else np.broadcast_to(lam, pred.shape)

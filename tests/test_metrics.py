@@ -56,7 +56,7 @@ def test_kernels_match_oracle_fixtures(fixture_name, x64):
                     np.isnan(value), np.isnan(want), err_msg=f"{src}/{name} NaNs"
                 )
                 if x64:
-                    # upstream normalises the WMSE weights in float32 (METRICS.md §10)
+                    # upstream normalises the WMSE weights in float32 (docs/metrics.md §3)
                     rtol = 1e-6 if name == "wmse" else 1e-10
                     atol = 0 if name == "wmse" else 1e-10
                 else:

@@ -256,7 +256,7 @@ def test_sidecar_path_and_roundtrip(tmp_path):
 
 def test_per_gene_data_against_numpy():
     """Deltas on the top genes and the control-referenced Pearson, from an independent
-    float64 NumPy computation of the split pseudobulks (METRICS.md §2, §6)."""
+    float64 NumPy computation of the split pseudobulks (docs/metrics.md §1, §2)."""
     import anndata as ad
 
     import vcjax

@@ -416,40 +416,12 @@ def _screen(
 
 
 def _read_pred(path: str):
-    """A prediction: ``.h5ad`` (cells or one row per perturbation), or a wide table
-    (rows: perturbations, first column their names; columns: genes)."""
-    import pandas as pd
+    """A prediction file (:func:`vcjax.pipeline.read_prediction`): ``.h5ad`` (cells or one
+    row per perturbation), or a wide table (rows: perturbations; columns: genes)."""
+    from vcjax.pipeline import read_prediction
 
     _check_input_file(path, "prediction")
-    low = path.lower()
-    if any(low.endswith(e) for e in _PRED_TABLES):
-        try:
-            if low.endswith((".parquet", ".pq")):
-                df = pd.read_parquet(path)
-                if (
-                    isinstance(df.index, pd.RangeIndex)
-                    and df.shape[1]
-                    and not pd.api.types.is_numeric_dtype(df.dtypes.iloc[0])
-                ):
-                    df = df.set_index(df.columns[0])
-            else:
-                sep = "\t" if ".tsv" in low else ","
-                df = pd.read_csv(path, sep=sep, index_col=0)
-        except Exception as exc:  # noqa: BLE001
-            _fail(f"cannot read prediction table {path}: {type(exc).__name__}: {exc}")
-        df.index = df.index.astype(str)
-        bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-        if bad:
-            _fail(
-                f"prediction table {path}: non-numeric gene column(s) {', '.join(map(str, bad[:5]))}"
-            )
-        if df.shape[0] == 0 or df.shape[1] == 0:
-            _fail(f"prediction table {path} is empty ({df.shape[0]} rows x {df.shape[1]} genes)")
-        df.columns = df.columns.astype(str)
-        return df
-    from vcjax.data import read_h5ad
-
-    return read_h5ad(path)
+    return read_prediction(path)
 
 
 def _metric_list(metrics: Sequence[str] | None) -> list[str] | str | None:
