@@ -7,7 +7,8 @@ same process and run:
 
 * ``engine``: ``vcjax.score(pred, truth, reference=, weights=, mask=)`` with every core
   metric against the Δ reference, inputs already ``jax.Array``\\ s on the device;
-* ``scorer``: ``jax.jit(screen.scorer(metrics=...))(pred)``, raw values (gated);
+* ``scorer``: ``screen.scorer(metrics=...)(pred)`` (compiled, the scorer's arrays as inputs),
+  raw values (gated);
 * ``scorer, calibrated``: the same with ``calibrated=True``;
 * ``scorer, vmap over M models``: ``jax.vmap`` over an ``(M, P, G)`` stack, per model.
 
@@ -79,10 +80,11 @@ def main(argv=None) -> None:
     def engine():
         return vcjax.score(pred, truth, reference=ref, weights=w, mask=mask, metrics=METRICS)
 
-    raw = jax.jit(screen.scorer(metrics=METRICS))
-    cal = jax.jit(screen.scorer(metrics=METRICS, calibrated=True))
+    raw = screen.scorer(metrics=METRICS)
+    cal = screen.scorer(metrics=METRICS, calibrated=True)
     stack = jnp.stack([pred + 0.01 * i for i in range(args.models)])
-    batched = jax.jit(jax.vmap(screen.scorer(metrics=METRICS)))
+    # as in a training loop: the scorer passed to the jitted step as an argument
+    batched = jax.jit(lambda sc, p: jax.vmap(sc.values)(p))
 
     rows = [
         ("engine (vcjax.score, device arrays)", engine, 1),
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
         ("scorer, calibrated", lambda: cal(pred), 1),
         (
             f"scorer, vmap over {args.models} models (per model)",
-            lambda: batched(stack),
+            lambda: batched(raw, stack),
             args.models,
         ),
     ]

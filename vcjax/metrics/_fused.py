@@ -34,12 +34,21 @@ def row_sums(terms: Sequence[jax.Array]) -> list[jax.Array]:
     reads each input element once and updates every accumulator.
     """
     shape = jnp.broadcast_shapes(*(t.shape for t in terms))
-    ops = tuple(jnp.broadcast_to(t, shape) for t in terms)
+    return list(_fused_sums(*(jnp.broadcast_to(t, shape) for t in terms)))
+
+
+@jax.custom_jvp
+def _fused_sums(*ops: jax.Array) -> tuple[jax.Array, ...]:
     init = tuple(jnp.zeros((), t.dtype) for t in ops)
-    out = jax.lax.reduce(
-        ops, init, lambda a, b: tuple(x + y for x, y in zip(a, b)), (len(shape) - 1,)
-    )
-    return list(out)
+    last = (ops[0].ndim - 1,)
+    return jax.lax.reduce(ops, init, lambda a, b: tuple(x + y for x, y in zip(a, b)), last)
+
+
+@_fused_sums.defjvp
+def _fused_sums_jvp(primals, tangents):
+    # a sum is linear: the tangents are sums too, taken one by one with jnp.sum (which JAX
+    # can transpose, for jax.grad; the variadic reduce has no transpose rule)
+    return _fused_sums(*primals), tuple(jnp.sum(t, axis=-1) for t in tangents)
 
 
 def _gather(a: jax.Array, idx: jax.Array) -> jax.Array:

@@ -7,8 +7,10 @@ values) on the device. Calling it on a prediction gives ``{metric: (P,)}``, the 
 as :func:`vcjax.evaluate`'s model rows (the kernels of :mod:`vcjax.metrics`, the same gates
 and calibration), with no host round trip: it can be ``jax.jit``-ed, ``jax.vmap``-ed over
 models and differentiated (``jax.grad``), e.g. for on-device validation metrics or a loss in
-a training loop. Being a pytree, a scorer can be passed to a jitted function as an argument
-(its arrays are then inputs, not constants baked into the program)::
+a training loop. A call is compiled with the scorer's arrays as inputs; inside your own
+``jax.jit``, pass the scorer as an argument (it is a pytree) rather than closing over it, so
+that its ``(P, G)`` arrays stay inputs and are not baked into your program as constants
+(which XLA would then try to fold at compile time)::
 
     score = screen.scorer(metrics=("r2w_delta", "wmse"), calibrated=True)
 
@@ -22,6 +24,7 @@ a training loop. Being a pytree, a scorer can be passed to a jitted function as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -31,7 +34,15 @@ from jax.typing import ArrayLike
 
 from vcjax._errors import VcjaxInputError
 from vcjax._host import working_dtype
-from vcjax.metrics import DEFAULT_METRICS, KERNELS, METRICS, metric_spec
+from vcjax.engine import compiler_options
+from vcjax.metrics import (
+    DEFAULT_METRICS,
+    METRICS,
+    fused_scores,
+    metric_spec,
+    pearson_delta,
+    topk_indices,
+)
 from vcjax.pipeline._baselines import NEGATIVES, POSITIVE
 from vcjax.pipeline._calibrate import calibrate
 from vcjax.pipeline._scoring import gate, score_sources
@@ -55,7 +66,8 @@ class Scorer:
       control: ``(P, G)`` the control mean of each row (``*_ctrl`` metrics).
       weights: ``(P, G)`` DEG weights, or None.
       mask: ``(P, G)`` DEG sets, or None.
-      topk_weights: ``(P, G)`` what ranks the top-k genes (``|t|`` or the weights), or None.
+      topk_index: ``(P, k)`` the top-k genes of each row (by ``|t|`` or the weights, ties
+        to the lower index), chosen once from the truth, or None.
       no_deg: ``(P,)`` rows without a DEG (DbD's gate), or None.
       baselines: ``{source: {metric: (P,)}}`` the gated baseline values calibration needs,
         or None when not calibrated.
@@ -70,7 +82,7 @@ class Scorer:
     control: jax.Array
     weights: jax.Array | None
     mask: jax.Array | None
-    topk_weights: jax.Array | None
+    topk_index: jax.Array | None
     no_deg: jax.Array | None
     baselines: Mapping[str, Mapping[str, jax.Array]] | None
     metrics: tuple[str, ...] = dataclasses.field(metadata=dict(static=True), default=())
@@ -87,18 +99,54 @@ class Scorer:
                 f"{self.truth.shape[1]}) in screen.perturbations × screen.genes order; "
                 f"got {pred.shape}"
             )
-        out = {}
-        for name in self.metrics:
-            spec = METRICS[name]
-            fn = KERNELS[spec.kernel][0]
-            ref = self.control if spec.reference == "control" else self.reference
-            w = self.topk_weights if spec.kernel == "pearson_delta_topk" else self.weights
-            value = fn(pred, self.truth, ref, w, self.mask, k=self.k, strict=self.strict)
-            out[name] = gate(name, value, no_deg=self.no_deg, undefined=False, xp=jnp)
-        return out
+        if pred.ndim > 2:  # (..., P, G): the fused pass works on one (P, G) at a time
+            lead = pred.shape[:-2]
+            flat = jax.vmap(self.raw)(pred.reshape((-1,) + self.truth.shape))
+            return {m: v.reshape(lead + v.shape[-1:]) for m, v in flat.items()}
+        values = {}
+        # the metrics against the Δ reference, then those against the control mean, each in
+        # one fused two-pass reduction (metrics.fused_scores: the engine's arithmetic)
+        for ref, names in (
+            (self.reference, [m for m in self.metrics if METRICS[m].reference != "control"]),
+            (self.control, [m for m in self.metrics if METRICS[m].reference == "control"]),
+        ):
+            kernels = tuple(
+                dict.fromkeys(METRICS[m].kernel for m in names if m != "pearson_delta_topk")
+            )
+            if kernels:
+                got = fused_scores(
+                    kernels, self.k, self.strict, pred, self.truth, ref,
+                    _or_unused(self.weights, pred), _or_unused(self.mask, pred),
+                )  # fmt: skip
+                values.update(
+                    {m: got[METRICS[m].kernel] for m in names if METRICS[m].kernel in kernels}
+                )
+            if "pearson_delta_topk" in names:
+                values["pearson_delta_topk"] = self._topk(pred, ref)
+        return {
+            m: gate(m, values[m], no_deg=self.no_deg, undefined=False, xp=jnp) for m in self.metrics
+        }
+
+    def _topk(self, pred: jax.Array, ref: jax.Array) -> jax.Array:
+        """Pearson(Δ) on each row's top-k genes, gathered (the selection depends on the
+        truth only, so it was made once)."""
+        if self.topk_index is None:  # k > G or k < 2: NaN, as the kernel
+            return jnp.full(pred.shape[:-1], jnp.nan, pred.dtype)
+        idx = jnp.broadcast_to(self.topk_index, pred.shape[:-1] + self.topk_index.shape[-1:])
+
+        def take(a):
+            return jnp.take_along_axis(jnp.broadcast_to(a, pred.shape), idx, axis=-1)
+
+        return pearson_delta(take(pred), take(self.truth), take(ref))
 
     def __call__(self, predictions: ArrayLike) -> dict[str, jax.Array]:
-        """``{metric: (..., P)}``: raw or, for a calibrated scorer, calibrated values."""
+        """``{metric: (..., P)}``: raw or, for a calibrated scorer, calibrated values.
+
+        Compiled with the scorer's arrays as inputs (never as constants of the program)."""
+        return _apply(self, predictions)
+
+    def values(self, predictions: ArrayLike) -> dict[str, jax.Array]:
+        """What :meth:`__call__` returns, traced in the caller's context."""
         values = self.raw(predictions)
         if not self.calibrated:
             return values
@@ -110,10 +158,31 @@ class Scorer:
         return calibrate({"model": values, **sources}, xp=jnp)["model"]
 
 
+def _or_unused(a: jax.Array | None, like: jax.Array) -> jax.Array:
+    """``a``, or a placeholder where the screen has none (no metric reads it then)."""
+    return jnp.zeros((), like.dtype) if a is None else a
+
+
+def _apply(scorer: Scorer, predictions: jax.Array) -> dict[str, jax.Array]:
+    """Compiled on concrete inputs; traced inline inside the caller's jit/vmap/grad."""
+    if any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((scorer, predictions))
+    ):
+        return scorer.values(predictions)
+    return _compiled()(scorer, predictions)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    """``Scorer.values`` jitted with the engine's compiler options (on CPU, the emitters
+    that vectorise the fused row reductions)."""
+    return jax.jit(lambda scorer, pred: scorer.values(pred), compiler_options=compiler_options())
+
+
 jax.tree_util.register_dataclass(
     Scorer,
     data_fields=[
-        "truth", "reference", "control", "weights", "mask", "topk_weights", "no_deg",
+        "truth", "reference", "control", "weights", "mask", "topk_index", "no_deg",
         "baselines",
     ],
     meta_fields=["metrics", "k", "strict", "calibrated"],
@@ -179,8 +248,10 @@ def scorer(
         return None if a is None else jnp.asarray(np.asarray(a, dt))
 
     topk = None
-    if "pearson_delta_topk" in usable:
-        topk = rows(lambda s: np.abs(s.scores) if s.scores is not None else s.weights)
+    n_genes = len(screen.genes)
+    if "pearson_delta_topk" in usable and 2 <= k <= n_genes:
+        rank_by = rows(lambda s: np.abs(s.scores) if s.scores is not None else s.weights)
+        topk = np.asarray(topk_indices(jnp.asarray(rank_by, dtype), int(k)), np.int32)
     no_deg = None
     if gate and all(s.no_degs is not None for s in strata):
         no_deg = np.concatenate([np.asarray(s.no_degs, bool) for s in strata])
@@ -208,7 +279,7 @@ def scorer(
         control=dev(rows(lambda s: s.u_ntc)),
         weights=dev(rows(lambda s: s.weights)) if have_w else None,
         mask=dev(rows(lambda s: s.deg_mask), bool) if have_m else None,
-        topk_weights=dev(topk),
+        topk_index=dev(topk, np.int32),
         no_deg=dev(no_deg, bool),
         baselines=baselines,
         metrics=tuple(usable),
