@@ -293,3 +293,37 @@ def test_topk_mask_blocked_path_exact(g, k):
     s[4] = 1.0
     s[5, rng.random(g) < 0.999] = -np.inf
     np.testing.assert_array_equal(np.asarray(M.topk_mask(s, k=k)), R.ref_topk_mask(s, k))
+
+
+def test_fused_scores_gradient_equals_the_kernels():
+    """fused_scores is differentiable (its variadic row reduction has a custom JVP whose
+    tangents are plain sums) and its gradients equal the kernels' (float64)."""
+    from vcjax.metrics import _kernels as K
+    from vcjax.metrics import fused_scores
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True):
+        P, G = 6, 50
+        pred, truth = (jnp.asarray(rng.normal(size=(P, G))) for _ in range(2))
+        ref = jnp.asarray(rng.normal(size=G))
+        w = jnp.asarray(np.abs(rng.normal(size=(P, G))))
+        mask = jnp.asarray(rng.random((P, G)) < 0.3)
+        kernels = {
+            "mse": lambda p: K.mse(p, truth),
+            "wmse": lambda p: K.wmse(p, truth, w),
+            "mae": lambda p: K.mae(p, truth),
+            "pearson_delta": lambda p: K.pearson_delta(p, truth, ref),
+            "pearson_delta_degs": lambda p: K.pearson_delta_degs(p, truth, ref, mask),
+            "r2_delta": lambda p: K.r2_delta(p, truth, ref),
+            "r2w_delta": lambda p: K.r2w_delta(p, truth, ref, w),
+            "cosine_delta": lambda p: K.cosine_delta(p, truth, ref),
+        }
+        names = tuple(kernels)
+        for m, kernel in kernels.items():
+            fused = jax.grad(
+                lambda p, m=m: fused_scores(names, 20, False, p, truth, ref, w, mask)[m].sum()
+            )
+            want = np.asarray(jax.grad(lambda p, f=kernel: f(p).sum())(pred))
+            got = np.asarray(fused(pred))
+            assert np.all(np.isfinite(got)), m
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=m)
