@@ -345,22 +345,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     page = tmp_path / "report.html"
     R.write_report(table, page, per_gene=genes)
     shot = tmp_path / "shot.png"
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1280,2000",
-        page.resolve().as_uri(),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    res = _chromium(
+        tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", page.resolve().as_uri()
+    )
     assert shot.exists(), res.stderr[-2000:]
     img = imread(shot)
     assert img.shape[0] == 2000 and img.shape[1] == 1280
@@ -686,7 +673,6 @@ def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--hide-scrollbars",
         f"--user-data-dir={tmp_path / 'profile'}",
         *args,
     ]
@@ -714,7 +700,10 @@ def test_report_has_no_sideways_scroll_in_chromium(tmp_path, width):
     )
     page = tmp_path / "probe.html"
     page.write_text(probe, encoding="utf-8")
-    res = _chromium(tmp_path, f"--window-size={width},2000", "--dump-dom", page.resolve().as_uri())
+    res = _chromium(
+        tmp_path, "--hide-scrollbars", f"--window-size={width},2000", "--dump-dom",
+        page.resolve().as_uri(),
+    )  # fmt: skip
     m = re.search(r'data-sw="(\d+)x(\d+)"', res.stdout)
     assert m, res.stderr[-2000:]
     scroll, inner = int(m.group(1)), int(m.group(2))
