@@ -407,3 +407,31 @@ def test_parity_with_cell_eval(tmp_path):
         want = res[theirs].to_numpy().astype(np.float64)
         np.testing.assert_allclose(ours[mine], want, atol=2e-6, err_msg=mine)
     assert np.ptp(ours["pds"]) > 0 and np.ptp(ours["de_overlap_at_k"]) > 0
+
+
+@pytest.mark.parametrize("form", ["dense", "csr", "int_csr"])
+def test_pseudobulk_against_a_loop(form):
+    """Means per label from one sparse indicator product equal a per-label NumPy loop, for
+    dense, sparse and integer inputs; labels absent from the cells give NaN rows, cells
+    whose label is not asked for are ignored."""
+    import scipy.sparse as sps
+
+    pseudobulk = Pm.pseudobulk
+    rng = np.random.default_rng(3)
+    X = rng.poisson(1.0, size=(60, 7)) * (rng.random((60, 7)) < 0.5)
+    labels = rng.choice(["a", "b", "c", "other"], size=60)
+    cells = {
+        "dense": X.astype(np.float32),
+        "csr": sps.csr_matrix(X.astype(np.float32)),
+        "int_csr": sps.csr_matrix(X),
+    }[form]
+    perts = ["c", "a", "absent", "b"]
+    got = pseudobulk(cells, labels, perts)
+    for i, p in enumerate(perts):
+        rows = X[labels == p].astype(np.float64)
+        if len(rows) == 0:
+            assert np.isnan(got[i]).all()
+        else:
+            np.testing.assert_allclose(got[i], rows.mean(0), rtol=1e-12)
+    assert got.dtype == np.float64
+    assert pseudobulk(cells, labels, perts, dtype=np.float32).dtype == np.float32

@@ -32,6 +32,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 from jax.typing import ArrayLike
 
 from vcjax.metrics import cosine_delta, mae, pearson_delta_topk
@@ -710,15 +712,20 @@ def _dense(x) -> np.ndarray:
 def pseudobulk(cells, labels: Sequence, perts: Sequence[str], *, dtype=np.float64) -> np.ndarray:
     """Mean expression of each label in ``perts``, ``(len(perts), G)`` (host, NumPy).
 
-    NaN rows for labels without cells.
+    One product of a sparse ``(len(perts), n_cells)`` indicator with the cells (dense or
+    sparse, never densified), accumulated in ``dtype``. NaN rows for labels without cells.
     """
-    x = _dense(cells).astype(dtype, copy=False)
     labels = np.asarray(labels).astype(str)
-    index = {p: i for i, p in enumerate(perts)}
-    codes = np.array([index.get(lab, -1) for lab in labels])
-    keep = codes >= 0
-    sums = np.zeros((len(perts), x.shape[1]), dtype)
-    np.add.at(sums, codes[keep], x[keep])
+    codes = pd.Index(list(perts)).get_indexer(labels)
+    keep = np.flatnonzero(codes >= 0)
+    indicator = sp.csr_matrix(
+        (np.ones(keep.size, dtype), (codes[keep], keep)), shape=(len(perts), labels.size)
+    )
+    x = cells if sp.issparse(cells) else np.asarray(cells)
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    sums = indicator @ x
+    sums = np.asarray(sums.toarray() if sp.issparse(sums) else sums, dtype)
     counts = np.bincount(codes[keep], minlength=len(perts)).astype(dtype)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts[:, None]
