@@ -69,7 +69,10 @@ def test_scorer_equals_evaluate_model_rows(covariate):
             np.testing.assert_array_equal(np.isnan(got), np.isnan(exp), err_msg=f"{m} {col}")
             ok = ~np.isnan(exp)
             assert ok.any(), (m, col)
-            np.testing.assert_allclose(got[ok], exp[ok], rtol=2e-5, atol=1e-5, err_msg=f"{m} {col}")
+            # float32 round-off; calibrated values divide it by the (duplicate − negative)
+            # span, which is tiny for some rows (a calibrated value of −92 here)
+            tol = 2e-5 if col == "value" else 1e-4
+            np.testing.assert_allclose(got[ok], exp[ok], rtol=tol, atol=1e-5, err_msg=f"{m} {col}")
 
 
 def test_scorer_gates_like_evaluate():

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import jax
+import numpy as np
 
 from vcjax._errors import VcjaxInputError, preview
 from vcjax.metrics import _kernels as K
@@ -35,6 +36,7 @@ __all__ = [
     "METRICS",
     "MetricSpec",
     "higher_is_better",
+    "gate",
     "metric_bounds",
     "kernel_metrics",
     "label",
@@ -227,3 +229,22 @@ def kernel_metrics(*, weights: bool = True, mask: bool = True) -> tuple[str, ...
     """Names of the core kernels whose inputs are available (what the engine scores)."""
     have = {"weights": weights, "mask": mask}
     return tuple(n for n, (_, needs) in KERNELS.items() if all(have[x] for x in needs))
+
+
+def gate(metric: str, value, *, no_deg, undefined, xp: Any = np):
+    """DbD's NaN gates on ``value`` (``(..., P)``) of one metric.
+
+    Args:
+      metric: the metric (its registry entry says which gates apply).
+      value: the values.
+      no_deg: ``(..., P)`` bool, perturbations without a DEG, or None (no DEG sets).
+      undefined: bool (or a bool array broadcastable to ``value``): the source is one the
+        metric is undefined for (the dataset mean against a ``u_ALL``-type reference).
+      xp: NumPy or ``jax.numpy``.
+    """
+    spec = METRICS[metric]
+    if spec.gated_by_degs and no_deg is not None:
+        value = xp.where(no_deg, xp.nan, value)
+    if spec.undefined_for:
+        value = xp.where(undefined, xp.nan, value)
+    return value

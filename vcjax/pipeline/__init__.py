@@ -11,6 +11,7 @@
   :func:`per_gene_data` summarise it; :func:`undefined_summary` says why most rows are NaN.
 """
 
+from vcjax.metrics import gate
 from vcjax.pipeline._align import CHECK_SCALE, Prediction, align, align_stratum, read_prediction
 from vcjax.pipeline._baselines import (
     BASELINE_ROLES,
@@ -43,7 +44,7 @@ from vcjax.pipeline._evaluate import as_screen, calibration_card, evaluate, scor
 from vcjax.pipeline._known import known_models
 from vcjax.pipeline._per_gene import PER_GENE_SOURCES, per_gene_data
 from vcjax.pipeline._scorer import Scorer, scorer
-from vcjax.pipeline._scoring import gate, resolve_metrics, score_sources
+from vcjax.pipeline._scoring import resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
 from vcjax.pipeline._spec import DEFAULT_BASELINES, UALL_REFERENCES, BootSpec, ScoreSpec, TruthSpec
 from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep

@@ -71,6 +71,7 @@ from vcjax.data import iter_chunks, normalize_chunk
 from vcjax.metrics import (
     METRICS,
     fused_scores,
+    gate,
     higher_is_better,
     metric_bounds,
     pearson_delta,
@@ -79,7 +80,7 @@ from vcjax.metrics import (
 from vcjax.pipeline._align import Prediction
 from vcjax.pipeline._calibrate import calibrate
 from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, derive
-from vcjax.pipeline._scoring import gate, usable_metrics
+from vcjax.pipeline._scoring import usable_metrics
 from vcjax.pipeline._screen import Screen, Stratum
 from vcjax.pipeline._spec import BootSpec, ScoreSpec, TruthSpec
 from vcjax.stats import (

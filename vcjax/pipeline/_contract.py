@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from vcjax.metrics import (
     METRICS,
     cosine_from_moments,
+    gate,
     pearson,
     pearson_from_moments,
     r2_from_moments,
@@ -45,7 +46,6 @@ from vcjax.metrics import (
     topk_indices,
 )
 from vcjax.pipeline._derive import Derived
-from vcjax.pipeline._scoring import gate
 
 __all__ = ["model_sums", "model_values", "resample_term_names", "resample_terms"]
 

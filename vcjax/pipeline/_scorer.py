@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,14 @@ from vcjax.metrics import (
     pearson_delta,
     topk_indices,
 )
+from vcjax.metrics import (
+    gate as apply_gates,
+)
 from vcjax.pipeline._baselines import NEGATIVES, POSITIVE
 from vcjax.pipeline._calibrate import calibrate
-from vcjax.pipeline._scoring import gate, score_sources
-from vcjax.pipeline._screen import Screen
-from vcjax.pipeline._spec import ScoreSpec
+
+if TYPE_CHECKING:  # _screen builds scorers (Screen.scorer): no runtime import back
+    from vcjax.pipeline._screen import Screen
 
 __all__ = ["Scorer", "scorer"]
 
@@ -124,7 +128,8 @@ class Scorer:
             if "pearson_delta_topk" in names:
                 values["pearson_delta_topk"] = self._topk(pred, ref)
         return {
-            m: gate(m, values[m], no_deg=self.no_deg, undefined=False, xp=jnp) for m in self.metrics
+            m: apply_gates(m, values[m], no_deg=self.no_deg, undefined=False, xp=jnp)
+            for m in self.metrics
         }
 
     def _topk(self, pred: jax.Array, ref: jax.Array) -> jax.Array:
@@ -255,25 +260,7 @@ def scorer(
     no_deg = None
     if gate and all(s.no_degs is not None for s in strata):
         no_deg = np.concatenate([np.asarray(s.no_degs, bool) for s in strata])
-    baselines = None
-    if calibrated:
-        score = ScoreSpec(metrics=tuple(usable), k=k, strict=strict, gate=gate)
-        per = [
-            score_sources(
-                s,
-                screen.spec,
-                {b: s.baselines[b] for b in _CALIBRATION if b in s.baselines},
-                usable,
-                score,
-            )  # fmt: skip
-            for s in strata
-        ]
-        baselines = {
-            b: {m: dev(np.concatenate([p[b][m] for p in per])) for m in usable}
-            for b in _CALIBRATION
-            if all(b in p for p in per)
-        }
-    return Scorer(
+    plain = Scorer(
         truth=dev(rows(lambda s: s.truth)),
         reference=dev(rows(lambda s: s.reference)),
         control=dev(rows(lambda s: s.u_ntc)),
@@ -281,12 +268,26 @@ def scorer(
         mask=dev(rows(lambda s: s.deg_mask), bool) if have_m else None,
         topk_index=dev(topk, np.int32),
         no_deg=dev(no_deg, bool),
-        baselines=baselines,
+        baselines=None,
         metrics=tuple(usable),
         k=int(k),
         strict=bool(strict),
-        calibrated=bool(calibrated),
+        calibrated=False,
     )
+    if not calibrated:
+        return plain
+    # the baselines calibration reads, scored by the same arithmetic (and DbD's rule that a
+    # u_ALL-type reference leaves some metrics undefined for the dataset mean)
+    baselines = {}
+    for b in _CALIBRATION:
+        if not all(b in st.baselines for st in strata):
+            continue
+        values = plain.raw(jnp.asarray(rows(lambda st, b=b: st.baselines[b]), dtype))
+        baselines[b] = {
+            m: jnp.where(screen.spec.uall_reference and b in METRICS[m].undefined_for, jnp.nan, v)
+            for m, v in values.items()
+        }
+    return dataclasses.replace(plain, baselines=baselines, calibrated=True)
 
 
 #: the baselines calibration reads (:func:`vcjax.pipeline.calibrate`)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ import numpy as np
 from vcjax import engine, peers
 from vcjax._host import engine_array, working_dtype
 from vcjax.data import normalize_chunk
-from vcjax.metrics import DEFAULT_METRICS, METRICS, metric_spec
+from vcjax.metrics import DEFAULT_METRICS, METRICS, gate, metric_spec
 from vcjax.pipeline._align import Prediction
 from vcjax.pipeline._screen import Stratum
 from vcjax.pipeline._spec import ScoreSpec, TruthSpec
@@ -88,25 +87,6 @@ def core_metric_groups(
         else:
             core.append(m)
     return core, topk, ctrl
-
-
-def gate(metric: str, value, *, no_deg, undefined, xp: Any = np):
-    """DbD's NaN gates on ``value`` (``(..., P)``) of one metric.
-
-    Args:
-      metric: the metric (its registry entry says which gates apply).
-      value: the values.
-      no_deg: ``(..., P)`` bool, perturbations without a DEG, or None (no DEG sets).
-      undefined: bool (or a bool array broadcastable to ``value``): the source is one the
-        metric is undefined for (the dataset mean against a ``u_ALL``-type reference).
-      xp: NumPy or ``jax.numpy``.
-    """
-    spec = METRICS[metric]
-    if spec.gated_by_degs and no_deg is not None:
-        value = xp.where(no_deg, xp.nan, value)
-    if spec.undefined_for:
-        value = xp.where(undefined, xp.nan, value)
-    return value
 
 
 def undefined_for(metric: str, source: str, spec: TruthSpec) -> bool:

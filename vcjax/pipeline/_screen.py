@@ -35,6 +35,7 @@ from vcjax._io import atomic_path, json_safe
 from vcjax._version import __version__
 from vcjax.pipeline._baselines import additive_index, null_derangement
 from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, derive
+from vcjax.pipeline._scorer import scorer
 from vcjax.pipeline._spec import DEFAULT_BASELINES, TruthSpec
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Cells", "Screen", "Stratum", "prepare"]
@@ -290,8 +291,6 @@ class Screen:
         """This truth as a pure JAX function of a ``(P, G)`` prediction:
         :func:`vcjax.pipeline.scorer` (``metrics=``, ``calibrated=``, ``k=``, ``strict=``,
         ``gate=``)."""
-        from vcjax.pipeline._scorer import scorer  # the scorer builds on this module
-
         return scorer(self, **options)
 
     def with_cells(self, adata) -> Screen:
