@@ -1506,9 +1506,10 @@ def demo(
             source = f"vcjax.simulate.simulate_screen(seed={seed})"
             oracle = population_means(adata).drop(index=control)
             with steps("reading the truth: statistics, DEGs and baselines"):
+                # the simulator draws raw counts: normalised on purpose, nothing to announce
                 screen = prepare(
                     adata, key=key, control=control, seed=seed, progress=steps.show,
-                    deg_method=deg_method.value,
+                    deg_method=deg_method.value, normalize="log1p_cp10k",
                 )  # fmt: skip
         else:
             source = h5ad
