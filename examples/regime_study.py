@@ -80,11 +80,11 @@ SPARSITY = {
 class Grid:
     """The regime grid and the training / scoring options."""
 
-    capacities: tuple[int, ...] = (4, 64)
+    capacities: tuple[int, ...] = (4, 16, 64)
     n_train: tuple[int, ...] = (20, 80)
     sparsity: tuple[str, ...] = ("sparse", "dense")
     losses: tuple[str, ...] = LOSSES
-    seeds: int = 3
+    seeds: int = 5
     n_val: int = 8
     n_test: int = 16
     n_genes: int = 300
@@ -96,7 +96,7 @@ class Grid:
     eval_every: int = 50
     lr: float = 3e-3
     weight_decay: float = 1e-3
-    n_boot: int = 200
+    n_boot: int = 500
     div_boot: int = 2000
     data_seed: int = 0
 
@@ -250,8 +250,11 @@ def validation_score(scorer, pred) -> jax.Array:
 def make_trainer(n_vocab: int, n_genes: int, *, k: int, grid: Grid):
     """Jitted ``train(keys, loss_ids, data, scorers) -> (best_state, history)``, vmapped
     over runs: full-batch AdamW, ``steps // eval_every`` chunks, best validation kept."""
-    make = lambda key: Net(n_vocab, n_genes, emb_dim=grid.emb_dim, hidden=grid.hidden, k=k,
-                           rngs=nnx.Rngs(params=key))  # noqa: E731  # fmt: skip
+
+    def make(key):
+        return Net(n_vocab, n_genes, emb_dim=grid.emb_dim, hidden=grid.hidden, k=k,
+                   rngs=nnx.Rngs(params=key))  # fmt: skip
+
     graphdef, _ = nnx.split(make(jax.random.key(0)))
     opt = optax.adamw(grid.lr, weight_decay=grid.weight_decay)
     n_chunks = grid.steps // grid.eval_every
@@ -326,7 +329,7 @@ def paired(point_a, point_b, samples_a, samples_b, ci: float = 0.95):
     d = np.asarray(samples_a) - np.asarray(samples_b)
     d = d[np.isfinite(d)]
     q = (1 - ci) / 2
-    lo, hi = (np.quantile(d, [q, 1 - q]) if d.size else (np.nan, np.nan))
+    lo, hi = np.quantile(d, [q, 1 - q]) if d.size else (np.nan, np.nan)
     return float(point_a - point_b), float(lo), float(hi)
 
 
@@ -357,6 +360,8 @@ def train_all(regimes: list[Regime], grid: Grid, *, verbose: bool = True):
         best, h = train(keys, jnp.asarray(loss_ids), data, scorer)
         test_pred = np.asarray(predict(best, x_test, data["offset"]))
         h = jax.tree.map(np.asarray, h)
+        h["val_pred"] = np.asarray(predict(best, data["x_val"], data["offset"]))
+        h["runs"] = runs
         hist[k] = h
         if verbose:
             print(f"[train] k={k}: {len(runs)} runs x {grid.steps} steps (one vmapped jit): "
@@ -373,14 +378,22 @@ def train_all(regimes: list[Regime], grid: Grid, *, verbose: bool = True):
     return pd.DataFrame(rows), preds, hist
 
 
+#: the sweep's metrics: (column, metric); every one calibrated, the mean over perturbations
+SCORED = (
+    ("cal_r2w_delta", "r2w_delta"),
+    ("cal_mse", "mse"),
+    ("cal_pearson_delta", "pearson_delta"),
+)
+
+
 def score_all(regimes: list[Regime], runs: pd.DataFrame, preds, grid: Grid, *, verbose=True):
     """One :func:`vcjax.sweep` per simulated screen; per-regime summary with paired
-    WMSE − MSE (and every loss − MSE) intervals; leaderboards."""
+    (loss − MSE) intervals; leaderboards (calibrated R²w(Δ))."""
     summary, boards, sweeps = [], [], {}
     runs = runs.copy()
     for ri, reg in enumerate(regimes):
         t = time.perf_counter()
-        res = vcjax.sweep(reg.test_screen, preds[reg.name], metrics=["r2w_delta"],
+        res = vcjax.sweep(reg.test_screen, preds[reg.name], metrics=[m for _, m in SCORED],
                           n_boot=grid.n_boot, resample="both", seed=ri)  # fmt: skip
         sweeps[reg.name] = res
         board = res.leaderboard("r2w_delta", calibrated=True)
@@ -388,29 +401,28 @@ def score_all(regimes: list[Regime], runs: pd.DataFrame, preds, grid: Grid, *, v
         truth = np.concatenate([s.truth for s in reg.test_screen.strata])
         names = res.models
         stack = np.stack([preds[reg.name][n] for n in names])
-        d_point, d_smp = diversity_resamples(stack, truth, n_boot=grid.div_boot, seed=ri)
-        key = ("r2w_delta", True, "mean")
-        c_point, c_smp = res.aggregates[key], res.resampled[key]
+        values = {"diversity": diversity_resamples(stack, truth, n_boot=grid.div_boot, seed=ri)}
+        for col, metric in SCORED:
+            key = (metric, True, "mean")
+            values[col] = (res.aggregates[key], res.resampled[key])
         pos = {n: i for i, n in enumerate(names)}
         sel = runs.regime == reg.name
-        runs.loc[sel, "cal_r2w_delta"] = [c_point[pos[n]] for n in runs.run[sel]]
-        runs.loc[sel, "diversity"] = [d_point[pos[n]] for n in runs.run[sel]]
+        for col, (point, _) in values.items():
+            runs.loc[sel, col] = [point[pos[n]] for n in runs.run[sel]]
         for k in grid.capacities:
-            def avg(loss, a):  # mean over seeds of the runs of (loss, k)
-                idx = [pos[f"{loss}/k{k}/s{s}"] for s in range(grid.seeds)]
-                return a[idx].mean(0)
+
+            def avg(loss, a, k=k, pos=pos):  # mean over seeds of the runs of (loss, k)
+                return a[[pos[f"{loss}/k{k}/s{s}"] for s in range(grid.seeds)]].mean(0)
 
             for loss in grid.losses:
                 row = dict(regime=reg.name, n_train=reg.n_train, sparsity=reg.sparsity, k=k,
-                           loss=loss, diversity=avg(loss, d_point),
-                           cal_r2w_delta=avg(loss, c_point))  # fmt: skip
-                if loss != "mse":
-                    for metric, p, smp in (("diversity", d_point, d_smp),
-                                           ("cal_r2w_delta", c_point, c_smp)):  # fmt: skip
-                        est, lo, hi = paired(avg(loss, p), avg("mse", p),
+                           loss=loss)  # fmt: skip
+                row.update({col: avg(loss, point) for col, (point, _) in values.items()})
+                if loss != "mse" and "mse" in grid.losses:
+                    for col, (point, smp) in values.items():
+                        est, lo, hi = paired(avg(loss, point), avg("mse", point),
                                              avg(loss, smp), avg("mse", smp))  # fmt: skip
-                        row.update({f"d_{metric}": est, f"d_{metric}_lo": lo,
-                                    f"d_{metric}_hi": hi})  # fmt: skip
+                        row.update({f"d_{col}": est, f"d_{col}_lo": lo, f"d_{col}_hi": hi})
                 summary.append(row)
         if verbose:
             print(f"[sweep] {reg.name}: {len(names)} runs, {grid.n_boot} resamples: "
@@ -445,34 +457,46 @@ def run_study(grid: Grid, *, verbose: bool = True):
 
 
 def plot(summary: pd.DataFrame, path: Path, *, losses: Sequence[str] = ("wmse", "gears", "r2w")):
-    """Paired (loss − MSE) differences per regime, diversity and calibrated R²w(Δ)."""
+    """Diversity of MSE and WMSE per regime, and the paired (loss − MSE) differences."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = summary[summary.loss != "mse"]
-    regimes = list(dict.fromkeys(zip(s.regime, s.k)))
-    labels = [f"{r}\nk={k}" for r, k in regimes]
-    colors = {"wmse": "tab:orange", "gears": "tab:red", "r2w": "tab:purple"}
-    fig, axes = plt.subplots(2, 1, figsize=(1.3 * len(regimes) + 2.5, 6.4), sharex=True)
-    for ax, metric, title in ((axes[0], "diversity", "diversity Σ Var(Δ̂)/Σ Var(Δ)"),
-                              (axes[1], "cal_r2w_delta", "calibrated R²w(Δ)")):  # fmt: skip
-        for j, loss in enumerate(x for x in losses if x in set(s.loss)):
-            t = s[s.loss == loss].set_index(["regime", "k"]).loc[regimes]
-            xs = np.arange(len(regimes)) + (j - 1) * 0.22
-            y = t[f"d_{metric}"].to_numpy()
-            err = np.abs(np.vstack([y - t[f"d_{metric}_lo"], t[f"d_{metric}_hi"] - y]))
-            ax.errorbar(xs, y, yerr=err, fmt="o", color=colors.get(loss), capsize=3,
-                        label=f"{loss} − mse")  # fmt: skip
+    keys = list(dict.fromkeys(zip(summary.regime, summary.k)))
+    labels = [f"{r}\nk={k}" for r, k in keys]
+    xs0 = np.arange(len(keys))
+    colors = {"mse": "tab:blue", "wmse": "tab:orange", "gears": "tab:red", "r2w": "tab:purple"}
+    panels = (("diversity", "Δ diversity"), ("cal_r2w_delta", "Δ calibrated R²w(Δ)"),
+              ("cal_mse", "Δ calibrated MSE (all genes)"))  # fmt: skip
+    fig, axes = plt.subplots(len(panels) + 1, 1, figsize=(1.1 * len(keys) + 2.5, 10), sharex=True)
+    by = summary.set_index(["loss", "regime", "k"])
+    ax = axes[0]
+    for j, loss in enumerate(x for x in ("mse", *losses) if x in set(summary.loss)):
+        ax.plot(xs0 + (j - 1.5) * 0.12, by.loc[loss].loc[keys, "diversity"], "o",
+                color=colors.get(loss), label=loss)  # fmt: skip
+    ax.axhline(1.0, color="k", lw=0.7, ls="--")
+    ax.set_yscale("log")
+    ax.set_ylabel("diversity Σ Var(Δ̂)/Σ Var(Δ)\n(1 = truth, 0 = collapse)", fontsize=8)
+    ax.legend(fontsize=8, ncol=4)
+    for ax, (col, title) in zip(axes[1:], panels):
+        for j, loss in enumerate(x for x in losses if x in set(summary.loss)):
+            t = by.loc[loss].loc[keys]
+            y = t[f"d_{col}"].to_numpy()
+            err = np.abs(np.vstack([y - t[f"d_{col}_lo"], t[f"d_{col}_hi"] - y]))
+            ax.errorbar(xs0 + (j - 1) * 0.2, y, yerr=err, fmt="o", color=colors.get(loss),
+                        capsize=3, label=f"{loss} − mse")  # fmt: skip
         ax.axhline(0, color="k", lw=0.7)
-        ax.set_ylabel(f"Δ {title}\n(paired, 95 % interval)", fontsize=8)
-    axes[0].legend(fontsize=8, ncol=3)
-    axes[1].set_xticks(np.arange(len(regimes)), labels, fontsize=8)
-    fig.suptitle("Weighted losses − MSE on held-out combinations, per regime "
-                 "(n = training perturbations, k = bottleneck width)", fontsize=10)  # fmt: skip
+        ax.set_ylabel(f"{title}\n(paired, 95 % interval)", fontsize=8)
+    axes[1].legend(fontsize=8, ncol=3)
+    for ax in axes:
+        for x in xs0[1:]:
+            ax.axvline(x - 0.5, color="0.9", lw=0.6, zorder=0)
+    axes[-1].set_xticks(xs0, labels, fontsize=8)
+    fig.suptitle("Weighted losses vs MSE on held-out combinations (simulated; n = training "
+                 "perturbations, k = bottleneck width)", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -494,9 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out["runs"].to_csv(path / "regime_runs.csv", index=False)
     out["boards"].to_csv(path / "regime_leaderboards.csv", index=False)
     plot(out["summary"], path / "regime_study.png")
-    cols = ["regime", "k", "loss", "diversity", "d_diversity", "d_diversity_lo",
-            "d_diversity_hi", "cal_r2w_delta", "d_cal_r2w_delta", "d_cal_r2w_delta_lo",
-            "d_cal_r2w_delta_hi"]  # fmt: skip
+    cols = ["regime", "k", "loss"] + [
+        f"{p}{c}{q}" for c in ("diversity", "cal_r2w_delta", "cal_mse")
+        for p, q in (("", ""), ("d_", ""), ("d_", "_lo"), ("d_", "_hi"))
+    ]  # fmt: skip
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format,
                            "display.max_rows", 200):  # fmt: skip
         print(out["summary"][cols].to_string(index=False))
