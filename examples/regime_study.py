@@ -67,6 +67,7 @@ import vcjax  # noqa: E402
 from vcjax import data as vdata  # noqa: E402
 from vcjax import stats as vdeg  # noqa: E402
 from vcjax.losses import gears_loss, mse_loss, r2w_loss, wmse_loss  # noqa: E402
+from vcjax.stats import interval  # noqa: E402
 
 KEY, CONTROL = "condition", "control"
 LOSSES = ("mse", "wmse", "r2w", "gears")
@@ -329,12 +330,13 @@ def diversity_resamples(
 
 
 def paired(point_a, point_b, samples_a, samples_b, ci: float = 0.95):
-    """Point and percentile interval of the paired difference ``a − b``."""
-    d = np.asarray(samples_a) - np.asarray(samples_b)
-    d = d[np.isfinite(d)]
-    q = (1 - ci) / 2
-    lo, hi = np.quantile(d, [q, 1 - q]) if d.size else (np.nan, np.nan)
-    return float(point_a - point_b), float(lo), float(hi)
+    """The paired difference ``a − b`` and its interval over the shared resamples: the
+    bias-centred percentile interval :meth:`vcjax.SweepResult.leaderboard` uses
+    (:func:`vcjax.stats.interval`, ``target="expected"``)."""
+    est = float(point_a - point_b)
+    d = np.asarray(samples_a, np.float64) - np.asarray(samples_b, np.float64)
+    lo, hi = interval(d[None], np.array([est]), ci=ci, method="percentile", target="expected")
+    return est, float(lo[0]), float(hi[0])
 
 
 def train_all(regimes: list[Regime], grid: Grid, *, verbose: bool = True):

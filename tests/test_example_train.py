@@ -140,7 +140,22 @@ def test_regime_diversity_and_paired_difference_numpy_reference(rs, study):
         np.testing.assert_allclose(s.loc["wmse", f"d_{col}"], mean["wmse"] - mean["mse"],
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
         lo, hi = s.loc["wmse", f"d_{col}_lo"], s.loc["wmse", f"d_{col}_hi"]
-        assert lo < hi
+        assert lo < hi and lo <= s.loc["wmse", f"d_{col}"] <= hi
+    # the R²w(Δ) interval: the sweep's shared resamples, paired run by run (NumPy reference:
+    # seed-averaged difference per resample, bias-centred, 2.5 % / 97.5 % quantiles)
+    res = out["sweeps"][reg.name]
+    smp = res.resampled[("r2w_delta", True, "mean")].astype(np.float64)  # (runs, B)
+    pos = {n: i for i, n in enumerate(res.models)}
+    seeds = range(grid.seeds)
+    d = smp[[pos[f"wmse/k4/s{i}"] for i in seeds]].mean(0) - smp[
+        [pos[f"mse/k4/s{i}"] for i in seeds]
+    ].mean(0)
+    est = s.loc["wmse", "d_cal_r2w_delta"]
+    lo, hi = np.quantile(d - (np.nanmean(d) - est), [0.025, 0.975])
+    np.testing.assert_allclose(
+        [s.loc["wmse", "d_cal_r2w_delta_lo"], s.loc["wmse", "d_cal_r2w_delta_hi"]],
+        [min(lo, est), max(hi, est)], rtol=1e-6, atol=1e-9,
+    )  # fmt: skip
 
 
 def test_regime_early_stopping_keeps_the_best_validation_step(rs, study):
@@ -153,7 +168,9 @@ def test_regime_early_stopping_keeps_the_best_validation_step(rs, study):
     assert val.shape == (2 * grid.seeds, grid.steps // grid.eval_every)
     np.testing.assert_array_equal(h["best_chunk"], np.argmax(val, axis=1))
     np.testing.assert_array_equal(h["best_val"], val.max(axis=1))
-    for j in (0, len(val) - 1):
+    early = np.flatnonzero(h["best_chunk"] < val.shape[1] - 1)
+    assert early.size  # some run stopped early: its kept parameters are not the last ones
+    for j in (early[0], len(val) - 1):
         t = vcjax.evaluate(reg.val_screen, h["val_pred"][j])
         rows = t[(t.source == "model") & (t.metric == "r2w_delta")]
         want = np.nanmean(rows.calibrated.to_numpy(np.float64))
