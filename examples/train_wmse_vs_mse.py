@@ -1,6 +1,6 @@
 """Does a DEG-weighted loss (WMSE) reduce mode collapse? MSE vs WMSE on Norman 2019.
 
-A small Flax model predicts a perturbation's pseudobulk expression (log-normalised) from
+A small Flax (``flax.nnx``) model predicts a perturbation's pseudobulk expression (log-normalised) from
 learned embeddings of its target genes: a combination ``A+B`` is the *sum* of the
 embeddings of ``A`` and ``B``, passed through an MLP to ``G`` outputs, plus a learned
 baseline (initialised at the mean training profile). The same architecture is trained
@@ -51,12 +51,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pandas as pd
+from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
@@ -199,23 +199,48 @@ def training_weights(screen: Screen, train_idx: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- model
 
 
-class PerturbationMLP(nn.Module):
+class _MLP(nnx.Module):
     """Target-gene embeddings (summed over a combination) → MLP → ``G`` outputs + baseline."""
+
+    def __init__(self, n_vocab: int, n_genes: int, emb_dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(0.1 * jax.random.normal(rngs.params(), (n_vocab, emb_dim)))
+        self.dense1 = nnx.Linear(emb_dim, hidden, rngs=rngs)
+        self.dense2 = nnx.Linear(hidden, hidden, rngs=rngs)
+        self.out = nnx.Linear(hidden, n_genes, kernel_init=nnx.initializers.normal(1e-3), rngs=rngs)
+        self.baseline = nnx.Param(jnp.zeros((n_genes,)))
+
+    def __call__(self, x: jax.Array, offset: jax.Array) -> jax.Array:
+        h = x @ self.embedding[...]  # sum of the target genes' embeddings
+        h = nnx.gelu(self.dense1(h))
+        h = nnx.gelu(self.dense2(h))
+        return offset + self.baseline[...] + self.out(h)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationMLP:
+    """The architecture (hashable, so a compiled trainer can be cached per architecture) and
+    the functional view of its :mod:`flax.nnx` module: ``init(key) -> state`` (the
+    parameters, a pytree) and ``apply(state, x, offset)``."""
 
     n_vocab: int
     n_genes: int
     emb_dim: int = 16
     hidden: int = 128
 
-    @nn.compact
-    def __call__(self, x: jax.Array, offset: jax.Array) -> jax.Array:
-        emb = self.param("embedding", nn.initializers.normal(0.1), (self.n_vocab, self.emb_dim))
-        h = x @ emb  # sum of the target genes' embeddings
-        h = nn.gelu(nn.Dense(self.hidden)(h))
-        h = nn.gelu(nn.Dense(self.hidden)(h))
-        out = nn.Dense(self.n_genes, kernel_init=nn.initializers.normal(1e-3))(h)
-        baseline = self.param("baseline", nn.initializers.zeros, (self.n_genes,))
-        return offset + baseline + out
+    def module(self, key: jax.Array) -> _MLP:
+        return _MLP(self.n_vocab, self.n_genes, self.emb_dim, self.hidden,
+                    rngs=nnx.Rngs(params=key))  # fmt: skip
+
+    def init(self, key: jax.Array, *_) -> nnx.State:
+        return nnx.split(self.module(key))[1]
+
+    def apply(self, state: nnx.State, x: jax.Array, offset: jax.Array) -> jax.Array:
+        return nnx.merge(_graphdef(self), state)(x, offset)
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdef(model: PerturbationMLP):
+    return nnx.split(model.module(jax.random.key(0)))[0]
 
 
 def batch_loss(params, model, x, y, w, mask, offset, use_weights) -> jax.Array:
