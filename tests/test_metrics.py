@@ -327,3 +327,22 @@ def test_fused_scores_gradient_equals_the_kernels():
             got = np.asarray(fused(pred))
             assert np.all(np.isfinite(got)), m
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=m)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 1e-3])
+def test_r2w_constant_true_delta_is_detected_whatever_the_weights(scale):
+    """A constant true Δ (23 genes, weights 0.01·scale) is a zero denominator, whatever
+    the rounding of its weighted mean: sklearn's forced 0.0 for a wrong prediction, never
+    −1e30 (hypothesis found scale 0.1 with a 4-ulp tolerance)."""
+    with jax.enable_x64(True):
+        truth = np.full(23, 0.9)
+        ref = np.full(23, 0.01)
+        w = np.full(23, 0.01) * scale
+        assert float(M.r2w_delta(np.zeros(23), truth, ref, w)) == 0.0
+        assert float(M.r2w_delta(truth, truth, ref, w)) == 1.0
+        assert np.isnan(float(M.r2w_delta(np.zeros(23), truth, ref, w, strict=True)))
+    got = M.r2w_delta(
+        np.zeros(23, np.float32), truth.astype(np.float32), ref.astype(np.float32),
+        (w * scale).astype(np.float32),
+    )  # fmt: skip
+    assert float(got) == 0.0
