@@ -40,7 +40,7 @@ __all__ = [
     "check_scales",
     "is_cells",
     "read_prediction",
-    "truth_scale",
+    "validate_check_scale",
 ]
 
 #: the values of ``check_scale``
@@ -136,27 +136,34 @@ def _as_named_tuple(pred):
     return pred
 
 
-def truth_scale(screen: Screen) -> tuple[vdata.ScaleEvidence | None, vdata.ScaleEvidence]:
-    """The truth's scale evidence: of its cells (recorded by :func:`vcjax.prepare`; None for
-    a screen saved before it was), and of its pseudobulk matrices."""
-    truth = np.concatenate([s.truth for s in screen.strata])
-    return screen.scale, vdata.scale_evidence(truth, form="pseudobulk")
+def _truth_bulk_scale(screen: Screen) -> vdata.ScaleEvidence:
+    """The scale evidence of the truth's pseudobulk matrices (sampled rows; no copy of
+    them)."""
+    rows = [s.truth for s in screen.strata]
+    return vdata.scale_evidence(rows[0] if len(rows) == 1 else np.concatenate(rows),
+                                form="pseudobulk")  # fmt: skip
 
 
 def check_scales(screen: Screen, evidence: vdata.ScaleEvidence, check_scale: str) -> None:
     """Raise (``"error"``) or warn (``"warn"``) when ``evidence`` of a prediction shows
     another scale than the truth's (:func:`vcjax.data.compare_scales`); ``"off"``: nothing.
 
-    A pseudobulk prediction is compared with the truth's cells and with its pseudobulk
-    matrices: it mismatches only when it agrees with neither (raw-count means of a shallow
-    screen look like log1p means on both sides).
+    The truth's scale is that of its cells (recorded by :func:`vcjax.prepare`), or of its
+    pseudobulk matrices for a screen saved before it was. A pseudobulk prediction that
+    disagrees with the truth's cells is compared with the truth's pseudobulk matrices too:
+    it mismatches only when it agrees with neither (raw-count means of a shallow screen look
+    like log1p means on both sides). The pseudobulk evidence is computed only then.
     """
     if check_scale == "off":
         return
-    cells_ev, bulk_ev = truth_scale(screen)
-    reason = vdata.compare_scales(cells_ev if cells_ev is not None else bulk_ev, evidence)
-    if reason is None or (
-        evidence.form == "pseudobulk" and vdata.compare_scales(bulk_ev, evidence) is None
+    truth_ev = screen.scale if screen.scale is not None else _truth_bulk_scale(screen)
+    reason = vdata.compare_scales(truth_ev, evidence)
+    if reason is None:
+        return
+    if (
+        evidence.form == "pseudobulk"
+        and screen.scale is not None
+        and vdata.compare_scales(_truth_bulk_scale(screen), evidence) is None
     ):
         return
     if check_scale == "error":
@@ -167,7 +174,8 @@ def check_scales(screen: Screen, evidence: vdata.ScaleEvidence, check_scale: str
     warnings.warn(f"scale mismatch: {reason}", UserWarning, stacklevel=4)
 
 
-def _checked_mode(check_scale) -> str:
+def validate_check_scale(check_scale) -> str:
+    """``check_scale`` itself, or a one-line error listing :data:`CHECK_SCALE`."""
     if check_scale not in CHECK_SCALE:
         raise VcjaxInputError(
             f"check_scale must be one of {', '.join(map(repr, CHECK_SCALE))}; got {check_scale!r}"
@@ -207,7 +215,7 @@ def align(
     Returns:
       The :class:`Prediction`.
     """
-    _checked_mode(check_scale)
+    validate_check_scale(check_scale)
     if isinstance(pred, Prediction):
         if len(pred.matrices) != len(screen.strata):
             raise VcjaxInputError(

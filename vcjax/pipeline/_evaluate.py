@@ -35,7 +35,7 @@ import pandas as pd
 from vcjax import data as vdata
 from vcjax._errors import VcjaxInputError
 from vcjax._host import enable_compilation_cache
-from vcjax.pipeline._align import CHECK_SCALE, Prediction, align
+from vcjax.pipeline._align import Prediction, align, validate_check_scale
 from vcjax.pipeline._bootstrap import add_intervals
 from vcjax.pipeline._calibrate import calibrate, card
 from vcjax.pipeline._scoring import resolve_metrics, score_sources, warm_up
@@ -286,10 +286,7 @@ def evaluate(
       prediction's values looked like and what was done to them
       (:func:`input_record`).
     """
-    if check_scale not in CHECK_SCALE:
-        raise VcjaxInputError(
-            f"check_scale must be one of {', '.join(map(repr, CHECK_SCALE))}; got {check_scale!r}"
-        )
+    validate_check_scale(check_scale)  # before the truth is read
     score = ScoreSpec(metrics=metrics, k=k, strict=strict, gate=gate, chunk_size=chunk_size)
     boot = None
     if n_boot:
