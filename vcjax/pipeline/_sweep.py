@@ -407,7 +407,7 @@ class SweepResult:
         )
         x = np.where(np.isfinite(x), x, -np.inf)
         a, b = x[:, None, :], x[None, :, :]
-        tie = ties(a, b) | ((a == -np.inf) & (b == -np.inf))
+        tie = ties(a, b)  # two undefined aggregates (−inf) are equal: a tie
         win = np.where(tie, 0.5, (a > b).astype(float)).mean(axis=-1)
         return pd.DataFrame(win, index=pd.Index(self.models, name="model"), columns=self.models)
 
@@ -437,9 +437,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
         srt = col[order]
         r = np.arange(1, M + 1)
         # ties (within TIE_TOL) take the rank of the first of their run
-        same = np.r_[
-            False, ties(srt[1:], srt[:-1]) | ((srt[1:] == -np.inf) & (srt[:-1] == -np.inf))
-        ]
+        same = np.r_[False, ties(srt[1:], srt[:-1])]  # −inf ties −inf (equal values)
         starts = np.where(same, 0, r)
         r = np.maximum.accumulate(starts)
         out[order, j] = r
