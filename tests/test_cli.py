@@ -599,13 +599,19 @@ def test_negative_counts(screen, tmp_path):
     _assert_input_error(res, "negative value", str(t.var_names[2]), "counts")
 
 
-def test_single_cell_perturbation(screen, tmp_path):
-    d, truth, _ = screen
+def _one_cell_truth(truth, path) -> str:
+    """Write ``truth`` with one perturbation cut to a single cell; return its name."""
     lab = truth.obs["condition"].astype(str)
     victim = lab[lab != "control"].iloc[0]
     keep = (lab != victim).to_numpy()
     keep[np.flatnonzero(~keep)[0]] = True  # one cell of the victim survives
-    truth[keep].copy().write_h5ad(tmp_path / "one.h5ad")
+    truth[keep].copy().write_h5ad(path)
+    return victim
+
+
+def test_single_cell_perturbation(screen, tmp_path):
+    d, truth, _ = screen
+    victim = _one_cell_truth(truth, tmp_path / "one.h5ad")
     res = invoke(*_score_args(d, tmp_path / "r.csv", truth=tmp_path / "one.h5ad"))
     _assert_input_error(res, victim, "fewer than")
 
@@ -828,16 +834,13 @@ def test_help_lists_the_registry_metrics():
     text = " ".join(res.stdout.split())
     for opt in ("--n-boot", "--ci", "--ci-method", "--covariate", "--deg-method"):
         assert opt in text, opt
-    assert "range-respecting scale" in text and "docs/metrics.md §11" in text
+    assert "clipped to its metric's range" in text and "docs/metrics.md §11" in text
+    assert "Fisher" not in text  # the transformed scale was measured and dropped
 
 
 def test_errors_name_the_options_not_the_api_arguments(screen, tmp_path):
     d, truth, _ = screen
-    lab = truth.obs["condition"].astype(str)
-    victim = lab[lab != "control"].iloc[0]
-    keep = (lab != victim).to_numpy()
-    keep[np.flatnonzero(~keep)[0]] = True  # one cell of the victim survives
-    truth[keep].copy().write_h5ad(tmp_path / "one.h5ad")
+    victim = _one_cell_truth(truth, tmp_path / "one.h5ad")
     res = invoke(*_score_args(d, tmp_path / "r.csv", truth=tmp_path / "one.h5ad"))
     err = _assert_input_error(res, victim, "fewer than 2 cells", "pass --drop-small")
     assert "drop_small" not in err and "min_cells" not in err

@@ -631,12 +631,11 @@ CheckScaleOpt = Annotated[
     ),
 ]
 _INTERVALS = (
-    "intervals target the value this experiment would give on average: resamples are "
-    "bias-corrected on a range-respecting scale (Fisher z for correlations, log for errors, "
-    "−log(1−R²) for R²), so each interval stays in its metric's range and contains its "
+    "intervals target the value this experiment would give on average: the resamples are "
+    "centred on the bootstrap's bias estimate, and each interval is clipped to its "
+    "metric's range (a correlation in [-1, 1], an error >= 0, an R² <= 1) and contains its "
     "estimate (docs/metrics.md §11)"
 )
-_ROUGH_BOOT = 100  # fewer resamples than this give rough interval ends
 
 
 # ------------------------------------------------------------------------------ commands
@@ -830,9 +829,11 @@ def _check_pred_layer(pred_layer: str | None, paths: Sequence[str]) -> None:
 
 
 def _rough_boot(n_boot: int, notes: _Warnings) -> None:
-    if 0 < n_boot < _ROUGH_BOOT:
+    from vcjax.pipeline import ROUGH_N_BOOT
+
+    if 0 < n_boot < ROUGH_N_BOOT:
         notes.add(
-            f"--n-boot {n_boot}: intervals from fewer than {_ROUGH_BOOT} resamples are rough "
+            f"--n-boot {n_boot}: intervals from fewer than {ROUGH_N_BOOT} resamples are rough "
             "(their ends move from seed to seed); use 1000 for reporting",
             topic="n_boot",
         )

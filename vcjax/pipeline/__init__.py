@@ -46,7 +46,14 @@ from vcjax.pipeline._per_gene import PER_GENE_SOURCES, per_gene_data
 from vcjax.pipeline._scorer import Scorer, scorer
 from vcjax.pipeline._scoring import resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
-from vcjax.pipeline._spec import DEFAULT_BASELINES, UALL_REFERENCES, BootSpec, ScoreSpec, TruthSpec
+from vcjax.pipeline._spec import (
+    DEFAULT_BASELINES,
+    ROUGH_N_BOOT,
+    UALL_REFERENCES,
+    BootSpec,
+    ScoreSpec,
+    TruthSpec,
+)
 from vcjax.pipeline._sweep import TIE_TOL, SweepResult, sweep
 from vcjax.pipeline._tidy import undefined_summary
 
@@ -57,6 +64,7 @@ __all__ = [
     "scorer",
     "BASELINE_ROLES",
     "DEFAULT_BASELINES",
+    "ROUGH_N_BOOT",
     "DEG",
     "FORMAT_VERSION",
     "NEGATIVES",
