@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from vcjax import _io
+from vcjax import stats as ST
 from vcjax.report import _html as R
 from vcjax.report._page import fmt
 
@@ -508,14 +509,14 @@ def test_paired_summary_interval_combines_perturbations_and_cells():
     the median spans about ±1.96·1.2533·σ/√n (the median of n normals)."""
     n, d, sig = 400, 0.5, 1.0
     z = 1.959963984540054
-    r = R.paired_summary(np.full(n, d), np.full(n, d - z * sig), np.full(n, d + z * sig))
+    r = ST.paired_summary(np.full(n, d), np.full(n, d - z * sig), np.full(n, d + z * sig))
     half = z * 1.2533 * sig / np.sqrt(n)
     assert r["median"] == d and r["n"] == n
     assert r["low"] == pytest.approx(d - half, rel=0.05)
     assert r["high"] == pytest.approx(d + half, rel=0.05)
     # without cell noise: the perturbation bootstrap of the median alone
     v = np.random.default_rng(1).normal(0.2, 0.1, 200)
-    r = R.paired_summary(v, v, v)
+    r = ST.paired_summary(v, v, v)
     rng = np.random.default_rng(0)
     meds = np.median(v[rng.integers(0, v.size, (2000, v.size))], axis=1)
     assert (r["low"], r["high"]) == pytest.approx(tuple(np.quantile(meds, [0.025, 0.975])))

@@ -59,13 +59,13 @@ from vcjax.report._page import (
     pyplot,
     short,
 )
+from vcjax.stats import paired_summary
 
 __all__ = [
     "GLOSSARY",
     "SOURCE_ORDER",
     "calibrated_limits",
     "fence_limits",
-    "paired_summary",
     "verdict",
     "load_per_gene",
     "build_report",
@@ -202,57 +202,6 @@ def _ci_level(attrs: Mapping) -> float:
         return float(attrs.get("ci", 0.95) or 0.95)
     except (TypeError, ValueError):
         return 0.95
-
-
-def paired_summary(
-    diff: np.ndarray,
-    ci_low: np.ndarray | None = None,
-    ci_high: np.ndarray | None = None,
-    win_rate: np.ndarray | None = None,
-    *,
-    ci: float = 0.95,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """The median over perturbations of a per-perturbation paired difference, with an interval.
-
-    The interval resamples the perturbations (with replacement) and, within each, draws the
-    difference from a normal with that perturbation's cell-bootstrap interval
-    (``sd = (ci_high − ci_low) / (2 z)``): it covers both another draw of cells and another
-    draw of perturbations like these. Without ``ci_low``/``ci_high`` (no bootstrap) the
-    interval is NaN.
-
-    Returns:
-      ``median``, ``low``, ``high``, ``n`` (finite differences), ``better``/``worse``
-      (perturbations whose own interval is above/below 0; NaN without intervals),
-      ``win_rate`` (mean over perturbations; NaN without).
-    """
-    from statistics import NormalDist
-
-    d = np.asarray(diff, float)
-    fin = np.isfinite(d)
-    n = int(fin.sum())
-    out = dict(median=np.nan, low=np.nan, high=np.nan, n=n, better=np.nan, worse=np.nan)
-    out["win_rate"] = np.nan
-    if n == 0:
-        return out
-    out["median"] = float(np.median(d[fin]))
-    if win_rate is not None and np.isfinite(np.asarray(win_rate, float)[fin]).any():
-        out["win_rate"] = float(np.nanmean(np.asarray(win_rate, float)[fin]))
-    if ci_low is None or ci_high is None:
-        return out
-    lo, hi = np.asarray(ci_low, float)[fin], np.asarray(ci_high, float)[fin]
-    if not (np.isfinite(lo) | np.isfinite(hi)).any():
-        return out
-    out["better"], out["worse"] = int(np.sum(lo > 0)), int(np.sum(hi < 0))
-    z = NormalDist().inv_cdf(0.5 + ci / 2)
-    sd = np.where(np.isfinite(hi - lo), (hi - lo) / (2 * z), 0.0)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_resamples, n))
-    draws = d[fin][idx] + rng.standard_normal((n_resamples, n)) * sd[idx]
-    meds = np.median(draws, axis=1)
-    out["low"], out["high"] = (float(q) for q in np.quantile(meds, [(1 - ci) / 2, (1 + ci) / 2]))
-    return out
 
 
 def _interval_text(med: float, lo: float, hi: float) -> str:
