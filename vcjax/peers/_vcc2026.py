@@ -318,9 +318,14 @@ class _Side:
 
 
 def _codes(labels: np.ndarray, perts: list[str], control: str) -> np.ndarray:
-    idx = {p: i for i, p in enumerate(perts)}
-    idx[control] = len(perts)
-    return np.array([idx.get(lab, -1) for lab in labels], dtype=np.int64)
+    """Group of each cell: ``i`` for ``perts[i]``, ``len(perts)`` for the control, else -1."""
+    names = np.asarray([*perts, control])
+    uniq, inv = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    pos = np.searchsorted(names[np.argsort(names)], uniq)
+    pos = np.minimum(pos, names.size - 1)
+    srt = np.argsort(names)
+    hit = names[srt][pos] == uniq
+    return np.where(hit, srt[pos], -1)[inv].astype(np.int64)
 
 
 def _side(x: sp.csr_matrix, codes: np.ndarray, n: int, ref: _Reference) -> _Side:
