@@ -242,7 +242,7 @@ def masked_ranks(values: ArrayLike, mask: ArrayLike) -> jax.Array:
     mask get ranks above ``|S|`` (ignore them).
 
     Args:
-      values: ``(..., G)``.
+      values: ``(..., G)``, not NaN on the mask (``±inf`` rank first/last).
       mask: ``(..., G)`` boolean.
 
     Returns:
@@ -253,7 +253,7 @@ def masked_ranks(values: ArrayLike, mask: ArrayLike) -> jax.Array:
     m = jnp.broadcast_to(jnp.asarray(mask, bool), v.shape)
     g = v.shape[-1]
     ax = v.ndim - 1
-    order = jnp.lexsort((v, ~m), axis=-1)  # members first, ascending
+    order = jnp.argsort(jnp.where(m, v, jnp.nan), axis=-1, stable=True)  # members first
     s = jnp.take_along_axis(v, order, axis=-1)
     sm = jnp.take_along_axis(m, order, axis=-1)
     idx = jnp.broadcast_to(jnp.arange(g), v.shape)
@@ -263,8 +263,10 @@ def masked_ranks(values: ArrayLike, mask: ArrayLike) -> jax.Array:
     start = jax.lax.cummax(jnp.where(new, idx, 0), axis=ax)
     end = jax.lax.cummin(jnp.where(is_end, idx, g), axis=ax, reverse=True)
     ranked = ((start + end).astype(v.dtype) / 2.0) + 1.0
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(ranked, inverse, axis=-1)
+    flat = ranked.reshape(-1, g)
+    rows = jnp.arange(flat.shape[0])[:, None]
+    back = jnp.zeros_like(flat).at[rows, order.reshape(-1, g)].set(flat)
+    return back.reshape(v.shape)
 
 
 @jax.jit
@@ -285,9 +287,10 @@ def masked_spearman(x: ArrayLike, y: ArrayLike, mask: ArrayLike) -> jax.Array:
 def de_auc(scores: ArrayLike, labels: ArrayLike) -> tuple[jax.Array, jax.Array]:
     r"""ROC AUC and average precision of ``scores`` for the binary ``labels`` of each row.
 
-    ROC AUC from average ranks (ties count ½, the trapezoid of sklearn's ``roc_curve``):
+    ROC AUC with ties counting ½ (the trapezoid of sklearn's ``roc_curve``):
 
-    .. math:: \mathrm{AUC} = \frac{\sum_{g:\,y_g=1} \mathrm{rank}_g - n_1(n_1+1)/2}{n_1 n_0}
+    .. math:: \mathrm{AUC} = \frac{1}{n_1 n_0} \sum_{g:\,y_g=1}
+              \big(\#\{h : y_h = 0, s_h < s_g\} + \tfrac12 \#\{h : y_h = 0, s_h = s_g\}\big)
 
     Average precision (sklearn's ``average_precision_score``): the thresholds are the
     distinct scores in decreasing order, a tie group called as a whole,
@@ -310,13 +313,18 @@ def de_auc(scores: ArrayLike, labels: ArrayLike) -> tuple[jax.Array, jax.Array]:
     n1 = jnp.sum(y, axis=-1)
     n0 = g - n1
     ok = (n1 > 0) & (n0 > 0)
-    r = masked_ranks(s, jnp.ones(s.shape, bool))
-    roc = (jnp.sum(r * y, axis=-1) - n1 * (n1 + 1) / 2) / jnp.where(ok, n1 * n0, 1.0)
-    _, _, end, above, through = _tie_group_counts(s, y)
+    # one sort (descending) with tie groups: per position, the positives above its group
+    # and through its end; everything else follows from the group's bounds
+    _, start, end, above, through = _tie_group_counts(s, y)
+    ys = jnp.take_along_axis(y, jnp.argsort(-s, axis=-1, stable=True), axis=-1)
+    size = (end - start + 1).astype(s.dtype)
+    neg_above = start.astype(s.dtype) - above
+    neg_tied = size - (through - above)
+    neg_below = n0[..., None] - neg_above - neg_tied
+    roc = jnp.sum(ys * (neg_below + 0.5 * neg_tied), axis=-1) / jnp.where(ok, n1 * n0, 1.0)
     pos = jnp.broadcast_to(jnp.arange(g), s.shape)
-    at_end = pos == end
     called = (end + 1).astype(s.dtype)
-    terms = jnp.where(at_end, (through - above) * through / called, 0.0)
+    terms = jnp.where(pos == end, (through - above) * through / called, 0.0)
     ap = jnp.sum(terms, axis=-1) / jnp.where(ok, n1, 1.0)
     return jnp.where(ok, roc, jnp.nan), jnp.where(ok, ap, jnp.nan)
 
