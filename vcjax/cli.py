@@ -645,7 +645,7 @@ ProtocolOpt = Annotated[
     str | None,
     typer.Option(
         "--protocol",
-        help='whose conventions to score under (docs/metrics.md "Protocols"): '
+        help="whose conventions to score under (docs/metrics.md §13): "
         + ", ".join(_protocol_names())
         + "; default dbd (vcjax's calibrated pipeline); cell-eval: cell-eval 0.8.2's "
         "per-perturbation metrics under its names, from the truth's cells and predicted cells "

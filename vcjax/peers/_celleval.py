@@ -1,8 +1,8 @@
 """cell-eval 0.8.2's protocol: every per-perturbation metric of its ``full`` profile.
 
 ``cell_eval.MetricsEvaluator(pred, real, control_pert=..., pert_col=...).compute(profile="full")``
-reports, per perturbation, the metrics listed in :data:`CELLEVAL_METRICS` (docs/metrics.md,
-"Protocols"). This module computes the same numbers under the same names, vectorised over
+reports, per perturbation, the metrics listed in :data:`CELLEVAL_METRICS` (docs/metrics.md
+§13). This module computes the same numbers under the same names, vectorised over
 perturbations:
 
 * **inputs** (:func:`celleval_normalize`): each side on its own, as cell-eval does — a matrix
@@ -56,7 +56,7 @@ apart into a tie.
 
 References:
   cell-eval 0.8.2 (``metrics/_impl.py``, ``metrics/_de.py``, ``metrics/_anndata.py``,
-  ``_types/_de.py``, ``_evaluator.py``); pdex 0.3.0; docs/metrics.md §9–§10 and "Protocols".
+  ``_types/_de.py``, ``_evaluator.py``); pdex 0.3.0; docs/metrics.md §9, §10, §13.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def evaluate(
         (:func:`vcjax.data.compare_scales`), raises a one-line error naming the evidence;
         ``"warn"``: a ``UserWarning`` and the table; ``"off"``: no check.
       protocol: None or ``"dbd"`` (default, everything above), or a peer's conventions
-        (:data:`vcjax.pipeline.PROTOCOLS`, docs/metrics.md "Protocols"): ``"cell-eval"``
+        (:data:`vcjax.pipeline.PROTOCOLS`, docs/metrics.md §13): ``"cell-eval"``
         gives cell-eval 0.8.2's per-perturbation metrics under its names, from the truth's
         and the predicted cells (which must include control cells). A protocol fixes the
         truth-side options, the baselines and the bootstrap; setting one is an error naming

@@ -3,8 +3,8 @@
 ``vcjax.evaluate(..., protocol=NAME)`` / ``vcjax.sweep(..., protocol=NAME)`` / ``vcjax score
 --protocol NAME``. A protocol fixes how the truth is formed (all cells or a half split), the
 delta reference, whose control cells the prediction's deltas use, the DE test and its
-multiple-testing scope, the normalisation and the metric names (docs/metrics.md,
-"Protocols"). The default, ``"dbd"`` (``protocol=None``), is vcjax's own pipeline
+multiple-testing scope, the normalisation and the metric names (docs/metrics.md
+§13). The default, ``"dbd"`` (``protocol=None``), is vcjax's own pipeline
 (:func:`vcjax.evaluate` without a protocol); the others are entries of :data:`PROTOCOLS`:
 
 * a :class:`Protocol` names its ``prepare`` (truth AnnData / path → its prepared truth,
