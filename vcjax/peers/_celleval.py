@@ -626,6 +626,7 @@ def celleval_scores(
                 *(np.asarray(a, np.float64) for a in (pb[:-1] - pb[-1], tpb[:-1] - tpb[-1])),
                 truth.exclude,
                 names=bulk,
+                block=_l1_block(*pb.shape),
             )
         out.update({k: np.asarray(v) for k, v in got.items()})
     n_deg = None
@@ -652,8 +653,15 @@ def _reorder_genes(x, genes: list[str], want: tuple[str, ...]):
     return x[:, cols]
 
 
-@partial(jax.jit, static_argnames=("names",))
-def _bulk_kernel(pred, true, pred_delta, true_delta, exclude, *, names):
+def _l1_block(p: int, g: int, budget: int = 1 << 25) -> int:
+    """Rows per block of the L1 discrimination distances: ``block · P · G`` float64 values
+    within ``budget`` (a power of two, so few compilations)."""
+    rows = max(1, budget // max(1, p * g))
+    return min(64, 1 << (rows.bit_length() - 1))
+
+
+@partial(jax.jit, static_argnames=("names", "block"))
+def _bulk_kernel(pred, true, pred_delta, true_delta, exclude, *, names, block=64):
     """The pseudobulk metrics of cell-eval (one compilation for all of them)."""
     out = {}
     if "pearson_delta" in names:
@@ -669,7 +677,9 @@ def _bulk_kernel(pred, true, pred_delta, true_delta, exclude, *, names):
     for dist in ("l1", "l2", "cosine"):
         name = f"discrimination_score_{dist}"
         if name in names:
-            out[name] = pds(pred_delta, true_delta, exclude=exclude, distance=dist)
+            out[name] = pds(
+                pred_delta, true_delta, exclude=exclude, distance=dist, block_size=block
+            )
     return out
 
 
