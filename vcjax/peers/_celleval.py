@@ -355,6 +355,12 @@ def _group_energy_terms(xg, mg, ctrl, cmask, *, batch: int):
     return jax.lax.map(one, (xg, mg), batch_size=batch)
 
 
+def _rows(x, idx: np.ndarray, dtype) -> np.ndarray:
+    """Rows ``idx`` of a dense or CSR matrix as a dense ``dtype`` array."""
+    out = x[idx]
+    return np.asarray(out.toarray() if sp.issparse(out) else out, dtype)
+
+
 @jax.jit
 def _self_energy(cb, cm):
     """Σ_ij ‖c_i − c_j‖ over ``(nblocks, block, G)`` masked rows."""
@@ -368,7 +374,7 @@ def energy_to_control(
     *,
     control: str,
     block_size: int = 128,
-    max_elements: int = 1 << 26,
+    max_elements: int = 1 << 24,
 ) -> np.ndarray:
     r"""Energy distance between each perturbation's cells and the control cells.
 
@@ -392,12 +398,12 @@ def energy_to_control(
     Returns:
       ``(P,)`` float64; NaN for a perturbation without cells.
     """
-    x = cells.toarray() if sp.issparse(cells) else np.asarray(cells)
+    x = cells.tocsr() if sp.issparse(cells) else np.asarray(cells)  # rows gathered per block
     dtype = np.dtype(jnp.result_type(jnp.float32, x.dtype))
     labels = np.asarray(labels).astype(str)
     index = {p: i for i, p in enumerate(perts)}
     codes = np.array([index.get(lab, -1) for lab in labels], np.int64)
-    ctrl = np.asarray(x[labels == control], dtype)
+    ctrl = _rows(x, np.flatnonzero(labels == control), dtype)
     center = ctrl.mean(axis=0, dtype=np.float64).astype(dtype)
     n_c = ctrl.shape[0]
     c_pad = _bucket(n_c, block_size)
@@ -425,7 +431,7 @@ def energy_to_control(
         sz[: p1 - p0], st[: p1 - p0] = sizes[p0:p1], starts[p0:p1]
         valid = slot < sz[:, None]
         rows = np.where(valid, st[:, None] + slot, 0)
-        xg = np.asarray(x[sel[np.minimum(rows, max(sel.size - 1, 0))].ravel()], dtype)
+        xg = _rows(x, sel[np.minimum(rows, max(sel.size - 1, 0))].ravel(), dtype)
         xg = xg.reshape(step, n_max, -1) - center
         xg[~valid] = 0.0
         a, b = _group_energy_terms(

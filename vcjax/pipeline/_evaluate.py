@@ -228,7 +228,9 @@ def evaluate(
     Args:
       truth: the measured screen: an AnnData (in memory or backed), a path to ``.h5ad``, or
         a :class:`~vcjax.pipeline.Screen` from :func:`vcjax.prepare` (then the truth-side
-        options below are fixed by it: only the scoring options apply).
+        options below are fixed by it: only the scoring options apply). Under
+        ``protocol="cell-eval"`` an AnnData, a path or a
+        :class:`vcjax.peers.CellEvalTruth` (its truth side prepared once).
       pred: the model's predictions — an AnnData of predicted cells (pseudobulked by
         ``key``) or with one row per perturbation, a DataFrame (index perturbations,
         columns genes), a mapping ``name → (G,)`` in the truth's gene order, a tuple
