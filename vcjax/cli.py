@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -108,7 +108,10 @@ def _stdout():
 
 #: the library's argument spellings in its messages → the command's options, applied to every
 #: ``error:`` and ``warning:`` line (the library's messages stay in API terms)
-_API_TO_CLI: tuple[tuple[str, str], ...] = (
+_API_TO_CLI: tuple[tuple[str, str | Callable[[re.Match], str]], ...] = (
+    (r"\bprotocol='([\w-]+)'", r"--protocol \1"),
+    (r"\bfixes (\w+)= ", lambda m: f"fixes --{m.group(1).replace('_', '-')} "),
+    (r"\bleave (\w+) at its default\b", lambda m: f"leave out --{m.group(1).replace('_', '-')}"),
     (r"\bpass drop_small=True\b", "pass --drop-small"),
     (r"\bdrop_small=True\b", "--drop-small"),
     (r"\bfewer than min_cells=(\d+) cells\b", r"fewer than \1 cells"),
@@ -630,6 +633,25 @@ CheckScaleOpt = Annotated[
         "vs log1p), judged from its values: an error (default), a warning, or not checked",
     ),
 ]
+
+
+def _protocol_names() -> list[str]:
+    from vcjax.pipeline import PROTOCOLS
+
+    return list(PROTOCOLS)
+
+
+ProtocolOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--protocol",
+        help="whose conventions to score under (docs/metrics.md §13): "
+        + ", ".join(_protocol_names())
+        + "; default dbd (vcjax's calibrated pipeline); cell-eval: cell-eval 0.8.2's "
+        "per-perturbation metrics under its names, from the truth's cells and predicted cells "
+        "that include control cells (no baselines, intervals or truth-side options)",
+    ),
+]
 _INTERVALS = (
     "intervals target the value this experiment would give on average: the resamples are "
     "centred on the bootstrap's bias estimate, and each interval is clipped to its "
@@ -709,13 +731,62 @@ def score(
             "uncertainty (coverage, NLL, CRPS) into <out>.uncertainty.<ext>",
         ),
     ] = None,
+    protocol: ProtocolOpt = None,
 ) -> None:
     """Score a model's predictions against the calibration baselines: the evaluate table.
 
     The truth is read and prepared once (or loaded from `vcjax prepare`'s .vcjax file);
-    the table, the pathway and uncertainty side tables and the report all use it.
+    the table, the pathway and uncertainty side tables and the report all use it. With
+    --protocol cell-eval: cell-eval 0.8.2's per-perturbation metrics instead.
     """
     with _errors() as notes:
+        if _protocol(protocol) is not None:
+            _check_outputs((out, None))
+            _protocol_cli_flags(
+                protocol,
+                {"--report": report, "--gene-sets": gene_sets, "--pred-var": pred_var},
+                {"--backed": backed},
+            )
+            _select_device(device)
+            steps = _Steps(quiet)
+            from vcjax.pipeline import evaluate
+
+            with steps(f"scoring under --protocol {protocol}"):
+                table = evaluate(
+                    _protocol_truth(truth, protocol),
+                    _read_pred(pred),
+                    key=key,
+                    control=control,
+                    protocol=protocol,
+                    metrics=_metric_list(metrics),
+                    layer=layer,
+                    pred_layer=pred_layer,
+                    reference=reference.value,
+                    normalize=_NORMALIZE[normalize.value],
+                    drop_small=drop_small,
+                    covariate=covariate,
+                    deg_method=deg_method.value,
+                    n_boot=n_boot,
+                    ci_method=ci_method.value,
+                    check_scale=CheckScale(check_scale).value,
+                )
+            meta = _table_meta(
+                table, key=key, control=control, truth=os.path.abspath(truth),
+                pred=os.path.abspath(pred),
+            )  # fmt: skip
+            table.attrs.update({k: v for k, v in meta.items() if k != "command"})
+            from vcjax._io import Staged, save_table
+
+            with steps("writing"), Staged() as staged:
+                save_table(table, out, meta=meta, staged=staged)
+                staged.commit()
+            if not quiet:
+                n = table.loc[table["perturbation"] != "(all)", "perturbation"].nunique()
+                title = f"--protocol {protocol}: median over {n} perturbations"
+                _stdout().print(_protocol_summary(table, title=title))
+                steps.console.print(_backend_line())
+                steps.console.print(f"wrote {out}")
+            return
         _check_outputs((out, None), (report, (".html", ".htm")))
         if gene_sets is not None and gene_sets != "example":
             _check_input_file(gene_sets, "gene-set file")
@@ -810,6 +881,47 @@ def score(
             _stdout().print(_summary_table(table, title=f"median over {n} perturbations"))
             steps.console.print(_backend_line())
             steps.console.print(f"wrote {out}" + (f", {report}" if report else ""))
+
+
+def _protocol(name: str | None):
+    """The non-default protocol called ``name``, or None (``dbd``); unknown: an error."""
+    from vcjax.pipeline import get_protocol
+
+    p = get_protocol(name)
+    return None if p.is_default else p
+
+
+def _protocol_cli_flags(name: str, given: dict[str, Any], switches: dict[str, bool]) -> None:
+    """The command-only options a protocol leaves no room for: an error naming the first."""
+    for flag, value in [*given.items(), *switches.items()]:
+        if value not in (None, False):
+            _fail(f"--protocol {name} does not take {flag} (DbD-pipeline output); leave out {flag}")
+
+
+def _protocol_truth(truth: str, name: str) -> str:
+    _check_input_file(truth, "truth")
+    if _is_screen_file(truth):
+        _fail(
+            f"--protocol {name} needs the truth's cells (.h5ad), not a prepared truth ({truth}); "
+            "`vcjax prepare` stores DbD's half-split statistics"
+        )
+    return truth
+
+
+def _protocol_summary(table, *, title: str, max_rows: int = 40):
+    """Per metric, the model's median over perturbations (dataset-level: the value)."""
+    import numpy as np
+    from rich.table import Table
+
+    med = table.groupby("metric", sort=False)["value"].median()
+    t = Table(title=title, title_justify="left", header_style="bold")
+    t.add_column("metric")
+    t.add_column("model", justify="right", style="bold")
+    for m, v in list(med.items())[:max_rows]:
+        t.add_row(str(m), "—" if not np.isfinite(v) else f"{v:.4g}")
+    if len(med) > max_rows:
+        t.caption = f"… {len(med) - max_rows} more metric(s) in the output"
+    return t
 
 
 def _is_table(path: str) -> bool:
@@ -1261,6 +1373,7 @@ def _run_sweep(
     on_error: str = "raise",
     pred_layer: str | None = None,
     check_scale: str = "error",
+    **protocol_options: Any,
 ):
     from vcjax.pipeline import sweep as run
 
@@ -1277,6 +1390,7 @@ def _run_sweep(
             pred_layer=pred_layer,
             check_scale=CheckScale(check_scale).value,
             progress=bar if steps.show else False,
+            **protocol_options,
         )
 
 
@@ -1304,16 +1418,20 @@ def _sweep_outputs(result, *, out, leaderboard, report, metric, calibrated, meta
 
 
 MetricOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--metric",
-        help="the leaderboard's metric (calibrated unless --raw), a core one: " + ", ".join(_CORE),
+        help="the leaderboard's metric (calibrated unless --raw), a core one: "
+        + ", ".join(_CORE)
+        + " (default r2w_delta); with --protocol one of the protocol's metrics (raw values; "
+        "cell-eval default: discrimination_score_l1)",
     ),
 ]
 ResampleOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
-        help="what the intervals resample: cells (within condition-halves), perturbations, both"
+        help="what the intervals resample: cells (within condition-halves; the default), "
+        "perturbations (the only one, and the default, with --protocol), both"
     ),
 ]
 
@@ -1338,8 +1456,8 @@ def sweep_cmd(
     n_boot: Annotated[int, typer.Option("--n-boot", help="shared resamples (0: none)")] = 1000,
     ci: Annotated[float, typer.Option(help="interval level")] = 0.95,
     seed: SeedOpt = 0,
-    resample: ResampleOpt = "cells",
-    metric: MetricOpt = "r2w_delta",
+    resample: ResampleOpt = None,
+    metric: MetricOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="rank on raw, not calibrated, values")] = False,
     metrics: MetricsOpt = None,
     out: Annotated[
@@ -1364,12 +1482,14 @@ def sweep_cmd(
     covariate: CovariateOpt = None,
     deg_method: DegMethodOpt = DegMethod.overestim_var,
     check_scale: CheckScaleOpt = CheckScale.error,
+    protocol: ProtocolOpt = None,
 ) -> None:
     """Score many models against one truth on shared resamples: a leaderboard with rank
     intervals and p_best (the share of resamples in which a model is best).
 
     The truth is read and prepared once; every model is scored on the same resamples, so
-    every comparison is paired.
+    every comparison is paired. With --protocol cell-eval: cell-eval 0.8.2's metrics, the
+    intervals and ranks from perturbation resamples shared by every model.
     """
     with _errors() as notes:
         _check_outputs((out, None), (leaderboard, None), (report, (".html", ".htm")))
@@ -1380,8 +1500,25 @@ def sweep_cmd(
         _rough_boot(n_boot, notes)
         from vcjax.pipeline._sweep import RESAMPLE
 
-        if resample not in RESAMPLE:
+        if resample is not None and resample not in RESAMPLE:
             _fail(f"--resample must be one of {', '.join(RESAMPLE)}; got {resample!r}")
+        proto = _protocol(protocol)
+        if proto is not None:
+            _sweep_protocol(
+                proto, truth=truth, pred=pred, preds=preds, key=key, control=control,
+                n_boot=n_boot, ci=ci, seed=seed, resample=resample, metric=metric,
+                raw=raw, metrics=metrics, out=out, leaderboard=leaderboard, report=report,
+                skip_failed=skip_failed, pred_layer=pred_layer, quiet=quiet, device=device,
+                layer=layer, notes=notes,
+                truth_options=dict(
+                    reference=reference.value, normalize=_NORMALIZE[normalize.value],
+                    drop_small=drop_small, covariate=covariate, deg_method=deg_method.value,
+                    check_scale=CheckScale(check_scale).value,
+                ),
+                switches={"--backed": backed},
+            )  # fmt: skip
+            return
+        metric = metric or "r2w_delta"
         from vcjax.metrics import METRICS
 
         if metric not in METRICS or not METRICS[metric].is_core:
@@ -1409,14 +1546,14 @@ def sweep_cmd(
 
         result = _run_sweep(
             screen, models(), n_models=len(files), steps=steps, metrics=_metric_list(metrics),
-            n_boot=n_boot, ci=ci, seed=seed, resample=resample,
+            n_boot=n_boot, ci=ci, seed=seed, resample=resample or "cells",
             on_error="skip" if skip_failed else "raise", pred_layer=pred_layer,
             check_scale=CheckScale(check_scale).value,
         )  # fmt: skip
         meta = _table_meta(
             result.table, key=screen.spec.key, control=screen.spec.control,
             truth=os.path.abspath(truth), reference=screen.spec.reference_name, seed=seed,
-            n_boot=n_boot, ci=ci, resample=resample, models=dict(files),
+            n_boot=n_boot, ci=ci, resample=resample or "cells", models=dict(files),
         )  # fmt: skip
         _sweep_outputs(
             result, out=out, leaderboard=leaderboard, report=report, metric=metric,
@@ -1430,12 +1567,67 @@ def sweep_cmd(
                 steps.console.print("wrote " + ", ".join(written))
 
 
+def _sweep_protocol(
+    proto, *, truth, pred, preds, key, control, n_boot, ci, seed, resample, metric, raw,
+    metrics, out, leaderboard, report, skip_failed, pred_layer, quiet, device, layer, notes,
+    truth_options, switches,
+) -> None:  # fmt: skip
+    """`vcjax sweep --protocol NAME`: every model under the protocol, perturbation resamples."""
+    name = proto.name
+    _protocol_cli_flags(name, {"--report": report}, {**switches, "--raw": raw})
+    metric = metric or proto.default_metric
+    if metric not in proto.metrics:
+        _fail(
+            f"--metric {metric!r} is not a metric of --protocol {name}: {', '.join(proto.metrics)}"
+        )
+    if proto.higher_is_better.get(metric, True) is None:
+        _fail(f"--metric {metric!r} has no better direction: it cannot rank models")
+    files = _sweep_preds(pred, preds)
+    _check_pred_layer(pred_layer, [path for _, path in files])
+    _select_device(device)
+    steps = _Steps(quiet)
+    source = _protocol_truth(truth, name)
+
+    def models():
+        for model, path in files:
+            try:
+                yield model, _read_pred(path)
+            except typer.Exit:
+                if not skip_failed:
+                    raise
+                yield model, path  # the sweep records the error
+
+    result = _run_sweep(
+        source, models(), n_models=len(files), steps=steps, metrics=_metric_list(metrics),
+        n_boot=n_boot, ci=ci, seed=seed, resample=resample,
+        on_error="skip" if skip_failed else "raise", pred_layer=pred_layer,
+        protocol=name, key=key, control=control, layer=layer, **truth_options,
+    )  # fmt: skip
+    meta = _table_meta(
+        result.table, key=key, control=control, truth=os.path.abspath(truth), seed=seed,
+        n_boot=n_boot, ci=ci, resample="perturbations", models=dict(files), protocol=name,
+    )  # fmt: skip
+    _sweep_outputs(
+        result, out=out, leaderboard=leaderboard, report=None, metric=metric,
+        calibrated=False, meta=meta, steps=steps,
+    )  # fmt: skip
+    for model, err in result.errors.items():
+        notes.add(f"model {model!r} left out: {err}")
+    if not quiet:
+        _print_leaderboard(result, metric=metric, calibrated=False, steps=steps)
+        written = [p for p in (out, leaderboard) if p]
+        if written:
+            steps.console.print("wrote " + ", ".join(written))
+
+
 def _print_leaderboard(result, *, metric: str, calibrated: bool, steps: _Steps) -> None:
     from vcjax.metrics import label
 
     lb = result.leaderboard(metric, calibrated=calibrated, baselines=True)
     n_boot = int(result.info.get("n_boot", 0))
     name = ("calibrated " if calibrated else "") + label(metric)
+    if result.info.get("protocol"):
+        name = f"{metric} (--protocol {result.info['protocol']})"
     cap = (
         f"mean over perturbations; {100 * result.info['ci']:.0f} % intervals and rank intervals "
         f"from {n_boot} shared {result.info['resample']} resamples; p_best: share of resamples "

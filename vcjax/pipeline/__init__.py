@@ -7,6 +7,8 @@
 * :func:`evaluate` scores a prediction and the baselines into one tidy table, calibrated
   (:func:`calibrate`), with cell-bootstrap intervals and paired comparisons
   (:func:`add_intervals`);
+* :data:`PROTOCOLS`: a peer's conventions (``protocol="cell-eval"``) under which
+  :func:`evaluate` and :func:`sweep` reproduce that peer's numbers;
 * :func:`calibration_card`, :func:`summarize`, :func:`summary_intervals`,
   :func:`per_gene_data` summarise it; :func:`undefined_summary` says why most rows are NaN.
 """
@@ -43,6 +45,13 @@ from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, deg_arrays, 
 from vcjax.pipeline._evaluate import as_screen, calibration_card, evaluate, score_screen
 from vcjax.pipeline._known import known_models
 from vcjax.pipeline._per_gene import PER_GENE_SOURCES, per_gene_data
+from vcjax.pipeline._protocol import (
+    PROTOCOLS,
+    Protocol,
+    ProtocolScores,
+    get_protocol,
+    register_protocol,
+)
 from vcjax.pipeline._scorer import Scorer, scorer
 from vcjax.pipeline._scoring import resolve_metrics, score_sources
 from vcjax.pipeline._screen import FORMAT_VERSION, Cells, Screen, Stratum, prepare, prepare_spec
@@ -59,6 +68,11 @@ from vcjax.pipeline._tidy import undefined_summary
 
 __all__ = [
     "CHECK_SCALE",
+    "PROTOCOLS",
+    "Protocol",
+    "ProtocolScores",
+    "get_protocol",
+    "register_protocol",
     "read_prediction",
     "Scorer",
     "scorer",

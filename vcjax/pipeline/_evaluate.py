@@ -24,6 +24,7 @@ later processes load them from disk instead of compiling.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -220,13 +221,16 @@ def evaluate(
     chunk_size: int | None = None,
     progress: bool = False,
     check_scale: Literal["error", "warn", "off"] = "error",
+    protocol: str | None = None,
 ) -> pd.DataFrame:
     """Score a model's predictions and the calibration baselines; return a tidy table.
 
     Args:
       truth: the measured screen: an AnnData (in memory or backed), a path to ``.h5ad``, or
         a :class:`~vcjax.pipeline.Screen` from :func:`vcjax.prepare` (then the truth-side
-        options below are fixed by it: only the scoring options apply).
+        options below are fixed by it: only the scoring options apply). Under
+        ``protocol="cell-eval"`` an AnnData, a path or a
+        :class:`vcjax.peers.CellEvalTruth` (its truth side prepared once).
       pred: the model's predictions — an AnnData of predicted cells (pseudobulked by
         ``key``) or with one row per perturbation, a DataFrame (index perturbations,
         columns genes), a mapping ``name → (G,)`` in the truth's gene order, a tuple
@@ -271,6 +275,13 @@ def evaluate(
         non-negative, …), told from the values' range, integers, sign and per-cell totals
         (:func:`vcjax.data.compare_scales`), raises a one-line error naming the evidence;
         ``"warn"``: a ``UserWarning`` and the table; ``"off"``: no check.
+      protocol: None or ``"dbd"`` (default, everything above), or a peer's conventions
+        (:data:`vcjax.pipeline.PROTOCOLS`, docs/metrics.md §13): ``"cell-eval"``
+        gives cell-eval 0.8.2's per-perturbation metrics under its names, from the truth's
+        and the predicted cells (which must include control cells). A protocol fixes the
+        truth-side options, the baselines and the bootstrap; setting one is an error naming
+        it. Its table has ``source = "model"`` rows only, ``calibrated`` NaN, and
+        ``attrs["protocol"]``.
 
     Returns:
       A DataFrame with one row per (perturbation, metric, source) and columns
@@ -286,6 +297,14 @@ def evaluate(
       prediction's values looked like and what was done to them
       (:func:`input_record`).
     """
+    if protocol is not None and protocol != "dbd":
+        from vcjax.pipeline._protocol import protocol_evaluate
+
+        given = dict(locals())
+        return protocol_evaluate(
+            truth, pred, protocol=protocol, key=key, control=control, metrics=metrics,
+            layer=layer, pred_layer=pred_layer, given=given, defaults=_EVALUATE_DEFAULTS,
+        )  # fmt: skip
     validate_check_scale(check_scale)  # before the truth is read
     score = ScoreSpec(metrics=metrics, k=k, strict=strict, gate=gate, chunk_size=chunk_size)
     boot = None
@@ -322,6 +341,14 @@ def evaluate(
     if boot is not None:
         table = add_intervals(table, screen, prediction, score=score, boot=boot, progress=progress)
     return table
+
+
+#: evaluate's options and their defaults (what a protocol checks it was not given)
+_EVALUATE_DEFAULTS = {
+    name: par.default
+    for name, par in inspect.signature(evaluate).parameters.items()
+    if par.default is not inspect.Parameter.empty
+}
 
 
 def calibration_card(table_or_truth, **kwargs) -> pd.DataFrame:

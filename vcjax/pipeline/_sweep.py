@@ -25,6 +25,7 @@ within :data:`TIE_TOL` (float32 noise, relative) is a tie.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import tempfile
 import time
@@ -43,7 +44,7 @@ from vcjax.pipeline._align import align
 from vcjax.pipeline._bootstrap import resampler
 from vcjax.pipeline._calibrate import calibrate
 from vcjax.pipeline._contract import model_sums, model_values, resample_terms
-from vcjax.pipeline._evaluate import as_screen
+from vcjax.pipeline._evaluate import _TRUTH_DEFAULTS, as_screen
 from vcjax.pipeline._scoring import engine_inputs, resolve_metrics, score_sources, usable_metrics
 from vcjax.pipeline._screen import Screen
 from vcjax.pipeline._spec import BootSpec, ScoreSpec, warn_if_rough
@@ -293,12 +294,26 @@ class SweepResult:
         if aggregate not in AGGREGATES:
             raise VcjaxInputError(f"aggregate must be one of {AGGREGATES}; got {aggregate!r}")
         key = (metric, bool(calibrated), aggregate)
+        protocol = self.info.get("protocol")
+        if (
+            key not in self.aggregates
+            and protocol
+            and (metric, False, aggregate) in self.aggregates
+        ):
+            raise VcjaxInputError(
+                f"protocol={protocol!r} values are not calibrated: pass calibrated=False"
+            )
         if key not in self.aggregates:
             have = sorted({k[0] for k in self.aggregates})
             raise VcjaxInputError(f"metric {metric!r} was not scored in this sweep; scored: {have}")
         return key
 
     def _oriented(self, metric: str, calibrated: bool) -> float:
+        hib = self.info.get("higher_is_better")  # a protocol's own metrics
+        if hib is not None and metric in hib:
+            if hib[metric] is None:
+                raise VcjaxInputError(f"metric {metric!r} has no better direction: not ranked")
+            return 1.0 if hib[metric] else -1.0
         return 1.0 if calibrated or higher_is_better(metric) else -1.0
 
     def leaderboard(
@@ -467,7 +482,7 @@ def sweep(
     n_boot: int = 0,
     ci: float = 0.95,
     seed: int = 0,
-    resample: str = "cells",
+    resample: str | None = None,
     k: int = 20,
     strict: bool = False,
     gate: bool = True,
@@ -480,6 +495,7 @@ def sweep(
     memory_budget: int = 1 << 30,
     progress: bool | Callable[[str, int, int], None] = False,
     devices: Sequence[jax.Device] | None = None,
+    protocol: str | None = None,
     **truth_options: Any,
 ) -> SweepResult:
     """Score many models against one prepared truth, on shared resamples.
@@ -498,7 +514,8 @@ def sweep(
       n_boot: resamples (0: point estimates only).
       ci: interval level.
       seed: the resamples' seed (and, when preparing here, the null baseline's).
-      resample: ``"cells"``, ``"perturbations"`` or ``"both"`` (module docstring).
+      resample: ``"cells"`` (default), ``"perturbations"`` or ``"both"`` (module docstring);
+        under a protocol only ``"perturbations"`` (its default).
       k, strict, gate: scoring options, as :func:`vcjax.evaluate`.
       pred_layer, pred_normalize: how predictions are read, as :func:`vcjax.evaluate`.
       check_scale: ``"error"``, ``"warn"`` or ``"off"``: a model on another scale than the
@@ -513,10 +530,27 @@ def sweep(
       devices: the devices the resamples are sharded over (default: every local device);
         the models are replicated on them. Resample ``b`` depends only on ``seed`` and
         ``b``, so the values do not depend on the devices.
+      protocol: None/``"dbd"`` (default), or a peer's conventions (``"cell-eval"``, as
+        :func:`vcjax.evaluate`): the truth is prepared once under it, every model scored
+        with it (raw values, no baselines, ``calibrated`` NaN), and with ``n_boot > 0`` the
+        perturbations resampled, the same draws for every model
+        (:func:`vcjax.pipeline._protocol.protocol_sweep`).
 
     Returns:
       :class:`SweepResult`.
     """
+    if protocol is not None and protocol != "dbd":
+        from vcjax.pipeline._protocol import protocol_sweep
+
+        given = {**{k_: v for k_, v in locals().items() if k_ != "truth_options"}, **truth_options}
+        return protocol_sweep(
+            truth, models, protocol=protocol, names=names, key=key, control=control,
+            metrics=metrics, n_boot=n_boot, ci=ci, seed=seed, resample=resample,
+            layer=truth_options.pop("layer", None), pred_layer=pred_layer, on_error=on_error,
+            progress=progress, given=given, defaults={**_SWEEP_DEFAULTS, **_TRUTH_DEFAULTS},
+        )  # fmt: skip
+    if resample is None:
+        resample = "cells"
     if resample not in RESAMPLE:
         raise VcjaxInputError(f"resample must be one of {RESAMPLE}; got {resample!r}")
     if on_error not in ("raise", "skip"):
@@ -651,6 +685,14 @@ def sweep(
             store.close()
     info["seconds"] = time.perf_counter() - t_start
     return result
+
+
+#: sweep's options and their defaults (what a protocol checks it was not given)
+_SWEEP_DEFAULTS = {
+    name: par.default
+    for name, par in inspect.signature(sweep).parameters.items()
+    if par.default is not inspect.Parameter.empty
+}
 
 
 def _placer(devices: Sequence[jax.Device] | None) -> Callable[[np.ndarray], jax.Array]:
