@@ -420,3 +420,93 @@ def test_parity_with_cell_eval_full_profile(tmp_path):
             worst[m] = max(worst.get(m, 0.0), float(np.nanmax(diff, initial=0.0)))
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, equal_nan=True, err_msg=m)
     print("max |vcjax - cell-eval| per metric:", worst)
+
+
+# ------------------------------------------------------------------ vcc2026
+
+
+def _vcc_adata(x, lab, genes, *, key="target"):
+    obs = pd.DataFrame({key: pd.Categorical(lab)}, index=[f"c{i}" for i in range(len(lab))])
+    return ad.AnnData(sps.csr_matrix(x.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes))
+
+
+@pytest.fixture(scope="module")
+def vcc_pair():
+    from tests.test_vcc2026 import _screen as vcc_screen
+
+    xr, lr, genes = vcc_screen(1)
+    models = {}
+    for seed in (2, 3):
+        xp, lp, _ = vcc_screen(seed, jitter=True)
+        models[f"m{seed}"] = _vcc_adata(xp, lp, genes)
+    truth = vcc2026_truth_of(xr, lr, genes)
+    return _vcc_adata(xr, lr, genes), models, truth
+
+
+def vcc2026_truth_of(x, lab, genes):
+    return peers.vcc2026_truth(sps.csr_matrix(x), pd.Categorical(lab), genes)
+
+
+def test_vcc2026_protocol_table_is_the_kernels(vcc_pair):
+    """evaluate(protocol='vcc2026'): per-perturbation rows are vcc2026_scores' metrics; the
+    (all) rows hold each member's aggregate, its calibrated score and avg_score."""
+    real, models, truth = vcc_pair
+    pred = models["m2"]
+    table = vcjax.evaluate(real, pred, protocol="vcc2026")
+    res = peers.vcc2026_scores(truth, pred.X, pred.obs["target"].astype(str).to_numpy())
+    assert table.attrs["protocol"] == "vcc2026"
+    per = table[table["perturbation"] != "(all)"]
+    for m, v in res["metrics"].items():
+        got = per[per["metric"] == m].set_index("perturbation")["value"].reindex(res["perts"])
+        np.testing.assert_array_equal(np.isnan(got.to_numpy()), np.isnan(v))
+        np.testing.assert_allclose(got.to_numpy(), v, rtol=0, atol=1e-12, equal_nan=True)
+    overall = table[table["perturbation"] == "(all)"].set_index("metric")
+    assert overall.loc["avg_score", "value"] == pytest.approx(res["score"], abs=1e-12)
+    for m, s in res["member_scores"].items():
+        assert overall.loc[m, "calibrated"] == pytest.approx(s, abs=1e-12)
+        assert overall.loc[m, "value"] == pytest.approx(res["aggregates"][m], abs=1e-12)
+    # the composite is the mean of the members' calibrated scores
+    members = overall.drop(index="avg_score")["calibrated"]
+    assert overall.loc["avg_score", "value"] == pytest.approx(members.mean(), abs=1e-12)
+
+
+def test_vcc2026_protocol_sweep_ranks_on_the_composite(vcc_pair):
+    """A sweep's avg_score per model is evaluate's; its resamples are the composite of the
+    same perturbation draws (recomputed here), and the leaderboard ranks on them."""
+    from vcjax.pipeline._sweep import _perturbation_counts
+
+    real, models, truth = vcc_pair
+    res = vcjax.sweep(real, models, protocol="vcc2026", n_boot=40, seed=3)
+    board = res.leaderboard("avg_score")
+    for name, pred in models.items():
+        t = vcjax.evaluate(real, pred, protocol="vcc2026")
+        want = t[(t["metric"] == "avg_score")]["value"].iloc[0]
+        assert board.loc[name, "value"] == pytest.approx(want, abs=1e-12)
+    P = len(truth.perts)
+    counts = np.stack([_perturbation_counts(3, b, P) for b in range(40)])
+    lab = models["m3"].obs["target"].astype(str).to_numpy()
+    got = peers.vcc2026_scores(truth, models["m3"].X, lab)
+    want = peers.vcc2026_composite(truth, got["metrics"], counts)["score"]
+    m = res.models.index("m3")
+    np.testing.assert_allclose(res.resampled[("avg_score", True, "mean")][m], want, atol=1e-12)
+    assert np.isfinite(board["ci_low"]).all() and board["p_best"].sum() == pytest.approx(1.0)
+    assert (board["ci_low"] <= board["value"]).all() and (board["value"] <= board["ci_high"]).all()
+    # a member's calibrated leaderboard is higher-is-better, its raw one the metric's own way
+    lower = res.leaderboard("de_wilcoxon_lfc_nmae", calibrated=False)
+    assert lower["value"].is_monotonic_increasing
+
+
+def test_vcc2026_protocol_errors(vcc_pair):
+    real, models, _ = vcc_pair
+    lognorm = real.copy()
+    lognorm.X = sps.csr_matrix(np.log1p(lognorm.X.toarray()))
+    with pytest.raises(VcjaxInputError, match="raw integer counts"):
+        vcjax.evaluate(lognorm, models["m2"], protocol="vcc2026")
+    with pytest.raises(VcjaxInputError, match="raw integer counts"):
+        pred = models["m2"].copy()
+        pred.X = sps.csr_matrix(np.log1p(pred.X.toarray()))
+        vcjax.evaluate(real, pred, protocol="vcc2026")
+    with pytest.raises(VcjaxInputError, match="vcc2026"):
+        vcjax.evaluate(real, models["m2"], protocol="vcc-2026")
+    with pytest.raises(VcjaxInputError, match="fixes reference="):
+        vcjax.evaluate(real, models["m2"], protocol="vcc2026", reference="control")

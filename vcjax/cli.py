@@ -782,7 +782,7 @@ def score(
                 staged.commit()
             if not quiet:
                 n = table.loc[table["perturbation"] != "(all)", "perturbation"].nunique()
-                title = f"--protocol {protocol}: median over {n} perturbations"
+                title = f"--protocol {protocol}: median over {n} perturbations; (all): the whole data set's value"
                 _stdout().print(_protocol_summary(table, title=title))
                 steps.console.print(_backend_line())
                 steps.console.print(f"wrote {out}")
@@ -909,18 +909,36 @@ def _protocol_truth(truth: str, name: str) -> str:
 
 
 def _protocol_summary(table, *, title: str, max_rows: int = 40):
-    """Per metric, the model's median over perturbations (dataset-level: the value)."""
+    """Per metric, the model's median over perturbations; a whole-data-set row (``(all)``:
+    a dataset-level metric, or a peer's aggregate with its calibrated score) in its place."""
     import numpy as np
     from rich.table import Table
 
-    med = table.groupby("metric", sort=False)["value"].median()
+    from vcjax.pipeline._tidy import ALL
+
+    per = table[table["perturbation"] != ALL]
+    whole = table[table["perturbation"] == ALL].set_index("metric")
+    med = per.groupby("metric", sort=False)["value"].median()
+    names = list(dict.fromkeys([*med.index, *whole.index]))
+    has_cal = bool(np.isfinite(whole["calibrated"].to_numpy(float)).any())
     t = Table(title=title, title_justify="left", header_style="bold")
     t.add_column("metric")
     t.add_column("model", justify="right", style="bold")
-    for m, v in list(med.items())[:max_rows]:
-        t.add_row(str(m), "—" if not np.isfinite(v) else f"{v:.4g}")
-    if len(med) > max_rows:
-        t.caption = f"… {len(med) - max_rows} more metric(s) in the output"
+    if has_cal:
+        t.add_column("calibrated (baseline 0, anchor 1)", justify="right")
+
+    def fmt(v) -> str:
+        return "—" if not np.isfinite(v) else f"{v:.4g}"
+
+    for m in names[:max_rows]:
+        if m in whole.index:
+            row = [f"{m} (all)" if m in med.index else m, fmt(float(whole.loc[m, "value"]))]
+            cal = float(whole.loc[m, "calibrated"])
+        else:
+            row, cal = [m, fmt(float(med[m]))], np.nan
+        t.add_row(*row, *([fmt(cal) if np.isfinite(cal) else ""] if has_cal else []))
+    if len(names) > max_rows:
+        t.caption = f"… {len(names) - max_rows} more metric(s) in the output"
     return t
 
 
@@ -1576,10 +1594,9 @@ def _sweep_protocol(
     name = proto.name
     _protocol_cli_flags(name, {"--report": report}, {**switches, "--raw": raw})
     metric = metric or proto.default_metric
-    if metric not in proto.metrics:
-        _fail(
-            f"--metric {metric!r} is not a metric of --protocol {name}: {', '.join(proto.metrics)}"
-        )
+    known = list(dict.fromkeys([*proto.metrics, *proto.higher_is_better]))
+    if metric not in known:
+        _fail(f"--metric {metric!r} is not a metric of --protocol {name}: {', '.join(known)}")
     if proto.higher_is_better.get(metric, True) is None:
         _fail(f"--metric {metric!r} has no better direction: it cannot rank models")
     files = _sweep_preds(pred, preds)
@@ -1628,12 +1645,17 @@ def _print_leaderboard(result, *, metric: str, calibrated: bool, steps: _Steps) 
     name = ("calibrated " if calibrated else "") + label(metric)
     if result.info.get("protocol"):
         name = f"{metric} (--protocol {result.info['protocol']})"
+    what = (
+        "the whole data set's score, recomputed on each resample"
+        if metric in result.info.get("composite", ())
+        else "mean over perturbations"
+    )
     cap = (
-        f"mean over perturbations; {100 * result.info['ci']:.0f} % intervals and rank intervals "
+        f"{what}; {100 * result.info['ci']:.0f} % intervals and rank intervals "
         f"from {n_boot} shared {result.info['resample']} resamples; p_best: share of resamples "
         "in which the model is best"
         if n_boot
-        else "mean over perturbations; no resamples (--n-boot) so no intervals"
+        else f"{what}; no resamples (--n-boot) so no intervals"
     )
     _stdout().print(_leaderboard_table(lb, title=f"leaderboard: {name}", caption=cap))
     steps.console.print(_backend_line())

@@ -50,8 +50,22 @@ from vcjax.peers._table import (
     score_dataset,
     score_pseudobulk,
 )
+from vcjax.peers._vcc2026 import (
+    VCC2026_MEMBERS,
+    VCC2026_METRICS,
+    Vcc2026Truth,
+    vcc2026_composite,
+    vcc2026_scores,
+    vcc2026_truth,
+)
 
 __all__ = [
+    "VCC2026_MEMBERS",
+    "VCC2026_METRICS",
+    "Vcc2026Truth",
+    "vcc2026_composite",
+    "vcc2026_scores",
+    "vcc2026_truth",
     "CELLEVAL_METRICS",
     "CELL_METRICS",
     "CellEvalTruth",

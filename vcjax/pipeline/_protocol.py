@@ -45,6 +45,7 @@ import scipy.sparse as sp
 from vcjax import data as vdata
 from vcjax._errors import VcjaxInputError, preview
 from vcjax.peers import _celleval as ce
+from vcjax.peers import _vcc2026 as vcc
 from vcjax.pipeline._tidy import ALL
 
 __all__ = [
@@ -67,12 +68,16 @@ class ProtocolScores:
       values: metric name → ``(P,)`` float64 (dataset-level metrics repeat their value).
       notes: metric name → ``(P,)`` object array, why a value is NaN or what it means ("").
       inputs: what each side's values looked like and what was done to them.
+      overall: metric → ``(value, calibrated, note)`` of whole-data-set rows (``(all)``):
+        the aggregates a peer reports with its own rescaled value (vcc2026's members and
+        ``avg_score``).
     """
 
     perts: list[str]
     values: dict[str, np.ndarray]
     notes: dict[str, np.ndarray]
     inputs: dict[str, Any]
+    overall: dict[str, tuple[float, float, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,10 @@ class Protocol:
       higher_is_better: metric → orientation (None: no better direction, never ranked).
       dataset_level: metrics with one value for the whole data set.
       default_metric: the metric a leaderboard ranks by default.
+      composite: ``composite(prepared, values, counts) -> {(name, calibrated): (B,)}``:
+        whole-data-set scores recomputed from one model's per-perturbation ``values`` with perturbation
+        multiplicities ``counts`` ``(B, P)`` (a sweep's shared perturbation resamples), for
+        scores that are not a plain mean over perturbations; None when there are none.
     """
 
     name: str
@@ -103,6 +112,7 @@ class Protocol:
     higher_is_better: Mapping[str, bool | None] = dataclasses.field(default_factory=dict)
     dataset_level: tuple[str, ...] = ()
     default_metric: str | None = None
+    composite: Callable[..., dict[tuple[str, bool], np.ndarray]] | None = None
 
     @property
     def is_default(self) -> bool:
@@ -286,6 +296,169 @@ CELL_EVAL = Protocol(
     default_metric="discrimination_score_l1",
 )
 
+# --------------------------------------------------------------------------- vcc2026
+
+#: the challenge's obs column and control label (cell-eval2's preset pins them)
+VCC_KEY, VCC_CONTROL = "target", "non-targeting"
+#: the composite's name in cell-eval2's score table; its one member that is no mean over
+#: perturbations (a ratio of sums)
+VCC_SCORE, VCC_CAPPED_NORM = "avg_score", "expr_mse_unbiased_capped_norm"
+
+
+def _vcc_error(exc: ValueError, which: str) -> VcjaxInputError:
+    msg = str(exc).removeprefix("vcc2026: ")
+    if "fractional" in msg or "negative" in msg:
+        msg = (
+            f"the {which} is not raw counts ({msg}): protocol='vcc2026' scores raw integer "
+            "counts, as the challenge does; pass the counts (layer=/pred_layer= if they are a "
+            "layer), not log-normalised values"
+        )
+    return VcjaxInputError(f"protocol='vcc2026': {msg}")
+
+
+def _vcc_labels(adata, key: str, which: str):
+    labels = _labels(adata, key, which)
+    col = adata.obs[key]
+    # a categorical keeps its category order: cell-eval2's groupby (the replicate splits)
+    return col if isinstance(col.dtype, pd.CategoricalDtype) else labels
+
+
+def _vcc_prepare(truth, *, key, control, layer=None, metrics=None) -> vcc.Vcc2026Truth:
+    if isinstance(truth, vcc.Vcc2026Truth):
+        if control is not None and control != truth.control:
+            raise VcjaxInputError(
+                f"control={control!r} differs from the prepared truth's {truth.control!r}"
+            )
+        return truth
+    if type(truth).__name__ == "Screen":
+        raise VcjaxInputError(
+            "protocol='vcc2026' needs the truth's raw-count cells (an AnnData or .h5ad path), "
+            "not a prepared Screen; or a truth from vcjax.peers.vcc2026_truth"
+        )
+    if isinstance(truth, (str, os.PathLike)):
+        truth = vdata.read_h5ad(truth)
+    if not hasattr(truth, "obs"):
+        raise VcjaxInputError(
+            f"protocol='vcc2026' takes the truth as an AnnData or .h5ad path; got "
+            f"{type(truth).__name__}"
+        )
+    key = key or VCC_KEY
+    try:
+        return vcc.vcc2026_truth(
+            _matrix(truth, layer, "truth"),
+            _vcc_labels(truth, key, "truth"),
+            truth.var_names,
+            control=control or VCC_CONTROL,
+        )
+    except ValueError as exc:
+        raise _vcc_error(exc, "truth") from exc
+
+
+def _vcc_score(prepared: vcc.Vcc2026Truth, pred, *, key, layer=None, metrics=None):
+    key = key or VCC_KEY
+    cells = getattr(pred, "cells", None) if type(pred).__name__ == "Prediction" else pred
+    if isinstance(cells, (str, os.PathLike)) and os.fspath(cells).lower().endswith(".h5ad"):
+        cells = vdata.read_h5ad(cells)
+    if not hasattr(cells, "obs"):
+        raise VcjaxInputError(
+            "protocol='vcc2026' needs predicted raw-count cells (an AnnData or .h5ad of cells "
+            f"labelled by {key!r}, the control included), as the challenge: got "
+            f"{type(pred).__name__}"
+        )
+    labels = _labels(cells, key, "prediction")
+    genes = [str(g) for g in cells.var_names]
+    if genes != [str(g) for g in prepared.genes]:
+        missing = sorted(set(map(str, prepared.genes)) - set(genes))
+        if missing:
+            raise VcjaxInputError(
+                f"protocol='vcc2026': the prediction lacks {len(missing)} of the truth's genes "
+                f"({preview(missing)}); the challenge scores the same genes"
+            )
+        raise VcjaxInputError(
+            "protocol='vcc2026': the prediction's genes are in another order than the truth's"
+        )
+    try:
+        res = vcc.vcc2026_scores(prepared, _matrix(cells, layer, "prediction"), labels)
+    except ValueError as exc:
+        raise _vcc_error(exc, "prediction") from exc
+    values = {m: np.asarray(v, np.float64) for m, v in res["metrics"].items()}
+    if metrics is not None:
+        values = {m: v for m, v in values.items() if m in metrics}
+    notes = {
+        m: np.where(np.isnan(v), "cell-eval2 omits this row (undefined)", "").astype(object)
+        for m, v in values.items()
+    }
+    overall = {}
+    for m, cal in res["member_scores"].items():
+        overall[m] = (
+            float(res["aggregates"][m]),
+            float(cal),
+            f"{VCC2026_LABEL} member: value the aggregate, calibrated its score between the "
+            f"baseline ({res['baseline'][m]:.4g}) and the split-half replicate "
+            f"({res['replicate'][m]:.4g})",
+        )
+    overall[VCC_SCORE] = (
+        float(res["score"]),
+        float(res["score"]),
+        f"the {VCC2026_LABEL} score: the mean of the {len(res['member_scores'])} members' "
+        "calibrated scores",
+    )
+    return ProtocolScores(
+        perts=list(res["perts"]),
+        values=values,
+        notes=notes,
+        inputs={
+            "truth": {"normalization": "raw counts (the preset normalises)"},
+            "prediction": {"normalization": "raw counts (the preset normalises)", "cells": True},
+        },
+        overall=overall,
+    )
+
+
+def _vcc_composite(prepared: vcc.Vcc2026Truth, values, counts) -> dict:
+    """``{(name, calibrated): (B,)}``: ``avg_score`` and each member's score (calibrated),
+    and the capped norm's aggregate (raw; the other members' raw aggregates are plain means
+    over perturbations, which the sweep computes itself)."""
+    got = vcc.vcc2026_composite(prepared, values, counts)
+    out = {(VCC_SCORE, c): np.atleast_1d(got["score"]) for c in (False, True)}
+    out.update({(m, True): np.atleast_1d(v) for m, v in got["members"].items()})
+    num, den = values["expr_mse_unbiased_capped"], values["expr_distance_unbiased"]
+    ok = np.isfinite(num) & np.isfinite(den)
+    w = np.atleast_2d(counts)
+    n_, d_ = w @ np.where(ok, num, 0.0), w @ np.where(ok, den, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[(VCC_CAPPED_NORM, False)] = np.where(d_ > 0, n_ / d_, np.nan)
+    return out
+
+
+VCC2026_LABEL = "Virtual Cell Challenge 2026"
+
+VCC2026 = Protocol(
+    name="vcc2026",
+    description="the Virtual Cell Challenge 2026 score as cell-eval2 0.20.0 --preset vcc2026 "
+    "computes it (raw counts in; its per-perturbation metrics, members and avg_score)",
+    prepare=_vcc_prepare,
+    score=_vcc_score,
+    fixes={
+        **_FIXED_COMMON,
+        "normalize": "the challenge normalises raw counts itself (CPM, log1p)",
+        "pred_normalize": "the challenge normalises raw counts itself (CPM, log1p)",
+    },
+    metrics=vcc.VCC2026_METRICS,
+    higher_is_better={
+        **{m: d == "higher" for m, d in vcc.VCC2026_MEMBERS.items()},
+        "expr_mse_unbiased": False,
+        "expr_mse_unbiased_capped": False,
+        "expr_distance_unbiased": None,
+        "expr_real_mass_ratio": None,
+        VCC_SCORE: True,
+    },
+    dataset_level=(),
+    default_metric=VCC_SCORE,
+    composite=_vcc_composite,
+)
+
+
 DBD = Protocol(
     name="dbd",
     description="vcjax's default (Diversity by Design): half-split truth, u_ALL reference, "
@@ -296,7 +469,7 @@ DBD = Protocol(
 )
 
 #: the known protocols by name; ``None`` means ``"dbd"``
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (DBD, CELL_EVAL)}
+PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (DBD, CELL_EVAL, VCC2026)}
 
 
 def register_protocol(protocol: Protocol) -> None:
@@ -376,9 +549,19 @@ def _table(protocol: Protocol, scores: ProtocolScores) -> pd.DataFrame:
                 )
             )  # fmt: skip
         )
-    t = pd.concat(frames, ignore_index=True)
+    t = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["perturbation", "metric", "value", "note"])
+    )
     t.insert(2, "source", "model")
     t.insert(4, "calibrated", np.nan)
+    if scores.overall:
+        rows = pd.DataFrame(
+            [(ALL, m, "model", v, c, why) for m, (v, c, why) in scores.overall.items()],
+            columns=["perturbation", "metric", "source", "value", "calibrated", "note"],
+        )
+        t = pd.concat([t, rows], ignore_index=True)
     t = t[["perturbation", "metric", "source", "value", "calibrated", "note"]]
     t["note"] = t["note"].astype(object)
     return t
@@ -496,7 +679,7 @@ def protocol_sweep(
     items = _model_items(models, names)
     n_models = len(models) if isinstance(models, Mapping) else 0
     prepared = p.prepare(truth, key=key, control=control, layer=layer, metrics=wanted)
-    frames, points, errors, seen = [], [], {}, set()
+    frames, points, errors, seen, model_values = [], [], {}, set(), []
     met: list[str] = []
     for name, pred in items:
         if name in seen:
@@ -512,6 +695,7 @@ def protocol_sweep(
         met = list(scores.values)
         frames.append(_table(p, scores).drop(columns=["source"]).assign(model=name))
         points.append(np.stack([scores.values[m] for m in met]))  # (metrics, P)
+        model_values.append(scores.values)
         if report:
             report("models", len(frames), n_models)
     if not frames:
@@ -524,7 +708,7 @@ def protocol_sweep(
     info: dict[str, Any] = dict(
         protocol=p.name, n_boot=int(n_boot), ci=float(ci), seed=int(seed),
         resample="perturbations", backend=jax.default_backend(), n_models=len(models_),
-        metrics=list(met), higher_is_better={m: p.higher_is_better.get(m) for m in met},
+        metrics=list(met), higher_is_better={m: p.higher_is_better.get(m) for m in (*met, *p.higher_is_better)},
         dataset_level=[m for m in met if m in p.dataset_level],
         normalization=prepared.normalization if hasattr(prepared, "normalization") else None,
     )  # fmt: skip
@@ -550,5 +734,34 @@ def protocol_sweep(
             result.baseline_resampled.pop(key_, None)
         if report:
             report("resamples", n_boot, n_boot)
+    if p.composite is not None:
+        _composite(result, p, prepared, model_values, int(n_boot), int(seed))
     info["seconds"] = time.perf_counter() - t_start
     return result
+
+
+def _composite(result, p: Protocol, prepared, model_values: list, n_boot: int, seed: int) -> None:
+    """A protocol's whole-data-set scores (:attr:`Protocol.composite`) of every model, at
+    the point and on the sweep's perturbation resamples (the same draws as every other
+    metric's), as aggregates that :meth:`SweepResult.leaderboard` ranks (both aggregates
+    hold the score: it is no mean or median over perturbations)."""
+    from vcjax.pipeline._sweep import AGGREGATES, _perturbation_counts
+
+    n_rows = len(next(iter(model_values[0].values())))
+    point = [p.composite(prepared, v, np.ones((1, n_rows))) for v in model_values]
+    counts = (
+        np.stack([_perturbation_counts(seed, b, n_rows) for b in range(n_boot)]) if n_boot else None
+    )
+    for name_cal in point[0]:
+        pt = np.array([c[name_cal][0] for c in point])
+        for how in AGGREGATES:
+            result.aggregates[(*name_cal, how)] = pt
+    if counts is None:
+        return
+    got = [p.composite(prepared, v, counts) for v in model_values]
+    for name_cal in got[0]:
+        arr = np.stack([g[name_cal] for g in got])  # (M, B)
+        for how in AGGREGATES:
+            result.resampled[(*name_cal, how)] = arr
+    composite_names = sorted({k[0] for k in got[0]})
+    result.info["composite"] = composite_names

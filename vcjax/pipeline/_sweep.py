@@ -310,6 +310,8 @@ class SweepResult:
 
     def _oriented(self, metric: str, calibrated: bool) -> float:
         hib = self.info.get("higher_is_better")  # a protocol's own metrics
+        if calibrated:  # calibrated scores (also a protocol's, e.g. vcc2026's): higher is better
+            return 1.0
         if hib is not None and metric in hib:
             if hib[metric] is None:
                 raise VcjaxInputError(f"metric {metric!r} has no better direction: not ranked")
