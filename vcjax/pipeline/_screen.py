@@ -529,7 +529,8 @@ def prepare_spec(
     enable_compilation_cache()
     if path is None and isinstance(truth, (str, os.PathLike)):
         path = truth
-    adata = vdata.read_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
+    # a path is opened backed: obs/var are read, X is streamed (vcjax.data.group_stats)
+    adata = vdata.read_h5ad(truth, backed=True) if isinstance(truth, (str, os.PathLike)) else truth
     for name, col in (("key", spec.key), ("covariate", spec.covariate)):
         if col is not None and col not in adata.obs.columns:
             raise VcjaxInputError(
@@ -573,8 +574,10 @@ def prepare_spec(
         strata.append(_stratum(spec, part, value, labels, in_stratum, half, adata, path))
     source = {"path": path, "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}
     norm = stats.half1.normalization
-    X = adata.X if spec.layer is None else adata.layers[spec.layer]
-    scale = vdata.scale_evidence(X, normalization=norm)
+    scale = stats.half1.scale  # sampled by group_stats on its pass
+    if scale is None:
+        X = adata.X if spec.layer is None else adata.layers[spec.layer]
+        scale = vdata.scale_evidence(X, normalization=norm)
     if norm == "log1p_cp10k" and spec.normalize == "auto":
         warnings.warn(
             f"the truth cells look like raw counts ({scale.summary()}): normalised to "
