@@ -222,7 +222,8 @@ def align(
                 f"the prediction has {len(pred.matrices)} strata; the screen has {len(screen.strata)}"
             )
         return pred
-    if isinstance(pred, (str, os.PathLike)):
+    opened = isinstance(pred, (str, os.PathLike))
+    if opened:
         pred = read_prediction(pred)
     pred = _as_named_tuple(pred)
     if len(screen.strata) > 1 and isinstance(pred, (np.ndarray, tuple)) and not _has_names(pred):
@@ -259,6 +260,8 @@ def align(
             matrices[0] if len(matrices) == 1 else np.concatenate(matrices), form="pseudobulk"
         )
     check_scales(screen, evidence, check_scale)
+    if opened and getattr(pred, "isbacked", False):
+        pred.file.close()  # anndata reopens it if the cells are read again
     return Prediction(matrices, cells, layer, norm, evidence)
 
 

@@ -527,6 +527,10 @@ def prepare_spec(
     bootstrap can then re-read the cells after a save and load).
     """
     enable_compilation_cache()
+    # opened here (or by evaluate, which passes ``path``): the file is closed after the pass
+    # (anndata reopens a backed file when its X is read again, e.g. by the bootstrap), so
+    # no handle outlives the call
+    opened = isinstance(truth, (str, os.PathLike)) or path is not None
     if path is None and isinstance(truth, (str, os.PathLike)):
         path = truth
     # a path is opened backed: obs/var are read, X is streamed (vcjax.data.group_stats)
@@ -585,6 +589,8 @@ def prepare_spec(
             UserWarning,
             stacklevel=3,
         )
+    if opened and getattr(adata, "isbacked", False):
+        adata.file.close()
     return Screen(spec, tuple(strata), norm, source, scale)
 
 
