@@ -412,3 +412,22 @@ def test_evaluate_from_paths_equals_in_memory_and_leaves_no_file_open(tmp_path):
     assert got.attrs["inputs"] == want.attrs["inputs"]
     truth.write_h5ad(tp)  # no handle left open by the screen
     assert screen.strata[0].cells.open().n_obs == truth.n_obs
+
+
+def test_open_h5ad_streams_csr_and_dense_and_reads_csc_whole(tmp_path):
+    """A path's X stays on disk when its rows can be streamed (CSR, dense); CSC is read
+    whole (each row block of a backed CSC reads all of it). Same sums either way."""
+    rng = np.random.default_rng(13)
+    a = make_adata(rng, counts=True)
+    want = data.group_stats(a, "cond", control="ctrl")
+    for fmt, X in (("csr", a.X), ("dense", a.X.toarray()), ("csc", sp.csc_matrix(a.X))):
+        b = a.copy()
+        b.X = X
+        b.write_h5ad(tmp_path / f"{fmt}.h5ad")
+        opened = data.open_h5ad(tmp_path / f"{fmt}.h5ad")
+        assert opened.isbacked == (fmt != "csc")
+        got = data.group_stats(opened, "cond", control="ctrl")
+        np.testing.assert_array_equal(got.sum, want.sum)
+        np.testing.assert_array_equal(got.sumsq, want.sumsq)
+        if opened.isbacked:
+            opened.file.close()

@@ -17,7 +17,7 @@ from vcjax.data._gene_sets import (
     write_gmt,
 )
 from vcjax.data._group_stats import group_stats, obs_labels, split_halves
-from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, read_h5ad
+from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, open_h5ad, read_h5ad
 from vcjax.data._scale import ScaleEvidence, compare_scales, scale_evidence
 from vcjax.data._stats import (
     REFERENCES,
@@ -47,6 +47,7 @@ __all__ = [
     "moments",
     "normalize_chunk",
     "obs_labels",
+    "open_h5ad",
     "read_gmt",
     "read_h5ad",
     "reference_from_sums",

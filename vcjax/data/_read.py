@@ -42,6 +42,7 @@ __all__ = [
     "iter_chunks",
     "locate",
     "normalize_chunk",
+    "open_h5ad",
     "read_h5ad",
     "sorted_unique",
 ]
@@ -79,6 +80,20 @@ def read_h5ad(path: str | os.PathLike, *, backed: bool = False):
         raise VcjaxInputError(
             f"empty AnnData in {path}: {adata.n_obs} cells x {adata.n_vars} genes"
         )
+    return adata
+
+
+def open_h5ad(path: str | os.PathLike):
+    """An ``.h5ad`` file for one streaming pass (:func:`vcjax.data.group_stats`).
+
+    Backed (:func:`read_h5ad` with ``backed=True``: ``obs``, ``var`` and the layers are
+    read, ``X`` stays on disk) when ``X`` is CSR or dense, or absent; read whole when ``X``
+    is CSC, whose rows cannot be streamed (every row block would read all of it).
+    """
+    adata = read_h5ad(path, backed=True)
+    X = adata.X
+    if X is not None and is_backed_sparse(X) and getattr(X, "format", "csr") != "csr":
+        adata = adata.to_memory()
     return adata
 
 

@@ -91,7 +91,7 @@ def read_prediction(path: str | os.PathLike):
     path = os.fspath(path)
     low = path.lower()
     if not low.endswith(_TABLES):
-        return vdata.read_h5ad(path, backed=True)  # X is streamed (vcjax.data.group_stats)
+        return vdata.open_h5ad(path)  # X is streamed (vcjax.data.group_stats)
     if not os.path.isfile(path):
         raise VcjaxInputError(f"prediction file not found: {path}")
     try:

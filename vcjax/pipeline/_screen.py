@@ -533,8 +533,8 @@ def prepare_spec(
     opened = isinstance(truth, (str, os.PathLike)) or path is not None
     if path is None and isinstance(truth, (str, os.PathLike)):
         path = truth
-    # a path is opened backed: obs/var are read, X is streamed (vcjax.data.group_stats)
-    adata = vdata.read_h5ad(truth, backed=True) if isinstance(truth, (str, os.PathLike)) else truth
+    # a path is opened backed (CSC read whole): X is streamed by vcjax.data.group_stats
+    adata = vdata.open_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
     for name, col in (("key", spec.key), ("covariate", spec.covariate)):
         if col is not None and col not in adata.obs.columns:
             raise VcjaxInputError(
