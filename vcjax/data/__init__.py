@@ -3,8 +3,9 @@
 :func:`group_stats` streams a dense, sparse or backed AnnData once and returns per-condition
 cell counts, sums and sums of squares (:class:`GroupStats`, or :class:`SplitStats` for the
 two halves of the technical-duplicate split, :func:`split_halves`). :func:`read_h5ad` reads
-a file with one-line errors; :func:`scale_evidence` and :func:`compare_scales` tell on which
-scale values are; :func:`read_gmt` and :func:`gene_set_masks` read gene sets.
+a file with one-line errors and :func:`open_h5ad` opens one for a streaming pass;
+:func:`scale_evidence` and :func:`compare_scales` tell on which scale values are;
+:func:`read_gmt` and :func:`gene_set_masks` read gene sets.
 """
 
 from vcjax._errors import VcjaxInputError
