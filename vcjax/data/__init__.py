@@ -3,8 +3,9 @@
 :func:`group_stats` streams a dense, sparse or backed AnnData once and returns per-condition
 cell counts, sums and sums of squares (:class:`GroupStats`, or :class:`SplitStats` for the
 two halves of the technical-duplicate split, :func:`split_halves`). :func:`read_h5ad` reads
-a file with one-line errors; :func:`scale_evidence` and :func:`compare_scales` tell on which
-scale values are; :func:`read_gmt` and :func:`gene_set_masks` read gene sets.
+a file with one-line errors and :func:`open_h5ad` opens one for a streaming pass;
+:func:`scale_evidence` and :func:`compare_scales` tell on which scale values are;
+:func:`read_gmt` and :func:`gene_set_masks` read gene sets.
 """
 
 from vcjax._errors import VcjaxInputError
@@ -17,7 +18,7 @@ from vcjax.data._gene_sets import (
     write_gmt,
 )
 from vcjax.data._group_stats import group_stats, obs_labels, split_halves
-from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, read_h5ad
+from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, open_h5ad, read_h5ad
 from vcjax.data._scale import ScaleEvidence, compare_scales, scale_evidence
 from vcjax.data._stats import (
     REFERENCES,
@@ -47,6 +48,7 @@ __all__ = [
     "moments",
     "normalize_chunk",
     "obs_labels",
+    "open_h5ad",
     "read_gmt",
     "read_h5ad",
     "reference_from_sums",

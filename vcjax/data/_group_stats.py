@@ -23,16 +23,18 @@ import pandas as pd
 
 from vcjax._errors import VcjaxInputError, preview
 from vcjax.data._read import (
+    _READ_NNZ,
+    Scratch,
     add_group_sums,
+    add_grouped,
     as_f64,
     chunk_values,
-    csr_rows,
-    grouped_sums,
-    in_memory_csr,
+    csr_source,
     iter_chunks,
     locate,
     normalize_chunk,
 )
+from vcjax.data._scale import EvidenceSample
 from vcjax.data._stats import GroupStats, SplitStats
 
 __all__ = ["group_stats", "split_halves", "obs_labels"]
@@ -83,6 +85,18 @@ def obs_labels(adata, col: str, what: str) -> np.ndarray:
     return np.asarray(values.astype(str), dtype=object)
 
 
+def _all_integer(vals: np.ndarray, piece: int = 1 << 20) -> bool:
+    """Whether every (finite) value is a whole number; stops at the first piece that is not
+    (log-normalised data is told from its first values)."""
+    if vals.dtype.kind in "biu":
+        return True
+    for a in range(0, vals.size, piece):
+        p = vals[a : a + piece]
+        if not np.array_equal(np.floor(p), p):
+            return False
+    return True
+
+
 class _ChunkValidator:
     """Checks the chunks of one pass in dataset order and decides ``normalize="auto"``.
 
@@ -104,24 +118,35 @@ class _ChunkValidator:
         return f"gene {self.genes[c]!r}, cell {self.cells[start + r]!r}"
 
     def __call__(self, start: int, chunk) -> None:
+        """Check one chunk (cells ``start …``) in dataset order.
+
+        Any run of consecutive cells can be checked once the mode is decided; while
+        ``"auto"`` is undecided, pass whole chunks of ``chunk_cells`` cells (the decision
+        is per chunk). The common case costs two reductions (min and max) per chunk: the
+        masks that name a culprit are computed only to raise.
+        """
         vals = chunk_values(chunk)
-        finite = np.isfinite(vals)
-        if not finite.all():
-            raise VcjaxInputError(
-                f"non-finite value {as_f64(vals[~finite][0])} at {self._where(chunk, start, ~finite)}"
-            )
+        lo = hi = 0.0
+        if vals.size:
+            lo, hi = vals.min(), vals.max()  # NaN propagates; ±inf shows in one of them
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                bad = ~np.isfinite(vals)
+                raise VcjaxInputError(
+                    f"non-finite value {as_f64(vals[bad][0])} at {self._where(chunk, start, bad)}"
+                )
         if self.mode == "none":
             return
-        neg = vals < 0
-        integer = bool(np.all(vals == np.floor(vals)))
+        has_neg = bool(lo < 0)
         if self.mode is None:  # auto, undecided
-            if neg.any() and integer:
+            integer = _all_integer(vals)
+            if has_neg and integer:
+                neg = vals < 0
                 raise VcjaxInputError(
                     f"negative value {as_f64(vals[neg][0])} at {self._where(chunk, start, neg)} "
                     "in integer-valued data (raw counts must be >= 0)"
                 )
-            if vals.size and np.any(vals != 0):
-                counts = integer and not neg.any()
+            if lo != 0 or hi != 0:
+                counts = integer and not has_neg
                 self.mode = "log1p_cp10k" if counts else "none"
                 self.decided_at = start
                 logger.info(
@@ -131,18 +156,41 @@ class _ChunkValidator:
                 )
             return
         # mode == "log1p_cp10k"
-        if self.auto and (neg.any() or not integer):
-            bad = neg | (vals != np.floor(vals))
+        if self.auto and (has_neg or not _all_integer(vals)):
+            bad = (vals < 0) | (vals != np.floor(vals))
             raise VcjaxInputError(
                 f"normalize='auto': cells before {self.cells[self.decided_at]!r} onward looked "
                 f"like raw counts but {self._where(chunk, start, bad)} has "
                 f"{as_f64(vals[bad][0])!r}; pass normalize=None or 'log1p_cp10k' explicitly"
             )
-        if neg.any():
+        if has_neg:
+            neg = vals < 0
             raise VcjaxInputError(
                 f"negative value {as_f64(vals[neg][0])} at {self._where(chunk, start, neg)}; "
                 "counts are expected when normalising"
             )
+
+    def settles(self, start: int, part) -> bool:
+        """Decide ``"auto"`` from the first cells of an undecided chunk when they suffice.
+
+        A finite non-integer value anywhere in a chunk makes it "not raw counts", whatever
+        the rest holds: when ``part`` (the chunk's first cells) has one, the mode becomes
+        ``"none"`` (decided at ``start``) and the rest of the chunk need not be held to
+        decide. Returns whether it did; non-finite values raise as in :meth:`__call__`.
+        """
+        if self.mode is not None:
+            return True
+        vals = chunk_values(part)
+        if not vals.size:
+            return False
+        lo, hi = vals.min(), vals.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            self(start, part)  # raises, naming the culprit
+        if _all_integer(vals):
+            return False
+        self.mode, self.decided_at = "none", start
+        logger.info("group_stats: values are not raw counts; normalization=none")
+        return True
 
     def normalization(self) -> str:
         """What was done: ``"log1p_cp10k"`` or ``"none"`` (all-zero ``"auto"`` data: none)."""
@@ -150,6 +198,69 @@ class _ChunkValidator:
             logger.info("group_stats: all values are zero; normalization=none")
             return "none"
         return self.mode
+
+
+def _accumulate(X, codes, n_acc: int, check, cells, *, chunk_cells: int, sumsq: bool, advance):
+    """``(S, SS, sample)``: the float64 sums (and sums of squares, None unless ``sumsq``) of
+    the cells ``cells[0] … cells[1] - 1`` per accumulator row ``codes``, checked by ``check``
+    in dataset order on the way, and the scale evidence's sample
+    (:class:`~vcjax.data._scale.EvidenceSample`) taken from the same blocks when the pass
+    covers every cell (else None).
+
+    A CSR matrix, in memory or backed (:func:`vcjax.data._read.csr_source`), is read once
+    in row blocks of about :data:`~vcjax.data._read._READ_NNZ` non-zeros (whole chunks of
+    ``chunk_cells`` cells while ``normalize="auto"`` is undecided) that are checked,
+    normalised and added group by group (:func:`~vcjax.data._read.add_grouped`) before the
+    next is read; a dense or backed CSC matrix goes chunk by chunk through
+    :func:`~vcjax.data._read.add_group_sums`. Both give every sum the same float64
+    additions in dataset order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    first, last = cells
+    G = X.shape[1]
+    S = np.zeros((n_acc, G), dtype=np.float64)
+    SS = np.zeros((n_acc, G), dtype=np.float64) if sumsq else None
+    sample = EvidenceSample(X.shape) if (first, last) == (0, X.shape[0]) else None
+    src = csr_source(X)
+    if src is None:
+        for start, stop, chunk in iter_chunks(X, chunk_cells, (first, last), views=True):
+            check(start, chunk)
+            if sample is not None:
+                sample.feed(start, stop, lambda a, b, c=chunk: c[a:b].copy())
+            if check.mode == "log1p_cp10k":
+                chunk = normalize_chunk(chunk)
+            add_group_sums(S, SS, codes[start:stop], chunk)
+            if advance is not None:
+                advance(stop - start)
+        return S, SS, sample
+    scratch = Scratch()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        start = first
+        while start < last:
+            if check.mode is None:  # undecided: the decision is per chunk of chunk_cells
+                end = min(start + chunk_cells, last)
+                stop = src.stop_for(start, end, _READ_NNZ)
+                block = src.rows(start, stop, scratch)
+                if stop < end and not check.settles(start, block):
+                    # no non-integer in the chunk's first block: the decision needs it all
+                    stop = end
+                    block = src.rows(start, stop, scratch)
+            else:
+                stop = src.stop_for(start, last, _READ_NNZ)
+                block = src.rows(start, stop, scratch)
+            check(start, block)
+            if sample is not None:
+                sample.feed(start, stop, block.copy_rows)
+            add_grouped(
+                S, SS, codes[start:stop], block,
+                normalise=check.mode == "log1p_cp10k", pool=pool if sumsq else None,
+                scratch=scratch,
+            )  # fmt: skip
+            if advance is not None:
+                advance(stop - start)
+            start = stop
+    return S, SS, sample
 
 
 def _groups(adata, key: str, control: str | None, covariate: str | None):
@@ -248,6 +359,7 @@ def group_stats(
     drop_small: bool = False,
     progress: bool = False,
     rows: tuple[int, int] | None = None,
+    sumsq: bool = True,
 ) -> GroupStats | SplitStats:
     """Per-condition ``(n, Σx, Σx²)`` in one streaming pass over the cells.
 
@@ -271,6 +383,8 @@ def group_stats(
         while groups, counts ``n`` and validation use all cells. For multi-host use
         (:func:`vcjax.distributed.group_stats_distributed`): each process reads its slice
         and the sums are added across processes.
+      sumsq: accumulate the sums of squares; False (means only, e.g. pseudobulks): the
+        ``sumsq`` of the result is a read-only all-NaN view (so is its ``var``).
 
     Returns:
       :class:`GroupStats` (groups in order of first appearance), or :class:`SplitStats`.
@@ -316,55 +430,33 @@ def group_stats(
     else:
         first, last = 0, adata.n_obs
 
-    S = np.zeros((n_acc, G), dtype=np.float64)
-    SS = np.zeros((n_acc, G), dtype=np.float64)
     check = _ChunkValidator(normalize, genes, adata.obs_names)
-    csr = in_memory_csr(X)
-    n_chunks = -(-(last - first) // chunk_cells)
     bar = task = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress(transient=True)
-        task = bar.add_task(f"group_stats [{key}]", total=n_chunks * (2 if csr is not None else 1))
+        task = bar.add_task(f"group_stats [{key}]", total=last - first)
         bar.start()
     try:
-        if csr is not None:
-            # In memory: validate in dataset order (views, no copies), then accumulate the
-            # cells group by group (cache-friendly, see grouped_sums).
-            raw = None if csr.data.dtype.kind in "fiu" else np.float64  # checks on stored values
-            for start in range(first, last, chunk_cells):
-                check(start, csr_rows(csr, start, min(start + chunk_cells, last), dtype=raw))
-                if bar is not None:
-                    bar.update(task, advance=1)
-            advance = None if bar is None else (lambda k: bar.update(task, advance=k / chunk_cells))
-            grouped_sums(
-                csr,
-                acc_codes,
-                S,
-                SS,
-                (first, last),
-                normalise=check.mode == "log1p_cp10k",
-                advance=advance,
-            )
-        else:
-            for start, stop, chunk in iter_chunks(X, chunk_cells, (first, last), views=True):
-                check(start, chunk)
-                if check.mode == "log1p_cp10k":
-                    chunk = normalize_chunk(chunk)
-                add_group_sums(S, SS, acc_codes[start:stop], chunk)
-                if bar is not None:
-                    bar.update(task, advance=1)
+        S, SS, sample = _accumulate(
+            X, acc_codes, n_acc, check, (first, last), chunk_cells=chunk_cells, sumsq=sumsq,
+            advance=None if bar is None else (lambda k: bar.update(task, advance=k)),
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.stop()
     normalization = check.normalization()
+    scale = None if sample is None else sample.evidence(normalization=normalization)
 
     def make(n, s, ss) -> GroupStats:
         idx = np.flatnonzero(keep)
         names = tuple(g_names[i] for i in idx)
         if not keep.all():  # else keep the (contiguous) accumulators as they are
-            s, ss = s[idx], ss[idx]
+            s = s[idx]
+            ss = ss[idx] if ss is not None else None
+        if ss is None:
+            ss = np.broadcast_to(np.float64(np.nan), s.shape)
         return GroupStats(
             names=names,
             genes=genes,
@@ -374,9 +466,11 @@ def group_stats(
             control=control if control in names else None,
             covariate=None if g_cov is None else tuple(g_cov[i] for i in idx),
             normalization=normalization,
+            scale=scale,
         )
 
     if split is None:
         return make(n_full, S, SS)
     n_half = np.bincount(acc_codes, minlength=n_acc).astype(np.int64)
-    return SplitStats(half1=make(n_half[:C], S[:C], SS[:C]), half2=make(n_half[C:], S[C:], SS[C:]))
+    SS1, SS2 = (None, None) if SS is None else (SS[:C], SS[C:])
+    return SplitStats(half1=make(n_half[:C], S[:C], SS1), half2=make(n_half[C:], S[C:], SS2))

@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from vcjax.data._read import csr_row_block
+
 __all__ = [
     "CENTRED_SHARE",
     "KINDS",
@@ -165,7 +167,13 @@ def _row_blocks(n_rows: int, n_cols: int, max_values: int, n_blocks: int):
 
 
 def _block(X, a: int, b: int):
-    """Rows ``a:b`` of ``X`` as a float64 ndarray or CSR matrix (no densifying of sparse)."""
+    """Rows ``a:b`` of ``X`` as a float64 ndarray or CSR matrix (no densifying of sparse).
+
+    CSR rows, in memory or backed, are read directly (:func:`vcjax.data._read.csr_row_block`).
+    """
+    rows = csr_row_block(X, a, b)
+    if rows is not None:
+        return rows
     chunk = X[a:b]
     if sp.issparse(chunk):
         chunk = sp.csr_matrix(chunk, dtype=np.float64)
@@ -201,64 +209,127 @@ def scale_evidence(
     """
     if form not in ("cells", "pseudobulk"):
         raise ValueError(f"form must be 'cells' or 'pseudobulk', got {form!r}")
-    n, G = int(X.shape[0]), int(X.shape[1])
-    vmax, vmin = -np.inf, np.inf
-    n_nonzero = n_int = 0
-    neg_mass = abs_mass = 0.0
-    totals, e_totals = [], []
-    e_ok = True
-    n_read = 0
-    for a, b in _row_blocks(n, G, max_values, n_blocks):
-        chunk = _block(X, a, b)
-        n_read += b - a
+    sample = EvidenceSample(X.shape, form=form, max_values=max_values, n_blocks=n_blocks)
+    for a, b in sample.ranges:
+        sample.add(_block(X, a, b))
+    return sample.evidence(normalization=normalization)
+
+
+class EvidenceSample:
+    """The rows :func:`scale_evidence` samples, and its evidence accumulated block by block.
+
+    ``ranges`` are the row blocks of the sample; :meth:`add` takes them in order (each as a
+    float64 ndarray or canonical float64 CSR matrix), or :meth:`feed` takes any row blocks
+    of a pass over the whole matrix in order and keeps the sampled rows (so a streaming
+    pass, :func:`vcjax.data.group_stats`, records the evidence without reading the sample
+    again); :meth:`evidence` gives the :class:`ScaleEvidence`, the same as
+    :func:`scale_evidence` of the matrix.
+    """
+
+    def __init__(self, shape, *, form: str = "cells", max_values: int = 1 << 22,
+                 n_blocks: int = 16) -> None:  # fmt: skip
+        self.n, self.G = int(shape[0]), int(shape[1])
+        self.form = form
+        self.ranges = _row_blocks(self.n, self.G, max_values, n_blocks)
+        self.vmax, self.vmin = -np.inf, np.inf
+        self.n_nonzero = self.n_int = 0
+        self.neg_mass = self.abs_mass = 0.0
+        self.totals: list[np.ndarray] = []
+        self.e_totals: list[np.ndarray] = []
+        self.e_ok = True
+        self.n_read = 0
+        self._next = 0  # the next range to complete
+        self._pieces: list = []  # rows of that range seen so far
+
+    @property
+    def complete(self) -> bool:
+        """Whether every sampled range has been added."""
+        return self._next >= len(self.ranges)
+
+    def feed(self, start: int, stop: int, rows) -> None:
+        """Rows ``start:stop`` of a pass in row order: ``rows(a, b)`` gives rows ``a:b``
+        (``start <= a < b <= stop``) as a float64 ndarray or canonical float64 CSR matrix
+        that does not share memory with buffers the pass reuses."""
+        while not self.complete:
+            a, b = self.ranges[self._next]
+            lo, hi = max(a, start), min(b, stop)
+            if lo >= stop or hi <= lo:
+                return
+            if lo != a + sum(p.shape[0] for p in self._pieces):
+                raise ValueError("EvidenceSample.feed: rows must come in order, each once")
+            self._pieces.append(rows(lo - start, hi - start))
+            if hi < b:
+                return
+            pieces, self._pieces = self._pieces, []
+            if len(pieces) == 1:
+                chunk = pieces[0]
+            elif sp.issparse(pieces[0]):
+                chunk = sp.vstack(pieces, format="csr")
+            else:
+                chunk = np.vstack(pieces)
+            self.add(chunk)
+
+    def add(self, chunk) -> None:
+        """The next sampled range (``ranges[k]``), whole."""
+        a, b = self.ranges[self._next]
+        self._next += 1
+        G = self.G
+        self.n_read += b - a
         if sp.issparse(chunk):
             vals = chunk.data
             if vals.size < (b - a) * G:  # implicit zeros
-                vmax, vmin = max(vmax, 0.0), min(vmin, 0.0)
+                self.vmax, self.vmin = max(self.vmax, 0.0), min(self.vmin, 0.0)
             rows = np.asarray(chunk.sum(axis=1)).ravel()
         else:
             vals = chunk.ravel()
             rows = chunk.sum(axis=1)
         vals = vals[np.isfinite(vals)]
         if vals.size:
-            vmax, vmin = max(vmax, float(vals.max())), min(vmin, float(vals.min()))
+            self.vmax = max(self.vmax, float(vals.max()))
+            self.vmin = min(self.vmin, float(vals.min()))
         nz = vals[vals != 0]
-        n_nonzero += nz.size
-        n_int += int(np.count_nonzero(nz == np.round(nz)))
-        neg_mass += float(-nz[nz < 0].sum())
-        abs_mass += float(np.abs(nz).sum())
-        if form == "cells":
-            totals.append(rows)
-            if e_ok and (vmin < 0 or vmax > 50):
-                e_ok = False
-            if e_ok:
+        self.n_nonzero += nz.size
+        self.n_int += int(np.count_nonzero(nz == np.round(nz)))
+        self.neg_mass += float(-nz[nz < 0].sum())
+        self.abs_mass += float(np.abs(nz).sum())
+        if self.form == "cells":
+            self.totals.append(rows)
+            if self.e_ok and (self.vmin < 0 or self.vmax > 50):
+                self.e_ok = False
+            if self.e_ok:
                 ev = np.expm1(chunk.data) if sp.issparse(chunk) else np.expm1(chunk)
                 if sp.issparse(chunk):
                     e = sp.csr_matrix((ev, chunk.indices, chunk.indptr), shape=chunk.shape)
-                    e_totals.append(np.asarray(e.sum(axis=1)).ravel())
+                    self.e_totals.append(np.asarray(e.sum(axis=1)).ravel())
                 else:
-                    e_totals.append(ev.sum(axis=1))
-    if not np.isfinite(vmax):
-        vmax = vmin = 0.0
-    frac_int = n_int / n_nonzero if n_nonzero else float("nan")
-    neg_share = neg_mass / abs_mass if abs_mass > 0 else float("nan")
-    spread = _spread(totals) if form == "cells" else float("nan")
-    e_spread = _spread(e_totals) if (form == "cells" and e_ok) else float("nan")
-    kind = _classify(vmax, frac_int, neg_share, spread, n_nonzero)
-    return ScaleEvidence(
-        kind=kind,
-        form=form,
-        max=float(vmax),
-        min=float(vmin),
-        frac_integer=float(frac_int),
-        has_negative=bool(vmin < 0),
-        negative_share=float(neg_share),
-        total_spread=float(spread),
-        expm1_total_spread=float(e_spread),
-        n_rows=int(n_read),
-        n_total_rows=n,
-        normalization=normalization,
-    )
+                    self.e_totals.append(ev.sum(axis=1))
+
+    def evidence(self, *, normalization: str = "none") -> ScaleEvidence:
+        """The :class:`ScaleEvidence` of the ranges added."""
+        vmax, vmin = self.vmax, self.vmin
+        if not np.isfinite(vmax):
+            vmax = vmin = 0.0
+        nnz = self.n_nonzero
+        frac_int = self.n_int / nnz if nnz else float("nan")
+        neg_share = self.neg_mass / self.abs_mass if self.abs_mass > 0 else float("nan")
+        cells = self.form == "cells"
+        spread = _spread(self.totals) if cells else float("nan")
+        e_spread = _spread(self.e_totals) if (cells and self.e_ok) else float("nan")
+        kind = _classify(vmax, frac_int, neg_share, spread, nnz)
+        return ScaleEvidence(
+            kind=kind,
+            form=self.form,
+            max=float(vmax),
+            min=float(vmin),
+            frac_integer=float(frac_int),
+            has_negative=bool(vmin < 0),
+            negative_share=float(neg_share),
+            total_spread=float(spread),
+            expm1_total_spread=float(e_spread),
+            n_rows=int(self.n_read),
+            n_total_rows=self.n,
+            normalization=normalization,
+        )
 
 
 def _spread(parts: list[np.ndarray]) -> float:

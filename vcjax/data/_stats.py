@@ -71,6 +71,9 @@ class GroupStats:
       control: the control label (present in ``names``) or ``None``.
       covariate: per-group covariate value (e.g. cell type) or ``None``.
       normalization: what :func:`group_stats` did: ``"log1p_cp10k"`` or ``"none"``.
+      scale: the evidence of the cells' scale (:class:`vcjax.data.ScaleEvidence`, of the
+        whole matrix the sums were read from, before normalisation), recorded by
+        :func:`group_stats` on its pass over all cells; None otherwise.
     """
 
     names: tuple[str, ...]
@@ -81,6 +84,7 @@ class GroupStats:
     control: str | None
     covariate: tuple[str, ...] | None = None
     normalization: str = "none"
+    scale: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         C, G = len(self.names), len(self.genes)

@@ -91,7 +91,7 @@ def read_prediction(path: str | os.PathLike):
     path = os.fspath(path)
     low = path.lower()
     if not low.endswith(_TABLES):
-        return vdata.read_h5ad(path)
+        return vdata.open_h5ad(path)  # X is streamed (vcjax.data.group_stats)
     if not os.path.isfile(path):
         raise VcjaxInputError(f"prediction file not found: {path}")
     try:
@@ -222,7 +222,8 @@ def align(
                 f"the prediction has {len(pred.matrices)} strata; the screen has {len(screen.strata)}"
             )
         return pred
-    if isinstance(pred, (str, os.PathLike)):
+    opened = isinstance(pred, (str, os.PathLike))
+    if opened:
         pred = read_prediction(pred)
     pred = _as_named_tuple(pred)
     if len(screen.strata) > 1 and isinstance(pred, (np.ndarray, tuple)) and not _has_names(pred):
@@ -236,14 +237,16 @@ def align(
     ]
     matrices = tuple(
         _reindex(m, names, genes, s, owned=owned)
-        for (m, names, genes, owned, _), s in zip(parts, screen.strata)
+        for (m, names, genes, owned, _, _), s in zip(parts, screen.strata)
     )
     _warn_extras(parts, screen)
     cells = pred if is_cells(pred, key) else None
     norm = "none"
     if cells is not None:
         norm = next((p[4] for p in parts if p[4] != "none"), "none")
-        evidence = vdata.scale_evidence(_cells_matrix(pred, layer), normalization=norm)
+        evidence = parts[0][5]  # sampled by group_stats on its pass over all the cells
+        if evidence is None or evidence.normalization != norm:
+            evidence = vdata.scale_evidence(_cells_matrix(pred, layer), normalization=norm)
         if norm == "log1p_cp10k" and normalize == "auto":
             warnings.warn(
                 f"the predicted cells look like raw counts ({evidence.summary()}): normalised "
@@ -257,6 +260,8 @@ def align(
             matrices[0] if len(matrices) == 1 else np.concatenate(matrices), form="pseudobulk"
         )
     check_scales(screen, evidence, check_scale)
+    if opened and getattr(pred, "isbacked", False):
+        pred.file.close()  # anndata reopens it if the cells are read again
     return Prediction(matrices, cells, layer, norm, evidence)
 
 
@@ -301,7 +306,7 @@ def align_stratum(
     normalize: str | None = "auto",
 ) -> np.ndarray:
     """The prediction as a ``(P, G)`` float64 matrix aligned with one stratum."""
-    matrix, names, genes, owned, _ = _stratum_parts(
+    matrix, names, genes, owned, _, _ = _stratum_parts(
         _as_named_tuple(pred), stratum, key=key, covariate_key=covariate_key, layer=layer,
         normalize=normalize,
     )  # fmt: skip
@@ -318,14 +323,18 @@ def _dense(X) -> np.ndarray:
 
 
 def _stratum_parts(pred, stratum: Stratum, *, key, covariate_key, layer, normalize):
-    """``(matrix, names, genes, owned, normalization)`` of one stratum, before reindexing.
+    """``(matrix, names, genes, owned, normalization, scale)`` of one stratum, before
+    reindexing.
 
     ``owned``: ``matrix`` is a fresh array (not the caller's); ``normalization``: what
-    :func:`vcjax.data.group_stats` did to predicted cells (``"none"`` otherwise).
+    :func:`vcjax.data.group_stats` did to predicted cells (``"none"`` otherwise);
+    ``scale``: the scale evidence of all the predicted cells when group_stats read them all
+    (else None).
     """
     genes: Sequence[str] | None
     owned = False
     norm = "none"
+    scale = None
     if hasattr(pred, "obs") and hasattr(pred, "var_names"):
         if key in pred.obs.columns:
             labels = pred.obs[key].astype(str)
@@ -352,8 +361,11 @@ def _stratum_parts(pred, stratum: Stratum, *, key, covariate_key, layer, normali
                 pred = (
                     pred[keep] if not getattr(pred, "isbacked", False) else pred[keep].to_memory()
                 )
-            st = vdata.group_stats(pred, key, control=None, layer=layer, normalize=normalize)
+            st = vdata.group_stats(
+                pred, key, control=None, layer=layer, normalize=normalize, sumsq=False
+            )
             names, matrix, norm = list(st.names), st.mean, st.normalization
+            scale = st.scale if keep is None else None
             owned = True
         genes = list(map(str, pred.var_names))
     elif isinstance(pred, pd.DataFrame):
@@ -384,7 +396,7 @@ def _stratum_parts(pred, stratum: Stratum, *, key, covariate_key, layer, normali
         raise VcjaxInputError(
             f"cannot read a prediction of type {type(pred).__name__}: give {_ACCEPTED}"
         )
-    return matrix, names, genes, owned, norm
+    return matrix, names, genes, owned, norm, scale
 
 
 def _reindex(matrix, names, genes, stratum: Stratum, *, owned: bool) -> np.ndarray:

@@ -125,7 +125,7 @@ def as_screen(
     enable_compilation_cache()
     path = truth if isinstance(truth, (str, os.PathLike)) else None
     if path is not None:
-        truth = vdata.read_h5ad(path)
+        truth = vdata.open_h5ad(path)  # X is streamed by prepare
     spec = TruthSpec(key=key, control=control, seed=seed, **options)
     thread = warm_up(truth, spec, warm) if warm is not None else None
     try:

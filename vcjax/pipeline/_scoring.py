@@ -220,6 +220,8 @@ def _dense_cells(adata, rows, *, layer, normalization: str) -> np.ndarray:
     X = adata.X if layer is None else adata.layers[layer]
     if rows is not None:
         X = X[rows]
+    elif hasattr(X, "to_memory"):  # backed predicted cells (a path is read backed)
+        X = X.to_memory()
     if normalization == "log1p_cp10k":
         X = normalize_chunk(X)
     return X.toarray() if hasattr(X, "toarray") else np.asarray(X, dtype=np.float64)

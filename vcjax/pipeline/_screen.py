@@ -527,9 +527,14 @@ def prepare_spec(
     bootstrap can then re-read the cells after a save and load).
     """
     enable_compilation_cache()
+    # opened here (or by evaluate, which passes ``path``): the file is closed after the pass
+    # (anndata reopens a backed file when its X is read again, e.g. by the bootstrap), so
+    # no handle outlives the call
+    opened = isinstance(truth, (str, os.PathLike)) or path is not None
     if path is None and isinstance(truth, (str, os.PathLike)):
         path = truth
-    adata = vdata.read_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
+    # a path is opened backed (CSC read whole): X is streamed by vcjax.data.group_stats
+    adata = vdata.open_h5ad(truth) if isinstance(truth, (str, os.PathLike)) else truth
     for name, col in (("key", spec.key), ("covariate", spec.covariate)):
         if col is not None and col not in adata.obs.columns:
             raise VcjaxInputError(
@@ -573,8 +578,10 @@ def prepare_spec(
         strata.append(_stratum(spec, part, value, labels, in_stratum, half, adata, path))
     source = {"path": path, "n_obs": int(adata.n_obs), "n_vars": int(adata.n_vars)}
     norm = stats.half1.normalization
-    X = adata.X if spec.layer is None else adata.layers[spec.layer]
-    scale = vdata.scale_evidence(X, normalization=norm)
+    scale = stats.half1.scale  # sampled by group_stats on its pass
+    if scale is None:
+        X = adata.X if spec.layer is None else adata.layers[spec.layer]
+        scale = vdata.scale_evidence(X, normalization=norm)
     if norm == "log1p_cp10k" and spec.normalize == "auto":
         warnings.warn(
             f"the truth cells look like raw counts ({scale.summary()}): normalised to "
@@ -582,6 +589,8 @@ def prepare_spec(
             UserWarning,
             stacklevel=3,
         )
+    if opened and getattr(adata, "isbacked", False):
+        adata.file.close()
     return Screen(spec, tuple(strata), norm, source, scale)
 
 
