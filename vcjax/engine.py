@@ -41,9 +41,11 @@ from vcjax._host import ALIGN, aligned_empty, enable_compilation_cache, engine_a
 from vcjax.metrics import KERNELS, fused_scores, kernel_metrics
 
 __all__ = [
+    "Rows",
     "enable_compilation_cache",
     "engine_array",
     "score",
+    "score_groups",
     "default_chunk_size",
     "chunk_rows",
     "row_map",
@@ -51,6 +53,47 @@ __all__ = [
     "compiler_options",
     "dtype_of",
 ]
+
+
+class Rows:
+    """A ``(n_rows, n_cols)`` matrix given by its row blocks, never held whole.
+
+    ``fetch(r0, r1)`` returns rows ``r0:r1`` as a ``(r1 - r0, n_cols)`` array of ``dtype``.
+    :func:`score` and :func:`row_map` stream it chunk by chunk like a NumPy input (each
+    chunk fetched, cast and copied into the reused aligned buffers), so a prediction
+    derived from smaller arrays — a baseline built from group sums — is scored without
+    its ``(P, G)`` matrix ever existing; ``np.asarray(rows)`` builds the whole matrix.
+    A fetch must not depend on the order or the number of calls (every chunk is fetched
+    once per :func:`score` call).
+    """
+
+    ndim = 2
+
+    def __init__(self, fetch: Callable[[int, int], np.ndarray], shape, dtype) -> None:
+        self.fetch = fetch
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            r0, r1, _ = key.indices(self.shape[0])
+            return np.asarray(self.fetch(r0, max(r0, r1)), self.dtype)
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        n, g = self.shape
+        out = np.empty((n, g), self.dtype if dtype is None else dtype)
+        step = max(1, (1 << 20) // max(g, 1))
+        for r0 in range(0, n, step):
+            r1 = min(r0 + step, n)
+            out[r0:r1] = self.fetch(r0, r1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Rows(shape={self.shape}, dtype={self.dtype})"
 
 
 def default_chunk_size(n_genes: int, n_devices: int = 1, *, backend: str | None = None) -> int:
@@ -192,7 +235,7 @@ def _as_rows(x: ArrayLike | None, n_rows: int, n_genes: int, name: str) -> tuple
     """Validate an input; return it and whether it has a per-perturbation row axis."""
     if x is None:
         return None, False
-    if not isinstance(x, jax.Array):
+    if not isinstance(x, (jax.Array, Rows)):
         x = np.asarray(x)
     if x.ndim == 1:
         if x.shape[0] != n_genes:
@@ -276,8 +319,9 @@ def row_map(
     leading axis is the row axis. The last chunk is padded with zeros (so a new number of
     rows never recompiles) and the padding is cut off the results. Host (NumPy) inputs are
     streamed chunk by chunk, cast to ``dtypes`` (one per input; None keeps its dtype) in the
-    same copy; each chunk is placed on ``devices`` (sharded over its rows when there are
-    several accelerators, dealt whole in turn to several CPU devices) before ``fn`` is called.
+    same copy (a :class:`Rows` input is fetched chunk by chunk, never whole); each chunk is
+    placed on ``devices`` (sharded over its rows when there are several accelerators, dealt
+    whole in turn to several CPU devices) before ``fn`` is called.
     """
     n = int(row_inputs[0].shape[0])
     dtypes = [None] * len(row_inputs) if dtypes is None else list(dtypes)
@@ -319,9 +363,10 @@ def row_map(
                     pad = [(0, chunk_size - (stop - start))] + [(0, 0)] * (part.ndim - 1)
                     part = jnp.pad(part, pad)
             else:
-                x = np.asarray(x)
+                lazy = isinstance(x, Rows)
+                x = x if lazy else np.asarray(x)
                 part = _host_chunk(x, start, stop, chunk_size, dt, ring[slot])
-                if not np.may_share_memory(part, x):
+                if lazy or not np.may_share_memory(part, x):
                     ring[slot] = part
             chunk.append(jax.device_put(part, target))
         pending.append(fn(*chunk))
@@ -349,7 +394,8 @@ def score(
     """Score P perturbations at once with every requested metric kernel.
 
     Args:
-      pred: predictions ``(P, G)`` (or ``(G,)``, the same prediction for every row).
+      pred: predictions ``(P, G)`` (or ``(G,)``, the same prediction for every row). Every
+        ``(P, G)`` input may be a :class:`Rows`, fetched chunk by chunk.
       truth: true profiles ``(P, G)``.
       reference: the delta reference, ``(G,)`` or ``(P, G)``. Which vector to use is the
         caller's decision; :func:`vcjax.evaluate` uses ``u_ALL`` of half 1 (docs/metrics.md §2).
@@ -370,43 +416,46 @@ def score(
       ``dict`` metric name → ``(P,)`` array (float32, or float64 under x64 with float64
       inputs).
     """
-    truth_arr = truth if isinstance(truth, jax.Array) else np.asarray(truth)
+    return score_groups(
+        pred,
+        truth,
+        [dict(reference=reference, weights=weights, mask=mask, metrics=metrics)],
+        k=k,
+        strict=strict,
+        chunk_size=chunk_size,
+        devices=devices,
+        progress=progress,
+    )[0]
+
+
+def score_groups(
+    pred: ArrayLike,
+    truth: ArrayLike,
+    groups: Sequence[Mapping[str, object]],
+    *,
+    k: int = 20,
+    strict: bool = False,
+    chunk_size: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, jax.Array]]:
+    """:func:`score` of one prediction under several sets of options, in one pass.
+
+    Each group is a mapping with the keyword arguments of :func:`score` that may differ
+    between the calls — ``reference`` (required), ``weights``, ``mask``, ``metrics`` — and
+    gives the same values as ``score(pred, truth, **group, k=k, ...)`` (the same compiled
+    chunk function), but each chunk of ``pred``, ``truth`` and of every other row input is
+    fetched, cast and placed once for all the groups: a prediction is read once, however
+    many references and weightings score it.
+
+    Returns:
+      One ``dict`` metric name → ``(P,)`` array per group, in order.
+    """
+    truth_arr = truth if isinstance(truth, (jax.Array, Rows)) else np.asarray(truth)
     if truth_arr.ndim != 2:
         raise ValueError(f"truth must be (P, G), got shape {tuple(truth_arr.shape)}")
     n_rows, n_genes = truth_arr.shape
-    names = (
-        tuple(metrics)
-        if metrics is not None
-        else kernel_metrics(weights=weights is not None, mask=mask is not None)
-    )
-    for name in names:
-        if name not in KERNELS:
-            raise ValueError(f"unknown metric {name!r}; available: {sorted(KERNELS)}")
-        missing = [x for x in KERNELS[name][1] if {"weights": weights, "mask": mask}[x] is None]
-        if missing:
-            raise ValueError(f"metric {name!r} needs {', '.join(missing)}")
-    inputs = {
-        "pred": _as_rows(pred, n_rows, n_genes, "pred"),
-        "truth": (truth_arr, True),
-        "reference": _as_rows(reference, n_rows, n_genes, "reference"),
-        "weights": _as_rows(weights, n_rows, n_genes, "weights"),
-        "mask": _as_rows(mask, n_rows, n_genes, "mask"),
-    }
-    dtype = dtype_of(*(v for v, _ in inputs.values() if v is not None and v.dtype != bool))
-    used = {"pred", "truth", "reference"}
-    used |= {x for name in names for x in KERNELS[name][1]}
-    order = ("pred", "truth", "reference", "weights", "mask")
-    arrays, per_row, dtypes = [], [], []
-    for key in order:
-        x, rows = inputs[key]
-        want = np.dtype(bool) if key == "mask" else dtype
-        if x is None or key not in used:  # placeholder for an unused input (never read)
-            x, rows = np.zeros((n_genes,), want), False
-        elif not rows and x.dtype != want:
-            x = x.astype(want)  # shared (G,) vectors: cast once
-        arrays.append(x)
-        per_row.append(rows)
-        dtypes.append(want)
+    pred_in = _as_rows(pred, n_rows, n_genes, "pred")
     devs = list(jax.devices() if devices is None else devices)
     dealt = _round_robin(devs)
     n_dev = shards_per_chunk(devs)
@@ -414,22 +463,76 @@ def score(
     if chunk % n_dev:
         raise ValueError(f"chunk_size {chunk} must be a multiple of the device count {n_dev}")
     sub = _sub_rows(chunk, n_genes, n_dev, devs[0].platform)
-    fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict), sub)
-    shared = [
-        x if not isinstance(x, np.ndarray) else jnp.asarray(x)
-        for x, r in zip(arrays, per_row)
-        if not r
-    ]
-    # chunks dealt to devices in turn find the shared vectors already there
-    shared_on = {d: [jax.device_put(x, d) for x in shared] for d in dealt or ()}
-    row_inputs = [x for x, r in zip(arrays, per_row) if r]
-    row_dtypes = [d for d, r in zip(dtypes, per_row) if r]
+    order = ("pred", "truth", "reference", "weights", "mask")
+    # the row inputs of every group, each distinct (array, dtype) streamed once
+    row_inputs: list[object] = []
+    row_dtypes: list[np.dtype] = []
+    slot_of: dict[tuple[int, np.dtype], int] = {}
+    plans = []
+    for group in groups:
+        unknown = set(group) - {"reference", "weights", "mask", "metrics"}
+        if unknown:
+            raise TypeError(f"unexpected group option(s) {sorted(unknown)}")
+        weights, mask = group.get("weights"), group.get("mask")
+        metrics = group.get("metrics")
+        names = (
+            tuple(metrics)
+            if metrics is not None
+            else kernel_metrics(weights=weights is not None, mask=mask is not None)
+        )
+        for name in names:
+            if name not in KERNELS:
+                raise ValueError(f"unknown metric {name!r}; available: {sorted(KERNELS)}")
+            missing = [x for x in KERNELS[name][1] if {"weights": weights, "mask": mask}[x] is None]
+            if missing:
+                raise ValueError(f"metric {name!r} needs {', '.join(missing)}")
+        inputs = {
+            "pred": pred_in,
+            "truth": (truth_arr, True),
+            "reference": _as_rows(group["reference"], n_rows, n_genes, "reference"),
+            "weights": _as_rows(weights, n_rows, n_genes, "weights"),
+            "mask": _as_rows(mask, n_rows, n_genes, "mask"),
+        }
+        dtype = dtype_of(*(v for v, _ in inputs.values() if v is not None and v.dtype != bool))
+        used = {"pred", "truth", "reference"}
+        used |= {x for name in names for x in KERNELS[name][1]}
+        args: list[object] = []  # per input: the slot of a row input, or the shared vector
+        per_row = []
+        for key in order:
+            x, rows = inputs[key]
+            want = np.dtype(bool) if key == "mask" else dtype
+            if x is None or key not in used:  # placeholder for an unused input (never read)
+                x, rows = np.zeros((n_genes,), want), False
+            elif not rows and x.dtype != want:
+                x = x.astype(want)  # shared (G,) vectors: cast once
+            per_row.append(rows)
+            if rows:
+                slot = slot_of.setdefault((id(x), want), len(row_inputs))
+                if slot == len(row_inputs):
+                    row_inputs.append(x)
+                    row_dtypes.append(want)
+                args.append(slot)
+            else:
+                args.append(x if not isinstance(x, np.ndarray) else jnp.asarray(x))
+        fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict), sub)
+        shared = [a for a, r in zip(args, per_row) if not r]
+        # chunks dealt to devices in turn find the shared vectors already there
+        shared_on = {d: [jax.device_put(x, d) for x in shared] for d in dealt or ()}
+        plans.append((names, fn, args, per_row, shared_on))
 
     def call(*rows):
-        on = shared_on.get(next(iter(rows[0].devices()))) if shared_on else None
-        it_rows, it_shared = iter(rows), iter(shared if on is None else on)
-        args = [next(it_rows) if r else next(it_shared) for r in per_row]
-        return fn(*args)
+        out = {}
+        for g, (_names, fn, args, per_row, shared_on) in enumerate(plans):
+            on = shared_on.get(next(iter(rows[0].devices()))) if shared_on else None
+            it_shared = iter(on) if on is not None else None
+            full = []
+            for a, r in zip(args, per_row):
+                if r:
+                    full.append(rows[a])
+                else:
+                    full.append(a if it_shared is None else next(it_shared))
+            out.update({(g, name): v for name, v in fn(*full).items()})
+        return out
 
     out = row_map(
         call,
@@ -439,4 +542,4 @@ def score(
         progress=progress,
         dtypes=row_dtypes,
     )
-    return {name: jnp.asarray(out[name]) for name in names}
+    return [{name: jnp.asarray(out[(g, name)]) for name in p[0]} for g, p in enumerate(plans)]

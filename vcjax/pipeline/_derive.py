@@ -14,20 +14,40 @@ per-group means (control included), of half 1 (``u_all_half1``, the default Δ r
 or of all cells (``u_all_full``, the dataset-mean baseline); ``u_NTC`` is the mean of all
 control cells; the DEG t-tests compare each perturbation with the other perturbed cells, of
 all cells (``weights_from="all"``, the paper's) or of half 1.
+
+Memory of the point estimate (one resample, NumPy): it never builds the ``(C, G)`` mean
+matrices of the resample form. ``u_ALL`` is accumulated over row blocks in NumPy's order
+(bit-identical), the truth is divided out of the half-2 sums row block by row block, the
+DEG tests of all cells read the two halves' sums added row by row (no summed copy), and
+the baselines are a :class:`~vcjax.pipeline._baselines.HostBaselines` that builds a
+baseline's rows from the sums when they are asked for. What it holds beside the sums:
+the truth and the adjusted p-values (float64: the oracle fixtures are held to 1e-12 and
+1e-9), the t-scores and weights (float32, as the DEG step makes them) and the DEG sets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from vcjax.data import reference_from_sums
-from vcjax.pipeline._baselines import build_baselines
+from vcjax.pipeline._baselines import HostBaselines, build_baselines, sequential_row_sum
 from vcjax.stats import minmax_weights, minmax_weights_host, t_test_vs_rest, t_test_vs_rest_host
 
-__all__ = ["DEG", "DEG_ALPHA", "Derived", "Fixed", "Plan", "Sums", "deg_arrays", "derive"]
+__all__ = [
+    "DEG",
+    "DEG_ALPHA",
+    "Derived",
+    "Fixed",
+    "Plan",
+    "Sums",
+    "deg_arrays",
+    "derive",
+    "derive_arrays",
+]
 
 #: BH-adjusted p below which a gene with a non-zero logFC is a DEG (docs/metrics.md §3).
 DEG_ALPHA = 0.05
@@ -101,7 +121,8 @@ class Derived(NamedTuple):
     ``truth`` and ``duplicate`` are ``(b, P, G)``; ``reference``, ``u_ntc``,
     ``u_all_full`` and ``u_all_half1`` are ``(b, G)``; ``deg`` is a :class:`DEG` or None;
     ``weights`` the gene weights scoring uses (the DEG weights, given ones, or None);
-    ``baselines`` maps names to ``(b, P, G)`` predictions.
+    ``baselines`` maps names to ``(b, P, G)`` predictions (a
+    :class:`~vcjax.pipeline._baselines.HostBaselines` for the point estimate).
     """
 
     truth: Any
@@ -111,7 +132,7 @@ class Derived(NamedTuple):
     u_all_half1: Any
     deg: DEG | None
     weights: Any
-    baselines: dict[str, Any]
+    baselines: Mapping[str, Any]
 
 
 def _deg_sums(sums: Sums, plan: Plan):
@@ -120,22 +141,43 @@ def _deg_sums(sums: Sums, plan: Plan):
     return sums.n1, sums.s1, sums.q1
 
 
+class _AddedRows:
+    """``a + b`` of two ``(C, G)`` arrays, added when rows are read (``x[i]``, ``x[idx]``):
+    what :func:`vcjax.stats.t_test_vs_rest_host` reads of the sums of all cells, without
+    a summed ``(C, G)`` copy; each row's values are those of ``(a + b)[i]``."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.a, self.b = a, b
+        self.shape, self.dtype, self.ndim = a.shape, a.dtype, a.ndim
+
+    def __getitem__(self, idx):
+        return self.a[idx] + self.b[idx]
+
+
 def deg_arrays(sums: Sums, plan: Plan, *, xp: Any = np) -> DEG:
     """The DEG arrays of ``sums`` by ``plan.deg_strategy`` (host only for ``b = 1``)."""
-    n, s, q = _deg_sums(sums, plan)
     if plan.deg_strategy == "host":
-        if s.shape[0] != 1:
+        if sums.s1.shape[0] != 1:
             raise ValueError("the host DEG step takes one set of sums (b = 1)")
-        scores, _, padj, lfc = t_test_vs_rest_host(
-            np.asarray(n), s[0], q[0], np.asarray(plan.rows), method=plan.deg_method
+        if plan.weights_from == "all":
+            n = np.asarray(sums.n1) + np.asarray(sums.n2)
+            s = _AddedRows(np.asarray(sums.s1[0]), np.asarray(sums.s2[0]))
+            q = _AddedRows(np.asarray(sums.q1[0]), np.asarray(sums.q2[0]))
+        else:
+            n, s, q = np.asarray(sums.n1), sums.s1[0], sums.q1[0]
+        scores, pvals, padj, lfc = t_test_vs_rest_host(
+            n, s, q, np.asarray(plan.rows), method=plan.deg_method
         )
+        del pvals  # (P, G) float64 that nothing here reads: freed before the weights
+        mask = (padj < DEG_ALPHA) & (lfc != 0)
+        del lfc
         weights = minmax_weights_host(scores)
-        scores, padj, weights, lfc = scores[None], padj[None], weights[None], lfc[None]
-    else:
-        scores, padj, lfc = t_test_vs_rest(
-            n, s, q, plan.rows, method=plan.deg_method, pvalue=plan.deg_strategy
-        )
-        weights = minmax_weights(scores)
+        return DEG(scores[None], padj[None], weights[None], mask[None])
+    n, s, q = _deg_sums(sums, plan)
+    scores, padj, lfc = t_test_vs_rest(
+        n, s, q, plan.rows, method=plan.deg_method, pvalue=plan.deg_strategy
+    )
+    weights = minmax_weights(scores)
     return DEG(scores, padj, weights, (padj < DEG_ALPHA) & (lfc != 0))
 
 
@@ -153,7 +195,21 @@ def derive(
         point estimate's frozen ones); computed here when None and ``plan.weights == "deg"``.
 
     Returns:
-      :class:`Derived`.
+      :class:`Derived`; over NumPy with ``b = 1`` (the point estimate) its baselines are a
+      :class:`~vcjax.pipeline._baselines.HostBaselines` (built when read).
+    """
+    if xp is np and sums.s1.shape[0] == 1:
+        return _derive_host(sums, plan, fixed, deg=deg)
+    return derive_arrays(sums, plan, fixed, xp=xp, deg=deg)
+
+
+def derive_arrays(
+    sums: Sums, plan: Plan, fixed: Fixed, *, xp: Any = np, deg: DEG | None = None
+) -> Derived:
+    """:func:`derive` in the resample form: every mean and baseline a ``(b, ·, G)`` array.
+
+    What the bootstrap runs inside its jit; over NumPy it is the reference the point
+    estimate's lean form is held to (the same values, bit for bit, in the tests).
     """
     rows = np.asarray(plan.rows)
     is_control = np.zeros(sums.s1.shape[-2], dtype=bool)
@@ -205,6 +261,82 @@ def derive(
         u_ntc=u_ntc,
         u_all_full=u_all_full,
         u_all_half1=u_all_h1,
+        deg=deg,
+        weights=weights,
+        baselines=baselines,
+    )
+
+
+def _row_means(s: np.ndarray, n: np.ndarray, plus: np.ndarray | None = None) -> np.ndarray:
+    """Mean over the ``C`` rows of ``s / n`` (of ``(s + plus) / n``): ``m.mean(axis=0)`` of
+    the ``(C, G)`` means, added in NumPy's order without building them."""
+
+    def rows_of(r0: int, r1: int) -> np.ndarray:
+        part = s[r0:r1] if plus is None else s[r0:r1] + plus[r0:r1]
+        return part / n[r0:r1, None]
+
+    C, G = s.shape
+    return sequential_row_sum(rows_of, C, G) / C
+
+
+def _derive_host(sums: Sums, plan: Plan, fixed: Fixed, *, deg: DEG | None) -> Derived:
+    """:func:`derive` of one set of sums over NumPy in float64, lean (module docstring):
+    the values of the generic form, without its ``(C, G)`` means and ``(P, G)`` baselines."""
+    s1, s2 = np.asarray(sums.s1[0]), np.asarray(sums.s2[0])
+    rows = np.asarray(plan.rows, dtype=np.intp)
+    is_control = np.zeros(s1.shape[0], dtype=bool)
+    is_control[plan.control] = True
+    n1 = np.asarray(sums.n1).astype(np.float64)
+    n2 = np.asarray(sums.n2).astype(np.float64)
+    n_full = n1 + n2
+    c = plan.control
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u_all_h1 = _row_means(s1, n1)
+        u_all_full = _row_means(s1, n_full, plus=s2)
+        u_ntc = (s1[c] + s2[c]) / n_full[c]
+        if plan.reference == "perturbed":
+            reference = u_all_h1[None]
+        elif plan.reference == "control":
+            reference = u_ntc[None]
+        elif plan.reference == "array":
+            reference = np.asarray(fixed.reference, dtype=np.float64)[None].copy()
+        else:
+            reference = reference_from_sums(plan.reference, sums.n1, sums.s1, is_control, xp=np)
+        if plan.weights == "deg" and deg is None:
+            deg = deg_arrays(sums, plan, xp=np)
+        # the truth: half-2 means of the perturbations, divided out block by block
+        P, G = rows.size, s1.shape[1]
+        truth = np.empty((1, P, G))
+        step = max(1, (1 << 20) // max(G, 1))
+        for r0 in range(0, P, step):
+            g = rows[r0 : r0 + step]
+            np.divide(s2[g], n2[g, None], out=truth[0, r0 : r0 + step])
+        baselines = HostBaselines(
+            plan.baselines,
+            s1=s1,
+            s2=s2,
+            n1=n1,
+            n_full=n_full,
+            rows=rows,
+            u_ntc=u_ntc,
+            u_all_full=u_all_full,
+            u_all_half1=u_all_h1,
+            pvals_adj=None if deg is None else deg.pvals_adj[0],
+            derangement=fixed.derangement,
+            additive=fixed.additive,
+        )
+    if plan.weights == "deg":
+        weights = deg.weights
+    elif plan.weights == "array":
+        weights = np.asarray(fixed.weights)[None]
+    else:
+        weights = None
+    return Derived(
+        truth=truth,
+        reference=reference,
+        u_ntc=u_ntc[None],
+        u_all_full=u_all_full[None],
+        u_all_half1=u_all_h1[None],
         deg=deg,
         weights=weights,
         baselines=baselines,

@@ -100,6 +100,7 @@ def as_screen(
     seed: int = 0,
     progress: bool = False,
     warm: ScoreSpec | None = None,
+    keep_sumsq: bool = True,
     **options,
 ) -> Screen:
     """``truth`` as a :class:`~vcjax.pipeline.Screen`: checked against the options when it
@@ -111,6 +112,9 @@ def as_screen(
       seed: the null baseline's seed (ignored for a Screen).
       progress: progress bar over the streaming pass.
       warm: compile the kernels of these scoring options while the truth streams.
+      keep_sumsq: False releases the sums of squares of a screen prepared here once the
+        DEG tests have read them (:attr:`Screen.scoring_only`; for one scoring without
+        intervals).
       **options: the other truth-side options; for a Screen, any that differs from both its
         default and the Screen's own value is an error naming it.
     """
@@ -129,7 +133,7 @@ def as_screen(
     spec = TruthSpec(key=key, control=control, seed=seed, **options)
     thread = warm_up(truth, spec, warm) if warm is not None else None
     try:
-        return prepare_spec(truth, spec, progress=progress, path=path)
+        return prepare_spec(truth, spec, progress=progress, path=path, keep_sumsq=keep_sumsq)
     finally:
         if thread is not None:
             thread.join()
@@ -148,7 +152,8 @@ def score_screen(
     metrics = resolve_metrics(score.metrics, prediction, screen.spec)
     frames = []
     for j, stratum in enumerate(screen.strata):
-        preds = dict(stratum.baselines)
+        # the baselines are streamed to the engine block by block, built from the sums
+        preds = stratum.baseline_sources()
         if prediction is not None:
             preds = {"model": prediction.matrices[j], **preds}
         dataset: dict[str, dict[str, np.ndarray]] = {}
@@ -320,6 +325,7 @@ def evaluate(
         seed=seed,
         progress=progress,
         warm=score,
+        keep_sumsq=boot is not None,  # only the bootstrap reads them after the DEG tests
         reference=reference,
         weights=weights,
         baselines=baselines,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -95,19 +96,32 @@ def undefined_for(metric: str, source: str, spec: TruthSpec) -> bool:
     return spec.uall_reference and source in METRICS[metric].undefined_for
 
 
-def engine_inputs(stratum: Stratum, *, topk: bool = True) -> dict[str, np.ndarray | None]:
-    """The truth-side inputs of :func:`score_sources`, cast once to the engine's working
-    dtype (the engine would cast them chunk by chunk, for every source: the same values).
-    A caller scoring many predictions against one stratum passes them as ``inputs=``."""
+def _cast_once(x: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """``x`` cast to ``dtype`` once when it must be cast; else ``x`` itself (the engine
+    copies its chunks into reused aligned buffers: no second ``(P, G)`` matrix)."""
+    if x is None or x.dtype == dtype:
+        return x
+    return engine_array(x, dtype)
+
+
+def engine_inputs(stratum: Stratum, *, topk: bool = True) -> dict[str, Any]:
+    """The truth-side inputs of :func:`score_sources`. The float64 truth is cast once to
+    the engine's working dtype (the engine would cast it chunk by chunk, for every source:
+    the same values); weights and DEG sets already in their dtype are passed as they are,
+    and the top-k ranking ``|t|`` is taken chunk by chunk (an :class:`vcjax.engine.Rows`),
+    so that no other ``(P, G)`` copy is made. A caller scoring many predictions against
+    one stratum passes them as ``inputs=``."""
     wdt = working_dtype()
     topk_w = None
-    if topk and (stratum.scores is not None or stratum.weights is not None):
-        topk_w = np.abs(stratum.scores) if stratum.scores is not None else stratum.weights
-        topk_w = engine_array(topk_w, wdt)
+    if topk and stratum.scores is not None:
+        scores = stratum.scores
+        topk_w = engine.Rows(lambda r0, r1: np.abs(scores[r0:r1]), scores.shape, scores.dtype)
+    elif topk and stratum.weights is not None:
+        topk_w = _cast_once(stratum.weights, wdt)
     return dict(
         truth=engine_array(stratum.truth, wdt),
-        weights=None if stratum.weights is None else engine_array(stratum.weights, wdt),
-        mask=None if stratum.deg_mask is None else engine_array(stratum.deg_mask, np.dtype(bool)),
+        weights=_cast_once(stratum.weights, wdt),
+        mask=_cast_once(stratum.deg_mask, np.dtype(bool)),
         topk=topk_w,
     )
 
@@ -128,7 +142,8 @@ def score_sources(
     Args:
       stratum: the prepared truth of one covariate value.
       spec: its truth options.
-      preds: source name → ``(P, G)`` prediction.
+      preds: source name → ``(P, G)`` prediction (an array, or an
+        :class:`vcjax.engine.Rows` streamed to the engine chunk by chunk).
       metrics: the metric names (:func:`resolve_metrics`).
       score: the scoring options.
       prediction: the model's aligned prediction (its predicted cells feed the cell-level
@@ -139,7 +154,6 @@ def score_sources(
     core, topk, ctrl = core_metric_groups(
         metrics, weights=stratum.weights is not None, mask=stratum.deg_mask is not None
     )
-    wdt = working_dtype()
     if inputs is None:
         inputs = engine_inputs(stratum, topk=bool(topk))
     truth, weights, mask, topk_w = (inputs[k] for k in ("truth", "weights", "mask", "topk"))
@@ -149,34 +163,37 @@ def score_sources(
     out: dict[str, dict[str, np.ndarray]] = {}
     for source, pred in preds.items():
         res: dict[str, np.ndarray] = {}
-        pred_w = engine_array(pred, wdt)
+        # the engine calls of this source in one pass: each chunk of the prediction (a
+        # Rows: built from the sums) is read and cast once for every reference and weighting
+        calls, groups = [], []
         if core:
-            got = engine.score(
-                pred_w,
-                truth,
-                reference=stratum.reference,
-                weights=weights,
-                mask=mask,
-                metrics=[METRICS[m].kernel for m in core],
-                **kw,
+            calls.append(core)
+            groups.append(
+                dict(
+                    reference=stratum.reference,
+                    weights=weights,
+                    mask=mask,
+                    metrics=[METRICS[m].kernel for m in core],
+                )
             )
-            res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in core})
         if topk:
-            got = engine.score(
-                pred_w,
-                truth,
-                reference=stratum.reference,
-                weights=topk_w,
-                metrics=["pearson_delta_topk"],
-                **kw,
+            calls.append(["pearson_delta_topk"])
+            groups.append(
+                dict(reference=stratum.reference, weights=topk_w, metrics=["pearson_delta_topk"])
             )
-            res["pearson_delta_topk"] = np.asarray(got["pearson_delta_topk"], np.float64)
         if ctrl:
+            calls.append(ctrl)
             kernels = list(dict.fromkeys(METRICS[m].kernel for m in ctrl))
-            got = engine.score(pred_w, truth, reference=stratum.u_ntc, metrics=kernels, **kw)
-            res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in ctrl})
+            groups.append(dict(reference=stratum.u_ntc, metrics=kernels))
+        if groups:
+            for names, got in zip(calls, engine.score_groups(pred, truth, groups, **kw)):
+                res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in names})
         if peer_names:
-            res.update(_peer_values(peer_names, source, pred, stratum, spec, prediction, dataset))
+            res.update(
+                _peer_values(
+                    peer_names, source, np.asarray(pred), stratum, spec, prediction, dataset
+                )
+            )
         if score.gate:
             for m in list(res):
                 res[m] = gate(m, res[m], no_deg=no_deg, undefined=undefined_for(m, source, spec))

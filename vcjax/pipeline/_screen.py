@@ -33,7 +33,7 @@ from vcjax._errors import VcjaxInputError, preview
 from vcjax._host import enable_compilation_cache
 from vcjax._io import atomic_path, json_safe
 from vcjax._version import __version__
-from vcjax.pipeline._baselines import additive_index, null_derangement
+from vcjax.pipeline._baselines import HostBaselines, additive_index, null_derangement
 from vcjax.pipeline._derive import DEG, Derived, Fixed, Plan, Sums, derive
 from vcjax.pipeline._scorer import scorer
 from vcjax.pipeline._spec import DEFAULT_BASELINES, TruthSpec
@@ -162,9 +162,24 @@ class Stratum:
         return None if mask is None else ~mask.any(axis=1)
 
     @property
-    def baselines(self) -> dict[str, np.ndarray]:
-        """Baseline name → ``(P, G)`` prediction."""
-        return {k: v[0] for k, v in self.derived.baselines.items()}
+    def baselines(self) -> Mapping[str, np.ndarray]:
+        """Baseline name → ``(P, G)`` float64 prediction.
+
+        A prepared screen builds a baseline from its sums each time it is read (it holds no
+        baseline matrix; :class:`~vcjax.pipeline._baselines.HostBaselines`): keep what you
+        read rather than reading it again.
+        """
+        return _Unbatched(self.derived.baselines)
+
+    def baseline_sources(self) -> dict[str, Any]:
+        """Baseline name → ``(P, G)`` prediction as scoring streams it: an
+        :class:`vcjax.engine.Rows` whose row blocks are built from the sums as the engine
+        reads them (a prepared screen), a broadcast view for the constant baselines, or the
+        array itself (a loaded screen)."""
+        b = self.derived.baselines
+        if isinstance(b, HostBaselines):
+            return {k: b.source(k) for k in b}
+        return {k: v[0] for k, v in b.items()}
 
     def topk_mask(self, k: int) -> np.ndarray:
         """``(P, G)`` bool: the ``k`` genes of largest ``|t|`` (or weight) per perturbation,
@@ -205,6 +220,23 @@ class Stratum:
     def fixed(self, spec: TruthSpec) -> Fixed:
         """The resample-independent inputs of :func:`derive` for this stratum."""
         return _fixed(spec, self.perturbations, len(self.genes))
+
+
+class _Unbatched(Mapping):
+    """A mapping of ``(b, ...)`` arrays read as their first resample (``v[0]``), each value
+    got only when it is read."""
+
+    def __init__(self, batched: Mapping[str, Any]) -> None:
+        self._batched = batched
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._batched[name][0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._batched)
+
+    def __len__(self) -> int:
+        return len(self._batched)
 
 
 def _plan(spec, groups, control, perts, baselines, deg_strategy) -> Plan:
@@ -250,6 +282,11 @@ class Screen:
       scale: the evidence of the truth cells' scale (:class:`vcjax.data.ScaleEvidence`,
         before normalisation, with what was done to them); None for a screen saved
         before vcjax recorded it (predictions are then checked against the pseudobulks).
+      scoring_only: True for the screen :func:`vcjax.evaluate` prepares for one scoring
+        without intervals: its sums of squares were released once the DEG tests had read
+        them (``stats.*.sumsq`` are NaN views, which no scoring reads), so it cannot be
+        saved, bootstrapped or used for confidence intervals. :func:`prepare` never makes
+        one.
     """
 
     spec: TruthSpec
@@ -257,6 +294,7 @@ class Screen:
     normalization: str
     source: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     scale: vdata.ScaleEvidence | None = None
+    scoring_only: bool = False
 
     @property
     def genes(self) -> tuple[str, ...]:
@@ -309,6 +347,11 @@ class Screen:
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike) -> None:
         """Write the screen to ``path`` atomically (the ``.vcjax`` format, module docstring)."""
+        if self.scoring_only:
+            raise VcjaxInputError(
+                "this Screen was prepared by evaluate() for one scoring (its sums of squares "
+                "were released); prepare it with vcjax.prepare to save it"
+            )
         header = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -320,7 +363,7 @@ class Screen:
             "genes": list(self.genes),
             "strata": [],
         }
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, Any] = {}  # name -> array, or a function building it
         for name in ("reference", "weights", "split"):
             value = getattr(self.spec, name)
             if isinstance(value, np.ndarray):
@@ -349,16 +392,18 @@ class Screen:
                 own.update({f"deg_{k}": v for k, v in d.deg._asdict().items()})
             elif d.weights is not None:
                 own["weights"] = d.weights
-            for name, v in d.baselines.items():
-                if name not in ("control_mean", "dataset_mean"):  # views of u_ntc / u_all_full
-                    own[f"baseline_{name}"] = v
             arrays.update({f"{j}/{k}": np.asarray(v) for k, v in own.items()})
+            for name in d.baselines:
+                if name not in ("control_mean", "dataset_mean"):  # views of u_ntc / u_all_full
+                    # built when written, one at a time (HostBaselines holds none of them)
+                    arrays[f"{j}/baseline_{name}"] = lambda b=d.baselines, n=name: b[n]
         with (
             atomic_path(path) as tmp,
             zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
         ):
             zf.writestr("header.json", json.dumps(header, indent=1))
             for name, value in arrays.items():
+                value = value() if callable(value) else value
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.ascontiguousarray(value), allow_pickle=False)
 
@@ -519,12 +564,20 @@ def _source_path(truth, adata) -> str | None:
 
 
 def prepare_spec(
-    truth, spec: TruthSpec, *, progress: bool = False, path: str | os.PathLike | None = None
+    truth,
+    spec: TruthSpec,
+    *,
+    progress: bool = False,
+    path: str | os.PathLike | None = None,
+    keep_sumsq: bool = True,
 ) -> Screen:
     """:func:`prepare` with the options as a :class:`~vcjax.pipeline.TruthSpec`.
 
     ``path``: the file an in-memory ``truth`` was read from (recorded in the screen, whose
-    bootstrap can then re-read the cells after a save and load).
+    bootstrap can then re-read the cells after a save and load). ``keep_sumsq=False``
+    releases the ``(2C, G)`` float64 sums of squares once the DEG tests have read them
+    (:attr:`Screen.scoring_only`: what :func:`vcjax.evaluate` does when it computes no
+    intervals, a quarter of its peak memory at genome scale).
     """
     enable_compilation_cache()
     # opened here (or by evaluate, which passes ``path``): the file is closed after the pass
@@ -582,6 +635,9 @@ def prepare_spec(
     if scale is None:
         X = adata.X if spec.layer is None else adata.layers[spec.layer]
         scale = vdata.scale_evidence(X, normalization=norm)
+    if not keep_sumsq:  # nothing else holds the sums of squares: they are freed here
+        del stats, parts, part
+        strata = [_release_sumsq(s) for s in strata]
     if norm == "log1p_cp10k" and spec.normalize == "auto":
         warnings.warn(
             f"the truth cells look like raw counts ({scale.summary()}): normalised to "
@@ -591,7 +647,17 @@ def prepare_spec(
         )
     if opened and getattr(adata, "isbacked", False):
         adata.file.close()
-    return Screen(spec, tuple(strata), norm, source, scale)
+    return Screen(spec, tuple(strata), norm, source, scale, scoring_only=not keep_sumsq)
+
+
+def _release_sumsq(stratum: Stratum) -> Stratum:
+    """``stratum`` whose split statistics keep their sums of squares as NaN views only."""
+
+    def lean(h: vdata.GroupStats) -> vdata.GroupStats:
+        return dataclasses.replace(h, sumsq=np.broadcast_to(np.float64(np.nan), h.sumsq.shape))
+
+    stats = vdata.SplitStats(lean(stratum.stats.half1), lean(stratum.stats.half2))
+    return dataclasses.replace(stratum, stats=stats)
 
 
 def _stratum(
