@@ -376,6 +376,42 @@ def test_peer_metrics_in_the_table():
     assert defined.value.between(0, 1).all() and hits[hits.source == "additive"].value.isna().all()
 
 
+def test_cell_de_metrics_without_predicted_control_cells():
+    """Predicted cells without control cells: the cell-level DE metrics (and the cell-level
+    PDS) use the truth's control cells, and their rows say so."""
+    from vcjax import peers
+    from vcjax.simulate import simulate_screen
+
+    adata = simulate_screen(
+        seed=2, n_perturbations=10, n_genes=120, cells_per_perturbation=40, n_control=80
+    )
+    rng = np.random.default_rng(1)
+    lab = adata.obs["condition"].astype(str).to_numpy()
+    pred = adata[(rng.random(adata.n_obs) < 0.5) & (lab != "control")].copy()
+    table = evaluate(adata, pred, key="condition", control="control", metrics="all")
+    (ctx,) = prepare(adata, key="condition", control="control").strata
+    X = np.log1p(adata.X.toarray() / adata.X.toarray().sum(1, keepdims=True) * 1e4)
+    Xp = np.log1p(pred.X.toarray() / pred.X.toarray().sum(1, keepdims=True) * 1e4)
+    res = peers.celleval_metrics(
+        X, lab, Xp, pred.obs["condition"].astype(str).to_numpy(), list(adata.var_names),
+        control="control",
+    )  # fmt: skip
+    assert res["pred_control"] == "truth"
+    order = [list(res["perts"]).index(p) for p in ctx.perturbations]
+    for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
+        rows = table[(table.source == "model") & (table.metric == name)]
+        assert (rows.note == peers.TRUTH_CONTROL_NOTE).all(), name
+        np.testing.assert_allclose(
+            _values(table, "model", name, ctx.perturbations),
+            np.asarray(res[name], float)[order],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
+    other = table[(table.source == "model") & (table.metric == "energy_distance")]
+    assert (other.note == "").all()
+
+
 # ---------------------------------------------------- compilation cache (issue 9)
 _CACHE_SCRIPT = r"""
 import json, os, sys

@@ -435,3 +435,247 @@ def test_pseudobulk_against_a_loop(form):
             np.testing.assert_allclose(got[i], rows.mean(0), rtol=1e-12)
     assert got.dtype == np.float64
     assert pseudobulk(cells, labels, perts, dtype=np.float32).dtype == np.float32
+
+
+# --------------------------------------------------------------------------- issue 20: fast paths
+
+
+def test_hit_recalls_host_equal_the_kernels():
+    """The NumPy twin used by the pipeline gives the kernels' numbers (ties, NaN, no hit)."""
+    rng = np.random.default_rng(11)
+    for trial in range(4):
+        scores = rng.integers(0, 5, size=30).astype(float)
+        scores[rng.uniform(size=30) < 0.1] = np.nan
+        hits = rng.uniform(size=30) < (0.0 if trial == 3 else 0.4)
+        for budget in (0, 3):
+            got = Pm.hit_recalls_host(scores, hits, budget=budget, fdr=0.2)
+            want = (
+                float(Pm.hit_recall_at_budget(scores, hits, budget=budget)),
+                float(Pm.hit_recall_at_fdr(scores, hits, fdr=0.2)),
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=str(trial))
+
+
+def test_bh_fdr_host_is_the_kernel_bit_for_bit():
+    from vcjax.peers._kernels import _bh_fdr_host
+    from vcjax.stats import bh_fdr
+
+    rng = np.random.default_rng(12)
+    p = rng.uniform(size=(5, 40)) ** 3
+    p[0, :5] = p[0, 5]  # ties
+    p[1, 3] = np.nan
+    got = _bh_fdr_host(p)
+    np.testing.assert_array_equal(got, np.asarray(bh_fdr(p)))
+    assert np.isnan(got[1, 3]) and np.isfinite(got[1, :3]).all()
+
+
+def test_pds_l1_tiles_vs_loop():
+    """The L1 distances in row blocks and unrolled gene steps: genes not a multiple of the
+    step, rows not a multiple of the block, with and without an exclusion."""
+    pred, truth = _pair(23, 37, noise=3.0, seed=13)
+    for exclude in (None, np.r_[np.arange(10) * 3, np.full(13, -1)]):
+        got = np.asarray(Pm.pds(pred, truth, exclude=exclude, block_size=7))
+        ex = np.full(23, -1) if exclude is None else exclude
+        np.testing.assert_allclose(got, _ref_pds(pred, truth, ex, "l1"), atol=1e-6)
+
+
+def _sparse_screen(seed, n_groups=6, g=45):
+    """Cells with many zeros, negatives, tied values (in the first half of the genes),
+    a label outside the groups and an empty group; labels: -2 control, -1 neither,
+    0..n_groups-1 groups."""
+    import scipy.sparse as sps
+
+    rng = np.random.default_rng(seed)
+    n = 260
+    x = rng.integers(-2, 5, size=(n, g)).astype(np.float32)
+    x[:, g // 2 :] += rng.normal(scale=0.3, size=(n, g - g // 2)).astype(np.float32)
+    x *= rng.uniform(size=(n, g)) < 0.35
+    lab = rng.integers(-2, n_groups, size=n)
+    lab[lab == 2] = -1  # group 2 is empty
+    return sps.csr_matrix(x), lab
+
+
+def test_mannwhitney_sparse_equals_the_dense_test_and_scipy():
+    """The sparse Wilcoxon (stored non-zeros sorted once, zeros counted) gives the dense
+    test's exact U and tie terms, with the control as a row mask or as its own matrix,
+    explicit zeros and -0.0 as zeros, float32 and float64; p-values equal scipy's."""
+    import scipy.sparse as sps
+
+    from vcjax.stats import mannwhitney_vs_control_sparse
+    from vcjax.stats._wilcoxon import _host_counts
+    from vcjax.stats._wilcoxon_sparse import _sparse_counts
+
+    X, lab = _sparse_screen(14)
+    X = X.copy()
+    X.data[::9] = 0.0  # explicit zeros
+    X.data[1::9] = -0.0
+    ctrl = lab == -2
+    dense = X.toarray()
+    sel = lab >= 0
+    for dt in (np.float32, np.float64):
+        d = dense.astype(dt)
+        u_ref, t_ref, n_ref = _host_counts(d[sel], lab[sel], d[ctrl], 6)
+        ne = n_ref > 0
+        for control in (ctrl, sps.csr_matrix(d[ctrl])):
+            u, t, n = _sparse_counts(X.astype(dt), lab, control, 6, threads=2)
+            np.testing.assert_array_equal(n, n_ref)
+            np.testing.assert_array_equal(u[ne], u_ref[ne])
+            np.testing.assert_array_equal(t[ne], t_ref[ne])
+    res = mannwhitney_vs_control_sparse(X, lab, ctrl, n_groups=6)
+    assert np.isnan(np.asarray(res.pvalue)[2]).all()  # the empty group
+    c = dense[ctrl].astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for grp in (0, 3, 5):
+            pv = ss.mannwhitneyu(dense[lab == grp], c, method="asymptotic", axis=0).pvalue
+            pv = np.where(np.isnan(pv), 1.0, pv)
+            np.testing.assert_allclose(np.asarray(res.pvalue)[grp], pv, rtol=2e-4, atol=1e-30)
+
+
+def test_celleval_de_table_sparse_and_external_control():
+    """Sparse cells give the dense table's numbers; ``control_cells`` tests against
+    another object's control cells (scipy reference)."""
+    import scipy.sparse as sps
+
+    genes, xr, lr, xp, lp = _synthetic_screen(seed=2)
+    dense = Pm.celleval_de_table(xr, lr)
+    sparse = Pm.celleval_de_table(sps.csr_matrix(xr), lr)
+    for key in ("pvalue", "fdr", "lfc", "statistic"):
+        np.testing.assert_array_equal(sparse[key], dense[key], err_msg=key)
+    keep = lp != "non-targeting"
+    ext = Pm.celleval_de_table(
+        sps.csr_matrix(xp[keep]), lp[keep], control_cells=xr[lr == "non-targeting"]
+    )
+    ctrl = xr[lr == "non-targeting"].astype(np.float64)
+    for i, p in enumerate(ext["perts"][:3]):
+        x = xp[lp == p].astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pv = ss.mannwhitneyu(x, ctrl, method="asymptotic", axis=0).pvalue
+        pv = np.where(np.isnan(pv), 1.0, pv)
+        np.testing.assert_allclose(ext["pvalue"][i], pv, rtol=2e-4, atol=1e-30)
+        np.testing.assert_allclose(ext["fdr"][i], ss.false_discovery_control(pv), rtol=2e-4)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lfc = np.log2(np.expm1(x.mean(0)) / np.expm1(ctrl.mean(0)))
+        np.testing.assert_allclose(ext["lfc"][i], np.nan_to_num(lfc, nan=0.0), atol=1e-5)
+
+
+def test_celleval_metrics_without_pred_control_use_the_truths():
+    """Predicted cells without control cells: the prediction's deltas (PDS) and its DE
+    test use the truth's control cells; checked against NumPy/scipy references."""
+    import scipy.sparse as sps
+
+    genes, xr, lr, xp, lp = _synthetic_screen(seed=3)
+    keep = lp != "non-targeting"
+    xp, lp = xp[keep], lp[keep]
+    r = Pm.celleval_metrics(sps.csr_matrix(xr), lr, sps.csr_matrix(xp), lp, genes)
+    assert r["pred_control"] == "truth"
+    perts = r["perts"]
+    rb = np.stack([xr[lr == p].astype(np.float64).mean(0) for p in perts + ["non-targeting"]])
+    pb = np.stack([xp[lp == p].astype(np.float64).mean(0) for p in perts])
+    ex = np.array([genes.index(p) if p in genes else -1 for p in perts])
+    np.testing.assert_allclose(r["pds"], _ref_pds(pb - rb[-1], rb[:-1] - rb[-1], ex, "l1"))
+    ctrl = xr[lr == "non-targeting"].astype(np.float64)
+
+    def table(x, lab):
+        fdr, lfc = [], []
+        for p in perts:
+            a = x[lab == p].astype(np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pv = ss.mannwhitneyu(a, ctrl, method="asymptotic", axis=0).pvalue
+            pv = np.where(np.isnan(pv), 1.0, pv)
+            fdr.append(ss.false_discovery_control(pv))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lfc.append(np.nan_to_num(np.log2(np.expm1(a.mean(0)) / np.expm1(ctrl.mean(0)))))
+        return np.array(fdr), np.array(lfc)
+
+    tf, tl = table(xr, lr)
+    pf, pl = table(xp, lp)
+    np.testing.assert_allclose(
+        r["de_overlap_at_k"], _ref_overlap(tf, tl, pf, pl, None, "overlap"), atol=1e-6
+    )
+    t_set = tf.astype(np.float32) < 0.05
+    want = [np.mean(np.sign(tl[i, s]) == np.sign(pl[i, s])) for i, s in enumerate(t_set)]
+    np.testing.assert_allclose(r["de_direction_agreement"], want, atol=1e-6)
+    assert np.ptp(r["de_overlap_at_k"]) > 0 and np.ptp(r["pds"]) > 0
+    note = Pm.pred_control_note(["pds", "de_overlap_at_k", "mmd"], lp, "non-targeting")
+    assert note == {"pds": Pm.TRUTH_CONTROL_NOTE, "de_overlap_at_k": Pm.TRUTH_CONTROL_NOTE}
+    assert "de_overlap_at_k" in Pm.available(cells=True, pred_control=False)
+
+
+def test_cell_distances_batched_sparse_vs_cdist():
+    """Energy distance and MMD of many perturbations batched (several size classes,
+    chunks, padded slots), from sparse or dense cells, equal float64 cdist references;
+    a perturbation without predicted cells is NaN; one over ``max_rows`` takes the
+    tiled single-pair kernels."""
+    import scipy.sparse as sps
+
+    rng = np.random.default_rng(15)
+    g = 30
+    perts = [f"p{i}" for i in range(9)]
+    npred = [5, 9, 12, 20, 33, 0, 7, 60, 3]
+    ntrue = [6, 4, 15, 22, 30, 8, 7, 70, 2]
+    pl = np.repeat(perts + ["other"], npred + [4])
+    tl = np.repeat(perts + ["non-targeting"], ntrue + [10])
+    perm = rng.permutation(pl.size)
+    pl = pl[perm]
+    shift = {p: rng.normal(scale=0.5, size=g) for p in perts}
+    pc = rng.normal(size=(pl.size, g)) * (rng.uniform(size=(pl.size, g)) < 0.4)
+    tc = rng.normal(size=(tl.size, g)) * (rng.uniform(size=(tl.size, g)) < 0.4)
+    for lab, x in ((pl, pc), (tl, tc)):
+        for p in perts:
+            x[lab == p] += shift[p] * (lab[lab == p, None] == p)
+    pc, tc = pc.astype(np.float32), tc.astype(np.float32)
+    for form in ("sparse", "dense"):
+        a = sps.csr_matrix(pc) if form == "sparse" else pc
+        b = sps.csr_matrix(tc) if form == "sparse" else tc
+        got = Pm.cell_distances(a, pl, b, tl, perts, chunk_bytes=16 * 4 * g * 2, max_rows=100)
+        got_s = Pm.cell_distances(a, pl, b, tl, perts, sigma=1.5, chunk_bytes=1 << 20)
+        for i, p in enumerate(perts):
+            x, y = pc[pl == p].astype(np.float64), tc[tl == p].astype(np.float64)
+            if len(x) == 0:
+                assert np.isnan(got["energy"][i]) and np.isnan(got["mmd"][i])
+                continue
+            e = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
+            z = np.concatenate([x, y])
+            for s2, res in ((np.var(z, axis=0).sum(), got), (1.5**2, got_s)):
+                k = np.exp(-cdist(z, z, "sqeuclidean") / (2 * s2))
+                n = len(x)
+                m = k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
+                assert res["mmd"][i] == pytest.approx(m, rel=1e-3, abs=1e-6), (form, p)
+            assert got["energy"][i] == pytest.approx(e, rel=1e-4, abs=1e-6), (form, p)
+    single = Pm.distribution_distances(pc, pl, tc, tl, perts, metric="mmd")
+    np.testing.assert_allclose(single, got["mmd"], rtol=1e-5)
+
+
+def test_score_pseudobulk_sources_equal_the_kernels():
+    """One compiled call per source gives the per-metric kernels' values."""
+    from vcjax.metrics import pearson_delta, topk_mask
+
+    rng = np.random.default_rng(16)
+    p, g = 12, 40
+    truth = rng.normal(size=(p, g))
+    u = rng.normal(size=g) * 0.1
+    scores = rng.normal(size=(p, g))
+    genes = [f"G{i}" for i in range(g)]
+    perts = ["G3", "G7", "x"] + [f"q{i}" for i in range(p - 3)]
+    preds = {"a": truth + rng.normal(size=(p, g)), "b": truth * 0.5}
+    names = list(Pm.PEER_METRICS)
+    got = Pm.score_pseudobulk_sources(
+        names, preds, truth=truth, u_ntc=u, scores=scores, genes=genes, perts=perts
+    )
+    where = topk_mask(np.abs(scores), k=20)
+    ex = np.array([3, 7] + [-1] * (p - 2))
+    for s, pred in preds.items():
+        want = {
+            "pearson_delta_top20": Pm.pearson_delta_top20(pred, truth, u, np.abs(scores)),
+            "direction_agreement": Pm.direction_agreement(pred, truth, u, where=where),
+            "pearson_delta_centroid": pearson_delta(pred, truth, Pm.perturbed_centroid(truth)),
+            "centroid_accuracy": Pm.centroid_accuracy(pred, truth),
+            "rank": Pm.rank(pred - u, truth - u),
+            "pds": Pm.pds(pred - u, truth - u, exclude=ex),
+        }
+        assert set(got[s]) == set(want)
+        for m, v in want.items():
+            np.testing.assert_allclose(got[s][m], np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=m)

@@ -60,8 +60,8 @@ class MetricSpec:
       kernel: the core kernel computing it, or None (a peer metric).
       reference: which Δ reference it takes (module docstring).
       needs: optional inputs it needs: ``"weights"`` (DEG weights), ``"mask"`` (DEG sets);
-        for peer metrics ``"cells"`` (a model given as predicted cells) and
-        ``"pred_control"`` (predicted cells that include control cells).
+        for peer metrics ``"cells"`` (a model given as predicted cells; the cell-eval DE
+        metrics use the truth's control cells when those have none).
       gated_by_degs: NaN where a perturbation has no significant DEG.
       undefined_for: sources for which it is NaN against a ``u_ALL``-type reference.
       level: ``"perturbation"`` (one value per perturbation) or ``"dataset"`` (one value).
@@ -173,14 +173,14 @@ _ENTRIES = (
         "de_overlap_at_k",
         True,
         "DE overlap (cell-eval)",
-        needs=("cells", "pred_control"),
+        needs=("cells",),
         bounds=_FRACTION,
     ),  # fmt: skip
     MetricSpec(
         "de_direction_agreement",
         True,
         "DE direction match (cell-eval)",
-        needs=("cells", "pred_control"),
+        needs=("cells",),
         bounds=_FRACTION,
     ),
     MetricSpec(

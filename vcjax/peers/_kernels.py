@@ -37,7 +37,12 @@ import scipy.sparse as sp
 from jax.typing import ArrayLike
 
 from vcjax.metrics import cosine_delta, mae, pearson_delta_topk
-from vcjax.stats import bh_fdr, log2_fold_change, mannwhitney_vs_control
+from vcjax.stats import (
+    benjamini_hochberg_host,
+    log2_fold_change,
+    mannwhitney_vs_control,
+    mannwhitney_vs_control_sparse,
+)
 
 __all__ = [
     # per-perturbation (..., G)
@@ -54,6 +59,7 @@ __all__ = [
     "de_direction_agreement",
     "hit_recall_at_budget",
     "hit_recall_at_fdr",
+    "hit_recalls_host",
     # distributions
     "energy_distance",
     "mmd",
@@ -62,6 +68,7 @@ __all__ = [
     "pseudobulk",
     "celleval_de_table",
     "celleval_metrics",
+    "cell_distances",
     "distribution_distances",
 ]
 
@@ -151,6 +158,48 @@ def _exclusion(exclude: ArrayLike | None, p: int, g: int) -> jax.Array | None:
     return (jnp.arange(g)[None, :] != ex[:, None]).astype(jnp.float32)
 
 
+# genes per step of the L1 distances (unrolled: each step is one elementwise loop)
+_L1_GENES = 16
+
+
+def _l1_distance(pred: jax.Array, truth: jax.Array, keep: jax.Array | None, block: int):
+    """D[p, q] = Σ_g keep[p, g] |pred[p, g] - truth[q, g]|, (P, Q).
+
+    Blocks of ``block`` rows (``lax.map``); each block's ``(block, Q)`` sums are
+    accumulated over the genes in a ``fori_loop``, ``_L1_GENES`` genes per step written
+    out as a sum of elementwise terms (one fused, vectorised loop over the ``(block, Q)``
+    tile per step; XLA compiles a reduction over a gene axis far less well).
+    """
+    p, g = pred.shape
+    q = truth.shape[0]
+    block = -(-p // -(-p // max(1, block)))  # equal blocks of at most `block` rows
+    step = _L1_GENES
+    gpad = (-g) % step
+    rpad = (-p) % block
+    ns = (g + gpad) // step
+    if keep is None:
+        keep = jnp.ones_like(pred)
+    # padded genes have keep = 0; padded rows are dropped
+    xt = jnp.pad(pred, ((0, rpad), (0, gpad))).T.reshape(ns, step, p + rpad)
+    yt = jnp.pad(truth, ((0, 0), (0, gpad))).T.reshape(ns, step, q)
+    kt = jnp.pad(keep, ((0, rpad), (0, gpad))).T.reshape(ns, step, p + rpad)
+    nb = (p + rpad) // block
+
+    def rows(i):
+        def body(j, acc):
+            x = jax.lax.dynamic_slice_in_dim(xt[j], i * block, block, axis=1)  # (step, block)
+            k = jax.lax.dynamic_slice_in_dim(kt[j], i * block, block, axis=1)
+            y = yt[j]
+            for u in range(step):
+                acc = acc + jnp.abs(x[u][:, None] - y[u][None, :]) * k[u][:, None]
+            return acc
+
+        return jax.lax.fori_loop(0, ns, body, jnp.zeros((block, q), pred.dtype))
+
+    out = jax.lax.map(rows, jnp.arange(nb))
+    return out.reshape(nb * block, q)[:p]
+
+
 def _pairwise_distance(
     pred: jax.Array, truth: jax.Array, keep: jax.Array | None, distance: str, block: int
 ) -> jax.Array:
@@ -158,14 +207,7 @@ def _pairwise_distance(
     if keep is not None:
         keep = keep.astype(pred.dtype)
     if distance == "l1":
-
-        def row(args):
-            x, k = args
-            diff = jnp.abs(x[None, :] - truth)
-            return jnp.sum(diff if keep is None else diff * k[None, :], axis=-1)
-
-        ks = keep if keep is not None else jnp.zeros((pred.shape[0], 1), pred.dtype)
-        return jax.lax.map(row, (pred, ks), batch_size=block)
+        return _l1_distance(pred, truth, keep, block)
     if keep is None:
         dot = pred @ truth.T
         pn = jnp.sum(pred * pred, axis=-1)[:, None]
@@ -191,7 +233,7 @@ def pds(
     *,
     exclude: ArrayLike | None = None,
     distance: str = "l1",
-    block_size: int = 64,
+    block_size: int = 256,
 ) -> jax.Array:
     r"""Perturbation discrimination score (cell-eval ``discrimination_score_l1``).
 
@@ -213,7 +255,7 @@ def pds(
       distance: ``"l1"`` (cell-eval's PDS, blocked ``lax.map``, O(P²G)), ``"l2"`` or
         ``"cosine"`` (``discrimination_score_l2`` / ``_cosine``, one matrix product;
         a zero vector has cosine similarity 0).
-      block_size: rows per block of the L1 distance computation (memory ``block·P·G``).
+      block_size: rows per block of the L1 distance computation (memory ``block·P``).
 
     Returns:
       ``(P,)`` scores. cell-eval breaks exact distance ties with an unstable argsort; here
@@ -526,6 +568,47 @@ def hit_recall_at_fdr(scores: ArrayLike, is_hit: ArrayLike, *, fdr: float = 0.1)
     return jnp.where(total > 0, best / jnp.maximum(total, 1.0), jnp.nan)
 
 
+def hit_recalls_host(
+    scores: np.ndarray, is_hit: np.ndarray, *, budget: int, fdr: float = 0.1
+) -> tuple[float, float]:
+    """:func:`hit_recall_at_budget` and :func:`hit_recall_at_fdr` of one ``(P,)`` score
+    vector, in NumPy (the same tie groups and rules; no compilation for a few hundred
+    numbers). Scores are ranked in the engine's float dtype, as the kernels rank them.
+
+    Returns:
+      ``(recall at budget, recall at FDR)``; NaN when there is no true hit.
+    """
+    wdt = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+    s = np.asarray(scores, wdt)
+    s = np.where(np.isnan(s), -np.inf, s)
+    h = np.asarray(is_hit, bool).astype(np.float64)
+    total = h.sum()
+    n = s.size
+    if total == 0 or n == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-s, kind="stable")
+    ss, hh = s[order], h[order]
+    idx = np.arange(n)
+    new = np.ones(n, bool)
+    new[1:] = ss[1:] != ss[:-1]
+    is_end = np.append(new[1:], True)
+    start = np.maximum.accumulate(np.where(new, idx, 0))
+    end = np.minimum.accumulate(np.where(is_end, idx, n)[::-1])[::-1]
+    csum0 = np.concatenate([[0.0], np.cumsum(hh)])
+    above, through = csum0[start], csum0[end + 1]
+    b = min(max(int(budget), 0), n)
+    if b == 0:
+        at_budget = 0.0
+    else:
+        st, en = start[b - 1], end[b - 1]
+        got = above[b - 1] + (through[b - 1] - above[b - 1]) * (b - st) / (en - st + 1)
+        at_budget = got / total
+    called = (end + 1).astype(np.float64)
+    fdp = (called - through) / called
+    at_fdr = np.max(np.where(fdp <= fdr, through, 0.0)) / total
+    return float(at_budget), float(at_fdr)
+
+
 # --------------------------------------------------------------------------- distributions
 
 
@@ -700,6 +783,61 @@ def mmd(
     return jnp.where((nx > 0) & (ny > 0) & ok_s, val, jnp.nan)
 
 
+@jax.jit
+def _centred_gram(z: jax.Array, my: jax.Array) -> jax.Array:
+    """``(B, R, R)`` Gram matrices of ``z`` (``(B, R, G)``) after centring each batch
+    element on the mean of its rows with ``my = 1`` (the true cells)."""
+    (z,) = _float(z)
+    my = jnp.asarray(my, z.dtype)
+    center = jnp.einsum("br,brg->bg", my, z) / jnp.maximum(jnp.sum(my, -1), 1.0)[:, None]
+    z = z - center[:, None, :]
+    return jnp.einsum("brg,bsg->brs", z, z)
+
+
+def _distances_from_gram(
+    gram: np.ndarray, mx: np.ndarray, my: np.ndarray, s2: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Energy distance and RBF MMD² of each batch element from its Gram matrix (host).
+
+    The arithmetic of :func:`energy_distance` and :func:`mmd` (Gram expansion
+    ``‖a - b‖² = a·a + b·b - 2 a·b``, exact self-pairs 0, V-statistics), in float64 from
+    the float32 Gram; the default RBF σ² is :func:`rbf_bandwidth`'s pooled variance,
+    ``Σ_i w_i ‖z_i‖² / n - ‖Σ_i w_i z_i‖² / n²``, from the same Gram matrix.
+    """
+    k = np.asarray(gram, np.float64)
+    mx, my = mx.astype(np.float64), my.astype(np.float64)
+    sq = np.diagonal(k, axis1=1, axis2=2)
+    d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * k
+    np.maximum(d2, 0.0, out=d2)
+    r = d2.shape[1]
+    d2[:, np.arange(r), np.arange(r)] = 0.0
+    nx, ny = mx.sum(-1), my.sum(-1)
+    nxs, nys = np.maximum(nx, 1.0), np.maximum(ny, 1.0)
+
+    def pair_sums(v):
+        vx = np.einsum("brs,bs->br", v, mx)
+        vy = np.einsum("brs,bs->br", v, my)
+        return (vx * mx).sum(-1), (vy * mx).sum(-1), (vy * my).sum(-1)
+
+    sxx, sxy, syy = pair_sums(np.sqrt(d2))
+    ok = (nx > 0) & (ny > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        energy = np.where(
+            ok, 2.0 * sxy / (nxs * nys) - sxx / (nxs * nxs) - syy / (nys * nys), np.nan
+        )
+        if s2 is None:
+            w = mx + my
+            n = np.maximum(nx + ny, 1.0)
+            s2v = (w * sq).sum(-1) / n - np.einsum("br,brs,bs->b", w, k, w) / (n * n)
+        else:
+            s2v = np.full(k.shape[0], float(s2))
+        ok_s = s2v > 0
+        kern = np.exp(-d2 / (2.0 * np.where(ok_s, s2v, 1.0))[:, None, None])
+        kxx, kxy, kyy = pair_sums(kern)
+        val = kxx / (nxs * nxs) + kyy / (nys * nys) - 2.0 * kxy / (nxs * nys)
+    return energy, np.where(ok & ok_s, val, np.nan)
+
+
 # --------------------------------------------------------------------------- host helpers
 
 
@@ -731,6 +869,44 @@ def pseudobulk(cells, labels: Sequence, perts: Sequence[str], *, dtype=np.float6
         return sums / counts[:, None]
 
 
+def _as_matrix(x):
+    """Cells as a scipy CSR matrix (sparse input) or a NumPy array, float32 unless float64."""
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+    else:
+        x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)
+    return x
+
+
+def _rows(x, rows: np.ndarray):
+    return x[rows] if rows.size != x.shape[0] or np.any(rows != np.arange(x.shape[0])) else x
+
+
+_log2_fold_change = jax.jit(log2_fold_change)
+
+
+def _bh_fdr_host(pvalue: np.ndarray) -> np.ndarray:
+    """:func:`vcjax.stats.bh_fdr` on the host, bit-identical (NumPy sorts; XLA's CPU sort
+    is slow): Benjamini–Hochberg per row in the engine's float dtype, NaN kept."""
+    wdt = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+    p = np.asarray(pvalue, wdt)
+    nan = np.isnan(p)
+    q = benjamini_hochberg_host(np.where(nan, 1.0, p).astype(wdt))
+    q[nan] = np.nan
+    return q
+
+
+@partial(jax.jit, static_argnames=("alpha",))
+def _de_metrics(truth_fdr, truth_lfc, pred_fdr, pred_lfc, *, alpha: float):
+    """:func:`de_overlap_at_k` (``k = None``) and :func:`de_direction_agreement` in one call."""
+    return (
+        de_overlap_at_k(truth_fdr, truth_lfc, pred_fdr, pred_lfc, alpha=alpha),
+        de_direction_agreement(truth_fdr, truth_lfc, pred_lfc, alpha=alpha),
+    )
+
+
 def celleval_de_table(
     cells,
     labels: Sequence,
@@ -738,62 +914,83 @@ def celleval_de_table(
     control: str = "non-targeting",
     perts: Sequence[str] | None = None,
     gene_block: int = 2048,
+    control_cells=None,
 ) -> dict[str, np.ndarray]:
     """cell-eval's per-perturbation DE table: Wilcoxon vs control, BH FDR, log2 fold change.
 
     Each perturbation's cells are tested against the control cells of the **same** object
-    (:func:`vcjax.wilcoxon.mannwhitney_vs_control`: asymptotic, tie- and
-    continuity-corrected, two-sided; pdex ``mode="ref"``), the FDR is Benjamini–Hochberg
-    over all genes of that perturbation, and ``lfc = log2(expm1(mean_pert) /
-    expm1(mean_ctrl))`` (pdex ``geometric_mean=True, is_log1p=True, epsilon=0``). As
+    (:func:`vcjax.stats.mannwhitney_vs_control`: asymptotic, tie- and continuity-corrected,
+    two-sided; pdex ``mode="ref"``), or against ``control_cells`` when given; the FDR is
+    Benjamini–Hochberg over all genes of that perturbation, and ``lfc = log2(expm1(mean_pert)
+    / expm1(mean_ctrl))`` (pdex ``geometric_mean=True, is_log1p=True, epsilon=0``). As
     cell-eval, lfc / p / fdr are returned rounded to float32.
 
-    Input must already be log1p-normalised (cell-eval normalises integer count matrices
-    itself before this step).
+    Sparse cells are tested without densifying them
+    (:func:`vcjax.stats.mannwhitney_vs_control_sparse`, the same numbers); dense cells in
+    blocks of ``gene_block`` genes. Input must already be log1p-normalised (cell-eval
+    normalises integer count matrices itself before this step).
 
     Args:
       cells: ``(N, G)`` expression (dense or scipy sparse).
       labels: ``(N,)`` perturbation label of each cell.
       control: the control label.
       perts: perturbations to test (default: sorted unique labels without the control).
-      gene_block: genes per device call (the last block is padded, so one compilation).
+      gene_block: genes per device call of the dense test (the last block is padded, so
+        one compilation).
+      control_cells: ``(m, G)`` control cells to test against instead of ``cells``' own
+        (e.g. the truth's, for predicted cells without control cells); default: the cells
+        labelled ``control``.
 
     Returns:
       dict with ``perts`` (list), ``pvalue``, ``fdr``, ``lfc``, ``statistic`` (``(P, G)``
       float32) and ``n_cells`` (``(P,)``).
     """
-    x = _dense(cells)
-    x = x.astype(np.float32) if x.dtype != np.float64 else x
+    x = _as_matrix(cells)
     labels = np.asarray(labels).astype(str)
     if perts is None:
         perts = sorted(set(labels) - {control})
     perts = list(perts)
-    index = {p: i for i, p in enumerate(perts)}
-    codes = np.array([index.get(lab, -1) for lab in labels], dtype=np.int32)
-    is_ctrl = labels == control
-    if not is_ctrl.any():
-        raise ValueError(f"no control cells labelled {control!r}")
-    sel = codes >= 0
-    group_x, group_lab, ctrl_x = x[sel], codes[sel], x[is_ctrl]
+    codes = pd.Index(perts).get_indexer(labels).astype(np.int32)
+    codes[labels == control] = -1
+    if control_cells is None:
+        is_ctrl = labels == control
+        if not is_ctrl.any():
+            raise ValueError(f"no control cells labelled {control!r}")
+        ctrl = _rows(x, np.flatnonzero(is_ctrl))
+    else:
+        ctrl = _as_matrix(control_cells).astype(x.dtype)
+        if ctrl.shape[0] == 0 or ctrl.shape[1] != x.shape[1]:
+            raise ValueError(f"control_cells must be (m > 0, {x.shape[1]}), got {ctrl.shape}")
     g = x.shape[1]
     n_p = len(perts)
-    width = min(gene_block, g)
-    pv = np.empty((n_p, g), np.float64)
-    st = np.empty((n_p, g), np.float64)
-    for s0 in range(0, g, width):
-        cols = np.arange(s0, min(s0 + width, g))
-        pad = width - len(cols)
-        gx, cx = group_x[:, cols], ctrl_x[:, cols]
-        if pad:
-            gx = np.pad(gx, ((0, 0), (0, pad)))
-            cx = np.pad(cx, ((0, 0), (0, pad)))
-        res = mannwhitney_vs_control(gx, group_lab, cx, n_groups=n_p)
-        pv[:, cols] = np.asarray(res.pvalue)[:, : len(cols)]
-        st[:, cols] = np.asarray(res.statistic)[:, : len(cols)]
-    fdr = np.asarray(bh_fdr(pv))
-    means = pseudobulk(x, labels, perts + [control])
-    lfc = np.asarray(log2_fold_change(means[:-1], means[-1]))
-    n_cells = np.bincount(group_lab, minlength=n_p)
+    if sp.issparse(x):
+        res = mannwhitney_vs_control_sparse(
+            x, codes, is_ctrl if control_cells is None else ctrl, n_groups=n_p
+        )
+        pv = np.asarray(res.pvalue, np.float64)
+        st = np.asarray(res.statistic, np.float64)
+    else:
+        sel = np.flatnonzero(codes >= 0)
+        group_x, group_lab = x[sel], codes[sel]
+        ctrl_x = _dense(ctrl).astype(x.dtype)
+        width = min(gene_block, g)
+        pv = np.empty((n_p, g), np.float64)
+        st = np.empty((n_p, g), np.float64)
+        for s0 in range(0, g, width):
+            cols = np.arange(s0, min(s0 + width, g))
+            pad = width - len(cols)
+            gx, cx = group_x[:, cols], ctrl_x[:, cols]
+            if pad:
+                gx = np.pad(gx, ((0, 0), (0, pad)))
+                cx = np.pad(cx, ((0, 0), (0, pad)))
+            res = mannwhitney_vs_control(gx, group_lab, cx, n_groups=n_p)
+            pv[:, cols] = np.asarray(res.pvalue)[:, : len(cols)]
+            st[:, cols] = np.asarray(res.statistic)[:, : len(cols)]
+    means = pseudobulk(x, labels, perts)
+    ctrl_mean = pseudobulk(ctrl, np.zeros(ctrl.shape[0], int), ["0"])[0]
+    fdr = _bh_fdr_host(pv)
+    lfc = np.asarray(_log2_fold_change(means, ctrl_mean))
+    n_cells = np.bincount(codes[codes >= 0], minlength=n_p)
     return {
         "perts": perts,
         "pvalue": pv.astype(np.float32),
@@ -802,6 +999,51 @@ def celleval_de_table(
         "statistic": st.astype(np.float32),
         "n_cells": n_cells,
     }
+
+
+def _celleval_values(
+    real,
+    real_labels: np.ndarray,
+    pred,
+    pred_labels: np.ndarray,
+    genes: Sequence[str],
+    perts: list[str],
+    *,
+    control: str,
+    alpha: float,
+    de: bool = True,
+    with_mae: bool = True,
+) -> dict:
+    """cell-eval's values for ``perts`` (each with real and predicted cells): ``pds``,
+    ``mae`` (``with_mae``), the two DE metrics and tables (``de``)."""
+    own = bool(np.any(pred_labels == control))
+    names = perts + [control]
+    real_pb = pseudobulk(real, real_labels, names, dtype=np.float32)
+    pred_pb = pseudobulk(pred, pred_labels, names, dtype=np.float32)
+    pred_ctrl = pred_pb[-1] if own else real_pb[-1]
+    gidx = {gname: i for i, gname in enumerate(map(str, genes))}
+    exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
+    out = {
+        "perts": perts,
+        "pred_control": "own" if own else "truth",
+        "pds": np.asarray(
+            pds(pred_pb[:-1] - pred_ctrl, real_pb[:-1] - real_pb[-1], exclude=exclude)
+        ),
+    }
+    if with_mae:
+        out["mae"] = np.asarray(mae(pred_pb[:-1], real_pb[:-1]))
+    if de:
+        de_real = celleval_de_table(real, real_labels, control=control, perts=perts)
+        real_ctrl = None if own else _rows(real, np.flatnonzero(real_labels == control))
+        de_pred = celleval_de_table(
+            pred, pred_labels, control=control, perts=perts, control_cells=real_ctrl
+        )
+        ov, dirm = _de_metrics(
+            de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=float(alpha)
+        )
+        out["de_overlap_at_k"], out["de_direction_agreement"] = np.asarray(ov), np.asarray(dirm)
+        out["de_real"], out["de_pred"] = de_real, de_pred
+    return out
 
 
 def celleval_metrics(
@@ -819,50 +1061,151 @@ def celleval_metrics(
     Follows cell-eval 0.8.2's conventions exactly (docs/metrics.md §9): pseudobulks
     are per-label means; truth deltas use the real control, **prediction deltas the
     prediction's own control**; the PDS leaves out the gene named like the perturbation;
-    DE runs separately on real and pred, each vs its own control.
+    DE runs separately on real and pred, each vs its own control. Predicted cells without
+    control cells (which cell-eval refuses) use the real control cells instead, for the
+    prediction's deltas and its DE test (``pred_control = "truth"`` in the result).
+    Sparse matrices are never densified.
 
     Args:
-      real_cells, real_labels: true cells ``(N, G)`` (log1p) and their labels.
-      pred_cells, pred_labels: predicted cells ``(N', G)`` and labels; must include
-        control cells.
+      real_cells, real_labels: true cells ``(N, G)`` (log1p, dense or sparse) and labels.
+      pred_cells, pred_labels: predicted cells ``(N', G)`` and labels.
       genes: var names (same order in both objects).
       control: the control label.
       alpha: DEG threshold on the FDR.
 
     Returns:
-      dict of ``perts`` (sorted perturbation labels) and ``(P,)`` arrays ``pds``,
-      ``de_overlap_at_k``, ``de_direction_agreement``, ``mae``, plus the two DE tables
-      (``de_real``, ``de_pred``).
+      dict of ``perts`` (sorted perturbation labels), ``pred_control`` (``"own"`` or
+      ``"truth"``) and ``(P,)`` arrays ``pds``, ``de_overlap_at_k``,
+      ``de_direction_agreement``, ``mae``, plus the two DE tables (``de_real``,
+      ``de_pred``).
     """
     real_labels = np.asarray(real_labels).astype(str)
     pred_labels = np.asarray(pred_labels).astype(str)
     perts = sorted(set(real_labels) - {control})
     if set(pred_labels) - {control} != set(perts):
         raise ValueError("real and predicted data must have the same perturbation labels")
-    names = perts + [control]
-    real_pb = pseudobulk(real_cells, real_labels, names, dtype=np.float32)
-    pred_pb = pseudobulk(pred_cells, pred_labels, names, dtype=np.float32)
-    truth_delta = real_pb[:-1] - real_pb[-1]
-    pred_delta = pred_pb[:-1] - pred_pb[-1]
-    gidx = {gname: i for i, gname in enumerate(map(str, genes))}
-    exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
-    de_real = celleval_de_table(real_cells, real_labels, control=control, perts=perts)
-    de_pred = celleval_de_table(pred_cells, pred_labels, control=control, perts=perts)
-    return {
-        "perts": perts,
-        "pds": np.asarray(pds(pred_delta, truth_delta, exclude=exclude)),
-        "de_overlap_at_k": np.asarray(
-            de_overlap_at_k(
-                de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=alpha
-            )
-        ),
-        "de_direction_agreement": np.asarray(
-            de_direction_agreement(de_real["fdr"], de_real["lfc"], de_pred["lfc"], alpha=alpha)
-        ),
-        "mae": np.asarray(mae(pred_pb[:-1], real_pb[:-1])),
-        "de_real": de_real,
-        "de_pred": de_pred,
-    }
+    return _celleval_values(
+        _as_matrix(real_cells), real_labels, _as_matrix(pred_cells), pred_labels, genes, perts,
+        control=control, alpha=alpha,
+    )  # fmt: skip
+
+
+def _size_class(n: np.ndarray) -> np.ndarray:
+    """Rows ``n`` rounded up to ``2^k · {8, 10, 12, 14} / 8`` (at least 16): few shapes."""
+    n = np.maximum(np.asarray(n, np.int64), 16)
+    q = np.left_shift(1, np.maximum(np.frexp(n)[1] - 3, 0))  # 2^(bit_length - 3)
+    return -(-n // q) * q
+
+
+def cell_distances(
+    pred_cells,
+    pred_labels: Sequence,
+    true_cells,
+    true_labels: Sequence,
+    perts: Sequence[str],
+    *,
+    sigma: float | None = None,
+    chunk_bytes: int = 1 << 26,
+    max_rows: int = 2048,
+    block_size: int = 128,
+) -> dict[str, np.ndarray]:
+    """Per-perturbation :func:`energy_distance` and :func:`mmd` of predicted vs true cells.
+
+    Batched: the perturbations are sorted by their cell numbers and taken in chunks, each
+    perturbation's predicted and true cells padded to one row count per chunk (a few
+    distinct shapes in all, so a few compilations), one device call per chunk of about
+    ``chunk_bytes`` of cells computes their Gram matrices (centred on the true cells'
+    mean), and both distances come from them on the host (:func:`_distances_from_gram`).
+    Sparse cells are densified a chunk at a time only.
+    Perturbations with more than ``max_rows`` cells in all go to the tiled single-pair
+    kernels (``block_size`` tiles) one at a time.
+
+    Returns:
+      ``{"energy": (P,), "mmd": (P,)}`` float64; NaN for a perturbation without predicted
+      or true cells.
+    """
+    perts = list(perts)
+    n_p = len(perts)
+    index = pd.Index(perts)
+    mats, codes = [], []
+    for x, lab in ((pred_cells, pred_labels), (true_cells, true_labels)):
+        mats.append(_as_matrix(x))
+        codes.append(index.get_indexer(np.asarray(lab).astype(str)))
+    nx, ny = (np.bincount(c[c >= 0], minlength=n_p) for c in codes)
+    g = mats[0].shape[1]
+    out = {"energy": np.full(n_p, np.nan), "mmd": np.full(n_p, np.nan)}
+    todo = np.flatnonzero((nx > 0) & (ny > 0))
+    size = _size_class(nx + ny)
+    big = todo[size[todo] > max_rows]
+    todo = todo[size[todo] <= max_rows]
+    todo = todo[np.argsort(size[todo], kind="stable")]  # chunk order
+    # all cells in chunk order (each perturbation's predicted, then its true cells),
+    # gathered once: a chunk's cells are one contiguous slice, in its buffer's row order
+    rank = np.full(n_p + 1, -1)
+    rank[todo] = np.arange(todo.size)
+    key = np.concatenate([2 * rank[np.where(c >= 0, c, n_p)] + side for side, c in
+                          enumerate(codes)])  # fmt: skip
+    key[np.concatenate([rank[np.where(c >= 0, c, n_p)] for c in codes]) < 0] = -1
+    rows = np.flatnonzero(key >= 0)
+    rows = rows[np.argsort(key[rows], kind="stable")]
+    if all(sp.issparse(x) for x in mats):
+        cells = sp.vstack(mats, format="csr")[rows]
+    else:
+        cells = np.concatenate([_dense(x) for x in mats])[rows]
+    off = np.concatenate([[0], np.cumsum(nx[todo] + ny[todo])])
+    s2 = None if sigma is None else float(sigma) ** 2
+    pending = []
+
+    def finish(J, gram, mx, my):
+        e, m = _distances_from_gram(gram, mx, my, s2)
+        out["energy"][J] = e[: J.size]
+        out["mmd"][J] = m[: J.size]
+
+    pos = 0
+    for r in np.unique(size[todo]):
+        r = int(r)
+        n_class = int(np.sum(size[todo] == r))
+        b = max(1, min(n_class, chunk_bytes // (r * g * 4)))
+        b = 1 << (b.bit_length() - 1)  # a power of two: few shapes
+        for c0 in range(pos, pos + n_class, b):
+            c1 = min(c0 + b, pos + n_class)
+            J = todo[c0:c1]
+            k = nx[J] + ny[J]
+            within = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
+            dest = np.repeat(np.arange(J.size) * r, k) + within  # increasing
+            is_x = within < np.repeat(nx[J], k)
+            a0, a1 = off[c0], off[c1]
+            if sp.issparse(cells):
+                # the slice's stored entries as a (b·r, G) CSR matrix whose rows are `dest`
+                # (the other rows empty), densified by SciPy's C loop: no gathering
+                cnt = np.zeros(b * r + 1, np.int64)
+                cnt[dest + 1] = np.diff(cells.indptr[a0 : a1 + 1])
+                lo, hi = cells.indptr[a0], cells.indptr[a1]
+                chunk = sp.csr_matrix(
+                    (cells.data[lo:hi], cells.indices[lo:hi], np.cumsum(cnt)),
+                    shape=(b * r, g),
+                )
+                buf = chunk.astype(np.float32, copy=False).toarray()
+            else:
+                buf = np.zeros((b * r, g), np.float32)
+                buf[dest] = cells[a0:a1]
+            mx = np.zeros(b * r, np.float32)
+            my = np.zeros(b * r, np.float32)
+            mx[dest[is_x]] = 1
+            my[dest[~is_x]] = 1
+            mx, my = mx.reshape(b, r), my.reshape(b, r)
+            # the device computes this chunk's Gram matrices while the host fills the next
+            pending.append((J, _centred_gram(buf.reshape(b, r, g), my), mx, my))
+            if len(pending) > 1:
+                finish(*pending.pop(0))
+        pos += n_class
+    for item in pending:
+        finish(*item)
+    for i in big:  # huge perturbations: the tiled kernels, one at a time
+        a, t = (_dense(x[np.flatnonzero(c == i)]) for x, c in zip(mats, codes))
+        out["energy"][i] = float(energy_distance(a, t, block_size=block_size))
+        out["mmd"][i] = float(mmd(a, t, sigma=sigma, block_size=block_size))
+    return out
 
 
 def distribution_distances(
@@ -878,39 +1221,16 @@ def distribution_distances(
 ) -> np.ndarray:
     """Per-perturbation :func:`energy_distance` or :func:`mmd` between predicted and true cells.
 
-    Host helper: streams one perturbation at a time; each cell set is padded to a bucket of
-    rows (``block_size`` times a power of two) with masks, so the kernel compiles once per
-    bucket, not once per perturbation.
+    Host helper over :func:`cell_distances` (batched over perturbations, sparse cells
+    densified a chunk at a time).
 
     Returns:
       ``(P,)`` float64; NaN for a perturbation without predicted or true cells.
     """
-    px, tx = _dense(pred_cells), _dense(true_cells)
-    pl = np.asarray(pred_labels).astype(str)
-    tl = np.asarray(true_labels).astype(str)
-
-    def bucket(n: int) -> int:
-        nb = max(1, -(-n // block_size))
-        return block_size * (1 << (nb - 1).bit_length())
-
-    def padded(a: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        out = np.zeros((rows, a.shape[1]), np.float32)
-        out[: len(a)] = a
-        m = np.zeros(rows, np.float32)
-        m[: len(a)] = 1
-        return out, m
-
-    out = np.full(len(perts), np.nan)
-    for i, p in enumerate(perts):
-        a, b = px[pl == p], tx[tl == p]
-        if len(a) == 0 or len(b) == 0:
-            continue
-        (xa, ma), (yb, mb) = padded(a, bucket(len(a))), padded(b, bucket(len(b)))
-        if metric == "energy":
-            v = energy_distance(xa, yb, x_mask=ma, y_mask=mb, block_size=block_size)
-        elif metric == "mmd":
-            v = mmd(xa, yb, sigma=sigma, x_mask=ma, y_mask=mb, block_size=block_size)
-        else:
-            raise ValueError(f"unknown metric {metric!r}")
-        out[i] = float(v)
-    return out
+    if metric not in ("energy", "mmd"):
+        raise ValueError(f"unknown metric {metric!r}")
+    res = cell_distances(
+        pred_cells, pred_labels, true_cells, true_labels, perts, sigma=sigma,
+        block_size=block_size,
+    )  # fmt: skip
+    return res[metric]

@@ -29,22 +29,35 @@ and ``mmd`` between predicted and true cells (all truth cells of each perturbati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 
+import jax
 import numpy as np
+import pandas as pd
 
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
+from vcjax.peers._kernels import _celleval_values
 
 __all__ = [
     "CELL_METRICS",
     "DATASET_METRICS",
     "PEER_METRICS",
+    "TRUTH_CONTROL_METRICS",
+    "TRUTH_CONTROL_NOTE",
     "available",
+    "pred_control_note",
     "score_cells",
     "score_dataset",
     "score_pseudobulk",
+    "score_pseudobulk_sources",
 ]
+
+#: the note on a cell-level metric whose prediction side used the truth's control cells
+TRUTH_CONTROL_NOTE = "prediction DE vs the truth's control cells (the predicted cells have none)"
+#: the cell-level metrics that read the prediction's control cells when it has some
+TRUTH_CONTROL_METRICS = ("de_overlap_at_k", "de_direction_agreement", "pds")
 
 #: every peer metric of the registry; the dataset-level ones; those needing predicted cells
 PEER_METRICS = tuple(n for n, m in METRICS.items() if not m.is_core)
@@ -52,10 +65,13 @@ DATASET_METRICS = tuple(n for n in PEER_METRICS if METRICS[n].level == "dataset"
 CELL_METRICS = tuple(n for n in PEER_METRICS if "cells" in METRICS[n].needs)
 
 
-def available(*, cells: bool, pred_control: bool) -> list[str]:
-    """The peer metrics that a prediction allows (``cells``: given as predicted cells;
-    ``pred_control``: those include control cells)."""
-    have = {"cells": cells, "pred_control": pred_control}
+def available(*, cells: bool, pred_control: bool | None = None) -> list[str]:
+    """The peer metrics that a prediction allows (``cells``: given as predicted cells).
+
+    ``pred_control`` (whether those include control cells) no longer changes the answer:
+    without them the cell-level DE metrics use the truth's control cells (with a note,
+    :data:`TRUTH_CONTROL_NOTE`). It is accepted for callers that pass it."""
+    have = {"cells": cells}
     return [n for n in PEER_METRICS if all(have[x] for x in METRICS[n].needs)]
 
 
@@ -82,28 +98,85 @@ def score_pseudobulk(
     Returns:
       ``{metric: (P,)}`` float64.
     """
-    out: dict[str, np.ndarray] = {}
-    abs_t = None if scores is None else np.abs(scores)
-    if "pearson_delta_top20" in names and abs_t is not None:
-        out["pearson_delta_top20"] = np.asarray(
-            peers.pearson_delta_top20(pred, truth, u_ntc, abs_t, k=20), float
-        )
-    if "direction_agreement" in names and abs_t is not None:
-        where = topk_mask(abs_t, k=min(20, truth.shape[1]))
-        out["direction_agreement"] = np.asarray(
-            peers.direction_agreement(pred, truth, u_ntc, where=where), float
-        )
+    got = score_pseudobulk_sources(
+        names, {"pred": pred}, truth=truth, u_ntc=u_ntc, scores=scores, genes=genes, perts=perts
+    )
+    return got["pred"]
+
+
+_PSEUDOBULK = ("pearson_delta_top20", "direction_agreement", "pearson_delta_centroid",
+               "centroid_accuracy", "rank", "pds")  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("names",))
+def _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centroid, exclude,
+                       *, names):  # fmt: skip
+    """The pseudobulk peer metrics of one prediction in one compiled call."""
+    out = {}
+    if "pearson_delta_top20" in names:
+        out["pearson_delta_top20"] = pearson_delta(pred, truth, u_ntc, where=where)
+    if "direction_agreement" in names:
+        out["direction_agreement"] = peers.direction_agreement(pred, truth, u_ntc, where=where)
     if "pearson_delta_centroid" in names:
-        centroid = np.asarray(peers.perturbed_centroid(truth))
-        out["pearson_delta_centroid"] = np.asarray(pearson_delta(pred, truth, centroid), float)
+        out["pearson_delta_centroid"] = pearson_delta(pred, truth, centroid)
     if "centroid_accuracy" in names:
-        out["centroid_accuracy"] = np.asarray(peers.centroid_accuracy(pred, truth), float)
+        out["centroid_accuracy"] = peers.centroid_accuracy(pred, truth)
     if "rank" in names:
-        out["rank"] = np.asarray(peers.rank(pred - u_ntc, truth - u_ntc), float)
+        out["rank"] = peers.rank(pred_delta, truth_delta)
     if "pds" in names:
-        gidx = {g: i for i, g in enumerate(genes)}
-        exclude = np.array([gidx.get(p, -1) for p in perts])
-        out["pds"] = np.asarray(peers.pds(pred - u_ntc, truth - u_ntc, exclude=exclude), float)
+        out["pds"] = peers.pds(pred_delta, truth_delta, exclude=exclude)
+    return out
+
+
+_topk_mask = jax.jit(topk_mask, static_argnames=("k",))
+
+
+def score_pseudobulk_sources(
+    names: Sequence[str],
+    preds: Mapping[str, np.ndarray],
+    *,
+    truth: np.ndarray,
+    u_ntc: np.ndarray,
+    scores: np.ndarray | None,
+    genes: Sequence[str],
+    perts: Sequence[str],
+) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`score_pseudobulk` of several ``(P, G)`` predictions against one truth.
+
+    The truth's side (top-20 gene mask, perturbed centroid, deltas, the genes left out
+    of ``pds``) is computed once, and each prediction's metrics in one compiled call
+    (compiled once for all predictions).
+
+    Returns:
+      ``{source: {metric: (P,)}}`` float64.
+    """
+    g = truth.shape[1]
+    want = [n for n in _PSEUDOBULK if n in names]
+    if scores is None:  # no DEG ranking: the top-20 metrics are left out
+        want = [n for n in want if n not in ("pearson_delta_top20", "direction_agreement")]
+    if not want or not preds:
+        return {s: {} for s in preds}
+    top20 = [n for n in want if n == "pearson_delta_top20"]
+    if top20 and g < 20:  # pearson_delta_topk's rule: k > G gives NaN
+        want.remove("pearson_delta_top20")
+    where = centroid = exclude = None
+    if "pearson_delta_top20" in want or "direction_agreement" in want:
+        where = _topk_mask(np.abs(scores), k=min(20, g))
+    if "pearson_delta_centroid" in want:
+        centroid = peers.perturbed_centroid(truth)
+    if "pds" in want:
+        gidx = {gene: i for i, gene in enumerate(genes)}
+        exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
+    truth_delta = truth - u_ntc if ("rank" in want or "pds" in want) else None
+    out = {}
+    for source, pred in preds.items():
+        pred_delta = pred - u_ntc if truth_delta is not None else None
+        got = _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centroid,
+                                 exclude, names=tuple(want))  # fmt: skip
+        res = {n: np.asarray(v, float) for n, v in got.items()}
+        if top20:
+            res.setdefault("pearson_delta_top20", np.full(truth.shape[0], np.nan))
+        out[source] = res
     return out
 
 
@@ -115,21 +188,18 @@ def score_dataset(
         return {}
     hits = deg_mask.any(axis=1)
     effect = np.linalg.norm(np.asarray(pred) - u_ntc, axis=1)
-    out = {}
-    if "hit_recall_at_budget" in names:
-        budget = max(1, int(round(0.1 * len(hits))))
-        out["hit_recall_at_budget"] = float(peers.hit_recall_at_budget(effect, hits, budget=budget))
-    if "hit_recall_at_fdr" in names:
-        out["hit_recall_at_fdr"] = float(peers.hit_recall_at_fdr(effect, hits, fdr=0.1))
-    return out
+    budget = max(1, int(round(0.1 * len(hits))))
+    at_budget, at_fdr = peers.hit_recalls_host(effect, hits, budget=budget, fdr=0.1)
+    got = {"hit_recall_at_budget": at_budget, "hit_recall_at_fdr": at_fdr}
+    return {n: v for n, v in got.items() if n in names}
 
 
 def score_cells(
     names: Sequence[str],
     *,
-    pred_cells: np.ndarray,
+    pred_cells,
     pred_labels: np.ndarray,
-    truth_cells: np.ndarray,
+    truth_cells,
     truth_labels: np.ndarray,
     genes: Sequence[str],
     perts: Sequence[str],
@@ -139,34 +209,49 @@ def score_cells(
 
     Args:
       names: the metrics wanted.
-      pred_cells, pred_labels: dense predicted cells ``(N', G)`` (genes in the truth's order)
-        and their condition labels.
-      truth_cells, truth_labels: dense true cells ``(N, G)`` and their labels.
+      pred_cells, pred_labels: predicted cells ``(N', G)`` (dense or scipy sparse, genes in
+        the truth's order; never densified whole) and their condition labels.
+      truth_cells, truth_labels: true cells ``(N, G)`` and their labels.
       genes, perts, control: gene names, perturbations (row order), the control label.
 
     Returns:
-      ``{metric: (P,)}``; the cell-eval DE metrics (and the cell-level ``pds``) only when
-      the predicted cells include control cells.
+      ``{metric: (P,)}``. The cell-eval DE metrics and the cell-level ``pds`` follow
+      cell-eval 0.8.2 when the predicted cells include control cells; without them the
+      prediction's DE test and deltas use the truth's control cells
+      (:data:`TRUTH_CONTROL_NOTE`, see :func:`pred_control_note`). A perturbation without
+      predicted cells gets NaN.
     """
     out: dict[str, np.ndarray] = {}
-    if any(n in names for n in ("de_overlap_at_k", "de_direction_agreement", "pds")) and bool(
-        np.any(pred_labels == control)
-    ):
-        res = peers.celleval_metrics(
-            truth_cells, truth_labels, pred_cells, pred_labels, list(genes), control=control
-        )
-        order = {p: i for i, p in enumerate(res["perts"])}
-        idx = [order.get(p) for p in perts]
-        for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
+    perts = list(perts)
+    P = len(perts)
+    pred_labels = np.asarray(pred_labels).astype(str)
+    truth_labels = np.asarray(truth_labels).astype(str)
+    ce = [n for n in ("de_overlap_at_k", "de_direction_agreement", "pds") if n in names]
+    if ce and bool(np.any(truth_labels == control)):
+        have = set(np.unique(pred_labels)) & set(np.unique(truth_labels))
+        common = [p for p in perts if p in have]
+        if common:
+            de = any(n != "pds" for n in ce)
+            res = _celleval_values(
+                truth_cells, truth_labels, pred_cells, pred_labels, genes, common,
+                control=control, alpha=0.05, de=de, with_mae=False,
+            )  # fmt: skip
+            idx = pd.Index(common).get_indexer(perts)
+            for name in ce:
+                vals = np.append(np.asarray(res[name], float), np.nan)
+                out[name] = vals[idx]  # -1 (absent) reads the NaN
+    dist = [n for n in ("energy_distance", "mmd") if n in names]
+    if dist:
+        res = peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
+        for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):
             if name in names:
-                vals = np.asarray(res[name], float)
-                out[name] = np.array([vals[i] if i is not None else np.nan for i in idx])
-    for name, metric in (("energy_distance", "energy"), ("mmd", "mmd")):
-        if name in names:
-            out[name] = np.asarray(
-                peers.distribution_distances(
-                    pred_cells, pred_labels, truth_cells, truth_labels, list(perts), metric=metric
-                ),
-                float,
-            )
-    return out
+                out[name] = np.asarray(res[key], float)
+    return {n: v for n, v in out.items() if v.shape == (P,)}
+
+
+def pred_control_note(names: Sequence[str], pred_labels: np.ndarray, control: str) -> dict:
+    """``{metric: note}`` for the cell-level metrics of :func:`score_cells` that use the
+    truth's control cells because the predicted cells have none (empty otherwise)."""
+    if bool(np.any(np.asarray(pred_labels).astype(str) == control)):
+        return {}
+    return {n: TRUTH_CONTROL_NOTE for n in TRUTH_CONTROL_METRICS if n in names}

@@ -157,10 +157,14 @@ def score_screen(
         if prediction is not None:
             preds = {"model": prediction.matrices[j], **preds}
         dataset: dict[str, dict[str, np.ndarray]] = {}
+        notes: dict[str, dict[str, str]] = {}
         values = score_sources(
-            stratum, screen.spec, preds, metrics, score, prediction=prediction, dataset=dataset
+            stratum, screen.spec, preds, metrics, score, prediction=prediction, dataset=dataset,
+            notes=notes,
+        )  # fmt: skip
+        frames.append(
+            tidy(stratum, screen.spec, score, values, calibrate(values), metric_notes=notes)
         )
-        frames.append(tidy(stratum, screen.spec, score, values, calibrate(values)))
         if dataset:
             frames.append(tidy_dataset(stratum, dataset, calibrate(dataset)))
     table = pd.concat(frames, ignore_index=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import scipy.sparse as sp
 
 from vcjax import engine, peers
 from vcjax._host import engine_array, working_dtype
@@ -49,9 +50,7 @@ def resolve_metrics(
 ) -> list[str]:
     """The metric names of one evaluation: validated, ``"all"`` expanded for ``pred``."""
     if isinstance(metrics, str) and metrics == "all":
-        cells = pred is not None and pred.cells is not None
-        control = cells and bool((pred.cells.obs[spec.key].astype(str) == spec.control).any())
-        extra = peers.available(cells=cells, pred_control=control)
+        extra = peers.available(cells=pred is not None and pred.cells is not None)
         return list(DEFAULT_METRICS) + [m for m in extra if m not in DEFAULT_METRICS]
     names = requested_metrics(metrics)
     for m in names:
@@ -136,6 +135,7 @@ def score_sources(
     prediction: Prediction | None = None,
     dataset: dict[str, dict[str, np.ndarray]] | None = None,
     inputs: Mapping[str, np.ndarray | None] | None = None,
+    notes: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{source: {metric: (P,)}}`` for every prediction, with DbD's gates applied.
 
@@ -150,6 +150,9 @@ def score_sources(
         peer metrics of source ``"model"``).
       dataset: when given, receives the dataset-level values ``{source: {metric: (1,)}}``.
       inputs: :func:`engine_inputs` of ``stratum`` (computed here when not given).
+      notes: when given, receives ``{source: {metric: note}}`` for values computed under a
+        stated convention (the cell-level DE metrics of predicted cells without control
+        cells use the truth's control cells).
     """
     core, topk, ctrl = core_metric_groups(
         metrics, weights=stratum.weights is not None, mask=stratum.deg_mask is not None
@@ -161,6 +164,11 @@ def score_sources(
     no_deg = stratum.no_degs if score.gate else None
     kw = dict(chunk_size=score.chunk_size, k=score.k, strict=score.strict)
     out: dict[str, dict[str, np.ndarray]] = {}
+    peer_vals = (
+        _peer_values(peer_names, preds, stratum, spec, prediction, dataset, notes)
+        if peer_names
+        else {}
+    )
     for source, pred in preds.items():
         res: dict[str, np.ndarray] = {}
         # the engine calls of this source in one pass: each chunk of the prediction (a
@@ -188,12 +196,7 @@ def score_sources(
         if groups:
             for names, got in zip(calls, engine.score_groups(pred, truth, groups, **kw)):
                 res.update({m: np.asarray(got[METRICS[m].kernel], np.float64) for m in names})
-        if peer_names:
-            res.update(
-                _peer_values(
-                    peer_names, source, np.asarray(pred), stratum, spec, prediction, dataset
-                )
-            )
+        res.update(peer_vals.get(source, {}))
         if score.gate:
             for m in list(res):
                 res[m] = gate(m, res[m], no_deg=no_deg, undefined=undefined_for(m, source, spec))
@@ -201,77 +204,103 @@ def score_sources(
     return out
 
 
-def _peer_values(names, source, pred, stratum: Stratum, spec, prediction, dataset) -> dict:
+def _peer_values(
+    names, preds: Mapping[str, np.ndarray], stratum: Stratum, spec, prediction, dataset, notes
+) -> dict[str, dict[str, np.ndarray]]:
+    """``{source: {metric: (P,)}}`` of the peers' metrics of every source (a source with a
+    non-finite value gets NaN); fills ``dataset`` and ``notes``."""
     P = len(stratum.perturbations)
+    # a baseline may be rows built on demand (engine.Rows): the peers read whole matrices
+    preds = {s: np.asarray(p) for s, p in preds.items()}
     per_pert = [m for m in names if METRICS[m].level == "perturbation"]
     wanted_ds = [m for m in names if METRICS[m].level == "dataset"]
-    usable = bool(np.all(np.isfinite(pred)))
-    res: dict[str, np.ndarray] = {}
-    if usable:
-        res.update(
-            peers.score_pseudobulk(
-                per_pert,
-                pred,
-                truth=stratum.truth,
-                u_ntc=stratum.u_ntc,
-                scores=stratum.scores,
-                genes=stratum.genes,
-                perts=stratum.perturbations,
-            )
-        )
-        if source == "model" and prediction is not None and prediction.cells is not None:
-            res.update(_cell_values(per_pert, stratum, spec.key, prediction))
+    usable = {s: bool(np.all(np.isfinite(p))) for s, p in preds.items()}
+    out: dict[str, dict[str, np.ndarray]] = {s: {} for s in preds}
+    pb = peers.score_pseudobulk_sources(
+        per_pert,
+        {s: p for s, p in preds.items() if usable[s]},
+        truth=stratum.truth,
+        u_ntc=stratum.u_ntc,
+        scores=stratum.scores,
+        genes=stratum.genes,
+        perts=stratum.perturbations,
+    )
+    for s, vals in pb.items():
+        out[s].update(vals)
+    if "model" in preds and usable["model"] and prediction is not None:
+        if prediction.cells is not None:
+            cell_vals, cell_notes = _cell_values(per_pert, stratum, spec.key, prediction)
+            out["model"].update(cell_vals)
+            if notes is not None and cell_notes:
+                notes.setdefault("model", {}).update(cell_notes)
     if wanted_ds and dataset is not None:
-        ds = (
-            peers.score_dataset(wanted_ds, pred, u_ntc=stratum.u_ntc, deg_mask=stratum.deg_mask)
-            if usable
-            else {}
-        )
-        dataset[source] = {m: np.array([ds.get(m, np.nan)]) for m in wanted_ds}
-    for m in per_pert:
-        res.setdefault(m, np.full(P, np.nan))
-    return res
+        for s, pred in preds.items():
+            ds = (
+                peers.score_dataset(wanted_ds, pred, u_ntc=stratum.u_ntc, deg_mask=stratum.deg_mask)
+                if usable[s]
+                else {}
+            )
+            dataset[s] = {m: np.array([ds.get(m, np.nan)]) for m in wanted_ds}
+    for s in preds:
+        for m in per_pert:
+            out[s].setdefault(m, np.full(P, np.nan))
+    return out
 
 
-def _dense_cells(adata, rows, *, layer, normalization: str) -> np.ndarray:
+def _cell_matrix(adata, rows, *, layer, normalization: str):
+    """The cells of ``adata`` (rows ``rows``, or all) as a scipy CSR matrix or a NumPy
+    array, read into memory (a backed AnnData included), normalised when asked."""
     X = adata.X if layer is None else adata.layers[layer]
     if rows is not None:
         X = X[rows]
-    elif hasattr(X, "to_memory"):  # backed predicted cells (a path is read backed)
+    if hasattr(X, "to_memory"):  # a backed sparse dataset (a path is read backed)
         X = X.to_memory()
+    if sp.issparse(X):
+        X = sp.csr_matrix(X)
+    else:  # dense, or a backed (h5py) dense dataset
+        X = np.asarray(X.toarray() if hasattr(X, "toarray") else X)
     if normalization == "log1p_cp10k":
         X = normalize_chunk(X)
-    return X.toarray() if hasattr(X, "toarray") else np.asarray(X, dtype=np.float64)
+    return X
 
 
 def _cell_values(
     names, stratum: Stratum, key: str, prediction: Prediction
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The cell-level metrics of the model (predicted cells vs the stratum's true cells,
+    sparse matrices kept sparse) and their notes."""
     want = [n for n in names if n in peers.CELL_METRICS or n == "pds"]
     if not want:
-        return {}
+        return {}, {}
     cells = stratum.cells
-    rows = np.flatnonzero(cells.codes >= 0)
+    in_stratum = cells.codes >= 0
+    rows = None if in_stratum.all() else np.flatnonzero(in_stratum)
     groups = np.asarray(stratum.groups, dtype=object)
-    truth_cells = _dense_cells(
+    truth_cells = _cell_matrix(
         cells.open(), rows, layer=cells.layer, normalization=cells.normalization
     )
+    codes = cells.codes if rows is None else cells.codes[rows]
     pred = prediction.cells
-    pred_cells = _dense_cells(
+    pred_cells = _cell_matrix(
         pred, None, layer=prediction.layer, normalization=prediction.normalization
     )
     pos = {g: i for i, g in enumerate(map(str, pred.var_names))}
-    pred_cells = pred_cells[:, [pos[g] for g in stratum.genes]]
-    return peers.score_cells(
+    idx = np.array([pos[g] for g in stratum.genes], dtype=np.intp)
+    if idx.size != pred_cells.shape[1] or np.any(idx != np.arange(idx.size)):
+        pred_cells = pred_cells[:, idx]
+    pred_labels = pred.obs[key].astype(str).to_numpy()
+    vals = peers.score_cells(
         want,
         pred_cells=pred_cells,
-        pred_labels=pred.obs[key].astype(str).to_numpy(),
+        pred_labels=pred_labels,
         truth_cells=truth_cells,
-        truth_labels=groups[cells.codes[rows]].astype(str),
+        truth_labels=groups[codes].astype(str),
         genes=stratum.genes,
         perts=stratum.perturbations,
         control=stratum.control,
     )
+    note = peers.pred_control_note([n for n in want if n in vals], pred_labels, stratum.control)
+    return vals, note
 
 
 # ------------------------------------------------------------------------------ warm-up

@@ -2,7 +2,9 @@
 
 Notes (column ``note``) say why a value is undefined where the reason is known: a baseline
 that does not exist for that perturbation (``additive`` for a single perturbation), DbD's
-no-DEG gate, or the dataset mean's Pearson metrics against a ``u_ALL``-type reference.
+no-DEG gate, or the dataset mean's Pearson metrics against a ``u_ALL``-type reference; and
+how a value was computed where that departs from the metric's source (the cell-level DE
+metrics of predicted cells without control cells, tested against the truth's control).
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ def tidy(
     score: ScoreSpec,
     values: Mapping[str, Mapping[str, np.ndarray]],
     calibrated: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    metric_notes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> pd.DataFrame:
     """The rows of one stratum: source, then metric, then perturbation.
 
     Columns ``perturbation``, ``metric``, ``source``, ``value``, ``calibrated``, ``note``,
-    ``covariate``.
+    ``covariate``. ``metric_notes``: ``{source: {metric: note}}`` for the rows of a metric computed
+    under a stated convention (set where no other note is).
     """
     # one DataFrame from concatenated columns (one small frame per (source, metric) and a
     # concat cost more than the scoring at small P)
@@ -53,6 +58,9 @@ def tidy(
                 note = np.where((note == "") & no_deg, NO_DEG_NOTE, note)
             if score.gate and spec.uall_reference and source in m.undefined_for:
                 note = np.full(P, UNDEFINED_NOTE, dtype=object)
+            extra = (metric_notes or {}).get(source, {}).get(metric)
+            if extra:
+                note = np.where(note == "", extra, note)
             sources.append(source)
             metrics.append(metric)
             vals.append(np.asarray(v))

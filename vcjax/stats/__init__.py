@@ -3,7 +3,8 @@
 * differential expression (:func:`rank_genes`, scanpy parity; :func:`t_from_moments`,
   :func:`pvalues`, :func:`benjamini_hochberg`, :func:`log_fold_change`,
   :func:`minmax_weights` as ``jax.numpy`` kernels, with host twins for float64 parity);
-* the Wilcoxon rank-sum test against control (:func:`mannwhitney_vs_control`, cell-eval's);
+* the Wilcoxon rank-sum test against control (:func:`mannwhitney_vs_control`, cell-eval's;
+  :func:`mannwhitney_vs_control_sparse` for sparse cells, without densifying them);
 * bootstrap interval maths (:func:`interval`, in the statistic's range,
   :func:`percentile_interval`, :func:`bca_interval`, :func:`center_samples`, the tie
   tolerance :data:`TIE_TOL`, :func:`win_rate`) and :func:`bootstrap_metric` for any statistic.
@@ -47,6 +48,7 @@ from vcjax.stats._wilcoxon import (
     log2_fold_change,
     mannwhitney_vs_control,
 )
+from vcjax.stats._wilcoxon_sparse import mannwhitney_vs_control_sparse
 
 __all__ = [
     "TIE_TOL",
@@ -66,6 +68,7 @@ __all__ = [
     "log2_fold_change",
     "log_fold_change",
     "mannwhitney_vs_control",
+    "mannwhitney_vs_control_sparse",
     "paired_summary",
     "minmax_weights",
     "minmax_weights_host",
