@@ -77,6 +77,7 @@ class _Phases:
         self.current = "setup"
         self.peak: dict[str, float] = {}
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # CPU seconds of the process (less load-dependent)
         self.exact = _reset_peak()
 
     def switch(self, name: str) -> None:
@@ -91,11 +92,12 @@ class _Phases:
         def run(*args, **kwargs):
             outer = self.current
             self.switch(name)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return f(*args, **kwargs)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+                self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
                 self.switch(outer)
 
         setattr(module, attr, run)
@@ -141,15 +143,20 @@ def child(path: str) -> dict:
     phases.wrap(_evaluate, "align", "align the model")
     phases.wrap(_evaluate, "score_sources", "score (model + 7 baselines)")
     phases.switch("evaluate: other (calibration, table)")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     table = vcjax.evaluate(a, model, key=KEY, control=CONTROL, split=split, normalize=None)
     out["evaluate_s"] = time.perf_counter() - t0
+    out["evaluate_cpu_s"] = time.process_time() - c0
     phases.switch("end")
     out["rows"] = len(table)
     out["n_perts"] = len(perts)
     out["finite_frac"] = float(np.isfinite(table["value"].to_numpy(float)).mean())
     out["phases"] = {
-        name: {"peak_rss_mb": phases.peak[name], "s": phases.seconds.get(name)}
+        name: {
+            "peak_rss_mb": phases.peak[name],
+            "s": phases.seconds.get(name),
+            "cpu_s": phases.cpu.get(name),
+        }
         for name in phases.peak
         if name not in ("setup", "end")
     }
@@ -241,9 +248,9 @@ def main(argv=None) -> None:
     res["machine"] = info
     _common.write_json(args.json, res)
     print(json.dumps(res, indent=1, default=float))
-    print(f"\n{'phase':50s} {'peak RSS':>10s} {'seconds':>8s}")
+    print(f"\n{'phase':50s} {'peak RSS':>12s} {'seconds':>8s} {'CPU s':>8s}")
     for name, ph in res.get("phases", {}).items():
-        sec = "" if ph["s"] is None else f"{ph['s']:8.1f}"
+        sec = "" if ph["s"] is None else f"{ph['s']:8.1f} {ph['cpu_s']:8.1f}"
         print(f"{name:50s} {ph['peak_rss_mb'] / 1024:8.2f} GiB {sec}")
     print(f"{'whole process (VmHWM)':50s} {res['peak_rss_mb'] / 1024:8.2f} GiB")
 

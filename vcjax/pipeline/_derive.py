@@ -33,6 +33,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from vcjax._host import aligned_empty, engine_array
 from vcjax.data import reference_from_sums
 from vcjax.pipeline._baselines import HostBaselines, build_baselines, sequential_row_sum
 from vcjax.stats import minmax_weights, minmax_weights_host, t_test_vs_rest, t_test_vs_rest_host
@@ -169,9 +170,12 @@ def deg_arrays(sums: Sums, plan: Plan, *, xp: Any = np) -> DEG:
             n, s, q, np.asarray(plan.rows), method=plan.deg_method
         )
         del pvals  # (P, G) float64 that nothing here reads: freed before the weights
-        mask = (padj < DEG_ALPHA) & (lfc != 0)
+        # the DEG sets and weights in aligned buffers, which the engine streams without
+        # a copy of each chunk for every source it scores
+        mask = aligned_empty(padj.shape, np.dtype(bool))
+        np.logical_and(padj < DEG_ALPHA, lfc != 0, out=mask)
         del lfc
-        weights = minmax_weights_host(scores)
+        weights = engine_array(minmax_weights_host(scores), np.dtype(np.float32))
         return DEG(scores[None], padj[None], weights[None], mask[None])
     n, s, q = _deg_sums(sums, plan)
     scores, padj, lfc = t_test_vs_rest(

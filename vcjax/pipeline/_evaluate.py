@@ -20,6 +20,14 @@ Cost of a first call: the metric kernels are compiled in a background thread whi
 streams the truth and runs the t-tests (:func:`vcjax.pipeline._scoring.warm_up`), and JAX's
 persistent compilation cache (on by default, ``VCJAX_COMPILATION_CACHE=0`` turns it off) lets
 later processes load them from disk instead of compiling.
+
+Memory, for ``P`` perturbations × ``G`` genes (one ``P × G`` float64 matrix is ``8·P·G``
+bytes): the streaming pass holds the split sums (four such matrices, float64), the
+derivation adds the truth and the adjusted p-values (float64) and the t-scores, weights
+and DEG sets (float32, float32, bool) — about three more — and no baseline matrix (each is
+built from the sums chunk by chunk while it is scored); without intervals the sums of
+squares are released after the DEG tests. Peak: about eight such matrices with the
+model's own (``benchmarks/RESULTS.md``, genome scale).
 """
 
 from __future__ import annotations
