@@ -38,7 +38,7 @@ from vcjax.stats._wilcoxon import MannWhitneyResult, _finish_jit, _run_terms
 __all__ = ["mannwhitney_vs_control_sparse"]
 
 # stored non-zeros per block of genes (a block's temporaries: a few tens of MB)
-_BLOCK_NNZ = 1 << 21
+_BLOCK_NNZ = 1 << 20
 
 
 def _keys(vals: np.ndarray, uint) -> np.ndarray:
