@@ -41,6 +41,7 @@ from vcjax.peers._table import (
     score_dataset,
     score_pseudobulk,
     score_pseudobulk_sources,
+    warm_up,
 )
 
 __all__ = [
@@ -76,4 +77,5 @@ __all__ = [
     "score_dataset",
     "score_pseudobulk",
     "score_pseudobulk_sources",
+    "warm_up",
 ]

@@ -1138,7 +1138,7 @@ def cell_distances(
     perts: Sequence[str],
     *,
     sigma: float | None = None,
-    chunk_bytes: int = 1 << 25,
+    chunk_bytes: int = 1 << 24,
     max_rows: int = 2048,
     block_size: int = 128,
 ) -> dict[str, np.ndarray]:
