@@ -60,6 +60,7 @@ __all__ = [
     "hit_recall_at_budget",
     "hit_recall_at_fdr",
     "hit_recalls_host",
+    "de_metrics_host",
     # distributions
     "energy_distance",
     "mmd",
@@ -907,13 +908,45 @@ def _bh_fdr_host(pvalue: np.ndarray) -> np.ndarray:
     return q
 
 
-@partial(jax.jit, static_argnames=("alpha",))
-def _de_metrics(truth_fdr, truth_lfc, pred_fdr, pred_lfc, *, alpha: float):
-    """:func:`de_overlap_at_k` (``k = None``) and :func:`de_direction_agreement` in one call."""
-    return (
-        de_overlap_at_k(truth_fdr, truth_lfc, pred_fdr, pred_lfc, alpha=alpha),
-        de_direction_agreement(truth_fdr, truth_lfc, pred_lfc, alpha=alpha),
-    )
+def _set_ranks_host(lfc: np.ndarray, in_set: np.ndarray) -> np.ndarray:
+    """:func:`_set_ranks` in NumPy (the same keys and stable order)."""
+    key = np.where(in_set, -np.abs(lfc), np.float32(np.inf)).astype(np.float32)
+    key[in_set & np.isnan(key)] = np.inf
+    order = np.argsort(key, axis=-1, kind="stable")
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(key.shape[-1]), key.shape), -1)
+    return np.where(in_set, pos, key.shape[-1])
+
+
+def de_metrics_host(
+    truth_fdr: np.ndarray,
+    truth_lfc: np.ndarray,
+    pred_fdr: np.ndarray,
+    pred_lfc: np.ndarray,
+    *,
+    alpha: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`de_overlap_at_k` (``k = None``, ``mode="overlap"``) and
+    :func:`de_direction_agreement` in NumPy, the same numbers (float32 comparisons and
+    keys, stable sorts in gene order): XLA's CPU sort is slow on ``(P, G)`` tables.
+
+    Returns:
+      ``(overlap, direction)``, each ``(P,)`` float32.
+    """
+    a = np.float32(alpha)
+    tf, pf = np.asarray(truth_fdr, np.float32), np.asarray(pred_fdr, np.float32)
+    tl, pl = np.asarray(truth_lfc, np.float32), np.asarray(pred_lfc, np.float32)
+    t_set, p_set = tf < a, pf < a
+    n_t, n_p = t_set.sum(-1), p_set.sum(-1)
+    k = n_t[..., None]
+    hit = (_set_ranks_host(tl, t_set) < k) & (_set_ranks_host(pl, p_set) < k)
+    num = hit.sum(-1)
+    ok = (n_t > 0) & (n_p > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overlap = np.where(ok, num / np.maximum(n_t, 1), 0.0).astype(np.float32)
+        agree = ((np.sign(tl) == np.sign(pl)) & t_set).sum(-1)
+        direction = np.where(n_t > 0, agree / np.maximum(n_t, 1), np.nan).astype(np.float32)
+    return overlap, direction
 
 
 def celleval_de_table(
@@ -1071,10 +1104,9 @@ def _celleval_values(
                 control_arg = ctrl
             tables.append(_de_table(x, codes, control_arg, ctrl, perts, mean, ctrl_mean))
         de_real, de_pred = tables
-        ov, dirm = _de_metrics(
-            de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=float(alpha)
+        out["de_overlap_at_k"], out["de_direction_agreement"] = de_metrics_host(
+            de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=alpha
         )
-        out["de_overlap_at_k"], out["de_direction_agreement"] = np.asarray(ov), np.asarray(dirm)
         out["de_real"], out["de_pred"] = de_real, de_pred
     return out
 

@@ -38,7 +38,7 @@ import pandas as pd
 
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
-from vcjax.peers._kernels import _celleval_values, _de_metrics, _log2_fold_change
+from vcjax.peers._kernels import _as_matrix, _celleval_values, _log2_fold_change
 from vcjax.stats._wilcoxon import _finish_jit
 
 __all__ = [
@@ -184,7 +184,6 @@ def warm_up(
     if "pds" in names:
         peers.pds.lower(p32, p32, exclude=ex).compile()
     if "de_overlap_at_k" in names or "de_direction_agreement" in names:
-        _de_metrics.lower(p32, p32, p32, p32, alpha=0.05).compile()
         _log2_fold_change.lower(pg, g1).compile()
         if n_control:
             n = jax.ShapeDtypeStruct((n_perts,), np.float32)
@@ -284,6 +283,8 @@ def score_cells(
     P = len(perts)
     pred_labels = np.asarray(pred_labels).astype(str)
     truth_labels = np.asarray(truth_labels).astype(str)
+    pred_cells, truth_cells = _as_matrix(pred_cells), _as_matrix(truth_cells)
+    dist = [n for n in ("energy_distance", "mmd") if n in names]
     ce = [n for n in ("de_overlap_at_k", "de_direction_agreement", "pds") if n in names]
     if ce and bool(np.any(truth_labels == control)):
         have = set(np.unique(pred_labels)) & set(np.unique(truth_labels))
@@ -298,7 +299,6 @@ def score_cells(
             for name in ce:
                 vals = np.append(np.asarray(res[name], float), np.nan)
                 out[name] = vals[idx]  # -1 (absent) reads the NaN
-    dist = [n for n in ("energy_distance", "mmd") if n in names]
     if dist:
         res = peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
         for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):
