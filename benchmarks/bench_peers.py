@@ -21,6 +21,15 @@ included, imports excluded) and peak RSS (``VmHWM``):
   calibration); its values are compared with vcjax's table (``max_abs_diff``);
 * ``cell-eval``: ``cell_eval.MetricsEvaluator(adata_pred, adata_real, pert_col='target_gene',
   control_pert='non-targeting').compute(profile='full')``: its full run;
+* ``vcjax-all``: ``vcjax.evaluate(truth, pred, metrics="all")``: every metric the inputs
+  allow, the peers' included (cell-eval's DE on both sides, PDS, distances, ...); times as
+  ``vcjax`` (cold cache, warm cache in a second process, warm call);
+* ``cell-eval2``: cell-eval2's full CPU run, its CLI in-process:
+  ``cell-eval2 run -ap pred.h5ad -ar real.h5ad --pert-col target_gene --control
+  non-targeting --input-type lognorm --no-target-genes --set device=cpu`` (the synthetic
+  labels name no gene, hence ``--no-target-genes``; its default DE backend). It runs in its
+  own interpreter, ``--celleval2-python`` (default ``$VCJAX_CELLEVAL2_PYTHON``, else this
+  one when ``cell_eval2`` imports here); its ratio is to ``vcjax-all``;
 * ``scanpy``: ``sc.tl.rank_genes_groups(method='t-test_overestim_var', reference='rest')``
   on the perturbed cells: the DE step alone;
 * ``vcjax-boot``: ``evaluate(..., n_boot=B)``; the cost per resample is
@@ -29,6 +38,8 @@ included, imports excluded) and peak RSS (``VmHWM``):
 Usage::
 
     python benchmarks/bench_peers.py --quick                  # a few minutes on 2 cores
+    python benchmarks/bench_peers.py --sizes 300x50x8000 --tools vcjax-all cell-eval2 \
+        --celleval2-python /work/peervenv/ce2/bin/python
     python benchmarks/bench_peers.py --sizes 20x100x2000 2000x100x8192 --tools vcjax numpy
     python benchmarks/plot_results.py                          # results_time_vs_p.png
 
@@ -50,7 +61,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 KEY, CONTROL = "target_gene", "non-targeting"
-TOOLS = ("vcjax", "numpy", "scanpy", "cell-eval", "vcjax-boot")
+TOOLS = ("vcjax", "numpy", "scanpy", "cell-eval", "vcjax-boot", "vcjax-all", "cell-eval2")
+#: the vcjax tool each peer's ratio is taken to (default ``vcjax``)
+RATIO_TO = {"cell-eval2": "vcjax-all"}
+#: tools with vcjax's three times (cold cache, warm cache in a second process, warm call)
+VCJAX_TIMED = ("vcjax", "vcjax-all")
 QUICK = ("20x100x2000", "100x100x2000")
 FULL = ("20x100x2000", "100x100x2000", "500x100x2000", "2000x100x8192")
 JSON = HERE / "results_peers.json"
@@ -122,20 +137,22 @@ def child(tool: str, truth: str, pred: str, outdir: str, n_boot: int) -> dict:
     os.makedirs(outdir, exist_ok=True)
     out: dict = {}
     t_imp = time.perf_counter()
-    if tool in ("vcjax", "vcjax-cached", "vcjax-boot"):
+    if tool in ("vcjax", "vcjax-cached", "vcjax-boot", "vcjax-all", "vcjax-all-cached"):
         import anndata as ad
 
         import vcjax
 
         out["import_s"] = time.perf_counter() - t_imp
         kw = dict(key=KEY, control=CONTROL, normalize=None, pred_normalize=None)
+        if tool.startswith("vcjax-all"):
+            kw["metrics"] = "all"
 
         def run(**extra):
             t0 = time.perf_counter()
             table = vcjax.evaluate(truth, ad.read_h5ad(pred), **kw, **extra)
             return table, time.perf_counter() - t0
 
-        if tool in ("vcjax", "vcjax-cached"):
+        if tool != "vcjax-boot":
             table, out["seconds"] = run()
             _, out["seconds_warm"] = run()
             table[["perturbation", "metric", "source", "value"]].to_csv(
@@ -179,6 +196,24 @@ def child(tool: str, truth: str, pred: str, outdir: str, n_boot: int) -> dict:
         res, agg = ev.compute(profile="full", write_csv=False)
         out["seconds"] = time.perf_counter() - t0
         out["rows"] = res.height
+    elif tool == "cell-eval2":
+        import contextlib
+        import io
+        import warnings
+
+        warnings.simplefilter("ignore")
+        from cell_eval2.cli import main as ce2_main
+
+        out["import_s"] = time.perf_counter() - t_imp
+        argv = ["run", "-ap", pred, "-ar", truth, "--pert-col", KEY, "--control", CONTROL,
+                "--input-type", "lognorm", "--no-target-genes", "--set", "device=cpu",
+                "-o", outdir]  # fmt: skip
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # keep stdout for the JSON line
+            ce2_main(argv)
+        out["seconds"] = time.perf_counter() - t0
+        with open(Path(outdir) / "results.csv") as fh:
+            out["rows"] = sum(1 for _ in fh) - 1
     elif tool == "scanpy":
         import anndata as ad
         import scanpy as sc
@@ -210,9 +245,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tool(tool, truth, pred, outdir, *, timeout, n_boot, cache: str = "0") -> dict:
-    """Run ``tool`` in a fresh subprocess; ``cache``: ``VCJAX_COMPILATION_CACHE`` for it."""
-    cmd = [sys.executable, __file__, "--child", tool, str(truth), str(pred), str(outdir)]
+def run_tool(
+    tool, truth, pred, outdir, *, timeout, n_boot, cache: str = "0", python: str | None = None
+) -> dict:
+    """Run ``tool`` in a fresh subprocess of ``python`` (default this interpreter);
+    ``cache``: ``VCJAX_COMPILATION_CACHE`` for it."""
+    cmd = [python or sys.executable, __file__, "--child", tool, str(truth), str(pred), str(outdir)]
     cmd += ["--n-boot", str(n_boot)]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # vcjax would defer to a user's cache
@@ -225,7 +263,10 @@ def run_tool(tool, truth, pred, outdir, *, timeout, n_boot, cache: str = "0") ->
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["?"])[-1][:200]
         return dict(status=f"failed (rc {res.returncode}): {tail}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])
+    try:
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return dict(status=f"failed: no result line ({res.stdout[-200:]!r})")
     out["process_s"] = time.perf_counter() - t0
     return dict(status="ok", **out)
 
@@ -266,6 +307,12 @@ def main(argv=None) -> None:
         default=2.1e6,
         help="skip vcjax-boot above P·G (the bootstrap holds sources × resamples × P × G)",
     )
+    ap.add_argument(
+        "--celleval2-python",
+        default=os.environ.get("VCJAX_CELLEVAL2_PYTHON") or None,
+        help="interpreter with cell-eval2 (default $VCJAX_CELLEVAL2_PYTHON, else this one "
+        "when cell_eval2 imports here)",
+    )
     ap.add_argument("--json", default=str(JSON))
     ap.add_argument("--tmp", default=None, help="folder for the generated files (default /tmp)")
     ap.add_argument("--child", nargs=4, metavar=("TOOL", "TRUTH", "PRED", "OUTDIR"))
@@ -275,8 +322,14 @@ def main(argv=None) -> None:
         return
 
     sys.path.insert(0, str(HERE))
+    import importlib.util
+
     import _common
     from synth_h5ad import make_screen
+
+    ce2_python = args.celleval2_python
+    if ce2_python is None and importlib.util.find_spec("cell_eval2") is not None:
+        ce2_python = sys.executable
 
     sizes = args.sizes or list(QUICK if args.quick else FULL)
     path = Path(args.json)
@@ -302,23 +355,28 @@ def main(argv=None) -> None:
             for tool in args.tools:
                 if tool == "vcjax-boot" and P * G > args.boot_max_pg:
                     r = dict(status=f"not run: P·G = {P * G:.2g} > --boot-max-pg (memory)")
+                elif tool == "cell-eval2" and ce2_python is None:
+                    r = dict(status="not run: no interpreter with cell-eval2 (--celleval2-python)")
                 else:
                     load = os.getloadavg()[0]
                     # vcjax: a compilation cache folder that is empty for each size
-                    cache = str(Path(tmp) / f"jaxcache_{size}") if tool == "vcjax" else "0"
+                    cache = (
+                        str(Path(tmp) / f"jaxcache_{tool}_{size}") if tool in VCJAX_TIMED else "0"
+                    )
+                    python = ce2_python if tool == "cell-eval2" else None
 
-                    def run(name, cache=cache, size=size, truth=truth, pred=pred):
+                    def run(name, cache=cache, size=size, truth=truth, pred=pred, python=python):
                         out = Path(tmp) / f"out_{name}_{size}"
                         return run_tool(
                             name, truth, pred, out, timeout=args.timeout, n_boot=args.n_boot,
-                            cache=cache,
+                            cache=cache, python=python,
                         )  # fmt: skip
 
                     r = run(tool)
                     r["loadavg_before"] = round(load, 2)
-                    if tool == "vcjax" and r["status"] == "ok":
+                    if tool in VCJAX_TIMED and r["status"] == "ok":
                         r["compilation_cache"] = "cold (empty) for seconds/seconds_warm"
-                        again = run("vcjax-cached")
+                        again = run(f"{tool}-cached")
                         if again["status"] == "ok":
                             r["seconds_cached"] = again["seconds"]
                             r["peak_rss_mb_cached"] = again["peak_rss_mb"]
@@ -343,9 +401,10 @@ def main(argv=None) -> None:
 
 
 def markdown(rows) -> str:
-    """The results table (one line per size and tool) with ratios to vcjax.
+    """The results table (one line per size and tool) with ratios to vcjax (cell-eval2's to
+    vcjax-all: the same work, every metric).
 
-    vcjax's three times: first call in a fresh process with an empty (cold) compilation
+    vcjax's (and vcjax-all's) three times: first call in a fresh process with an empty (cold) compilation
     cache, first call in a fresh process with a warm cache, and a warm second call.
     """
     lines = [
@@ -357,11 +416,12 @@ def markdown(rows) -> str:
     ]
     order = {t: i for i, t in enumerate(TOOLS)}
     for r in sorted(rows, key=lambda r: (r["P"], r["G"], order.get(r["tool"], 99))):
+        ref = RATIO_TO.get(r["tool"], "vcjax")
         v = next(
-            (x for x in rows if x["tool"] == "vcjax" and x["P"] == r["P"] and x["G"] == r["G"]), {}
+            (x for x in rows if x["tool"] == ref and x["P"] == r["P"] and x["G"] == r["G"]), {}
         )
         ok = r.get("status") == "ok"
-        ratios = ok and v.get("status") == "ok" and r["tool"] not in ("vcjax", "vcjax-boot")
+        ratios = ok and v.get("status") == "ok" and r["tool"] not in ("vcjax-boot", *VCJAX_TIMED)
 
         def ratio(key: str, r=r, v=v, ratios=ratios) -> str:
             return f"{r['seconds'] / v[key]:.1f}×" if ratios and key in v else ""
@@ -370,7 +430,7 @@ def markdown(rows) -> str:
             sec = f"{r['per_resample_s']:.3f} s per resample (n_boot={r['n_boot']})"
         else:
             sec = f"{r['seconds']:.2f}" if ok else r.get("status", "")
-        is_v = ok and r["tool"] == "vcjax"
+        is_v = ok and r["tool"] in VCJAX_TIMED
         sc = f"{r['seconds_cached']:.2f}" if is_v and "seconds_cached" in r else ""
         sw = f"{r['seconds_warm']:.2f}" if is_v else ""
         rss = f"{r['peak_rss_mb']:,.0f}" if "peak_rss_mb" in r else ""

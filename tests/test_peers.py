@@ -189,6 +189,18 @@ def test_de_overlap_vs_celleval_loop(mode, k):
     assert np.ptp(want) > 0
 
 
+def test_de_metrics_host_equal_the_kernels():
+    """The NumPy twin of the two cell-eval DE metrics (what the pipeline calls) gives the
+    kernels' numbers, infinities, ties in |lfc|, NaN and empty sets included."""
+    tf, tl, pf, pl = _de_inputs(seed=9, p=10, g=60)
+    tl[5, :4] = np.nan
+    pl[6, 2:5] = 0.0
+    ov, dr = Pm.de_metrics_host(tf, tl, pf, pl)
+    np.testing.assert_array_equal(ov, np.asarray(Pm.de_overlap_at_k(tf, tl, pf, pl)))
+    np.testing.assert_array_equal(dr, np.asarray(Pm.de_direction_agreement(tf, tl, pl)))
+    assert np.isnan(dr[2]) and np.ptp(ov) > 0
+
+
 def test_de_direction_agreement_vs_loop():
     tf, tl, pf, pl = _de_inputs()
     pl[4, :10] = 0.0
@@ -679,3 +691,46 @@ def test_score_pseudobulk_sources_equal_the_kernels():
         assert set(got[s]) == set(want)
         for m, v in want.items():
             np.testing.assert_allclose(got[s][m], np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=m)
+
+
+def test_warm_up_compiles_what_scoring_calls():
+    """After ``warm_up`` for (P, G), scoring the pseudobulk peer metrics and the cell-eval
+    DE metrics compiles none of their kernels again."""
+    import logging
+
+    import jax
+
+    p, g = 9, 31
+    Pm.warm_up(list(Pm.PEER_METRICS), n_perts=p, n_genes=g, scores=True, cells=True)
+    compiled = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if "Finished XLA compilation of" in msg:
+                compiled.append(msg.split(" of ")[1].split(" in ")[0])
+
+    handler = Catch()
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            rng = np.random.default_rng(17)
+            truth = rng.normal(size=(p, g))
+            Pm.score_pseudobulk_sources(
+                list(Pm.PEER_METRICS), {"a": truth + 1.0}, truth=truth, u_ntc=truth[0],
+                scores=rng.normal(size=(p, g)).astype(np.float32),
+                genes=[f"g{i}" for i in range(g)], perts=[f"p{i}" for i in range(p)],
+            )  # fmt: skip
+            from vcjax.peers._kernels import _log2_fold_change  # what _de_table calls
+
+            _log2_fold_change(truth, truth[0])
+    finally:
+        logger.removeHandler(handler)
+    hot = {
+        "jit(_pseudobulk_kernel)",
+        "jit(topk_mask)",
+        "jit(perturbed_centroid)",
+        "jit(_de_metrics)",
+    }
+    assert not hot & set(compiled), compiled

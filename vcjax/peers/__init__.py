@@ -27,6 +27,7 @@ from vcjax.peers._kernels import (
     centroid_accuracy,
     cosine_delta,
     de_direction_agreement,
+    de_metrics_host,
     de_overlap_at_k,
     direction_agreement,
     distribution_distances,
@@ -55,6 +56,7 @@ from vcjax.peers._table import (
     score_dataset,
     score_pseudobulk,
     score_pseudobulk_sources,
+    warm_up,
 )
 from vcjax.peers._vcc2026 import (
     VCC2026_MEMBERS,
@@ -94,6 +96,7 @@ __all__ = [
     "centroid_accuracy",
     "cosine_delta",
     "de_direction_agreement",
+    "de_metrics_host",
     "de_overlap_at_k",
     "direction_agreement",
     "distribution_distances",
@@ -114,4 +117,5 @@ __all__ = [
     "score_dataset",
     "score_pseudobulk",
     "score_pseudobulk_sources",
+    "warm_up",
 ]

@@ -60,6 +60,7 @@ __all__ = [
     "hit_recall_at_budget",
     "hit_recall_at_fdr",
     "hit_recalls_host",
+    "de_metrics_host",
     # distributions
     "energy_distance",
     "mmd",
@@ -870,9 +871,18 @@ def pseudobulk(cells, labels: Sequence, perts: Sequence[str], *, dtype=np.float6
 
 
 def _as_matrix(x):
-    """Cells as a scipy CSR matrix (sparse input) or a NumPy array, float32 unless float64."""
+    """Cells as a scipy CSR matrix (sparse input) or a NumPy array, float32 unless float64.
+
+    A CSR matrix gets one index dtype (int32 where it fits: an ``.h5ad`` often has int64
+    ``indptr`` and int32 ``indices``, and SciPy then copies all the indices to int64 on
+    every row selection)."""
     if sp.issparse(x):
         x = sp.csr_matrix(x)
+        if x.indptr.dtype != x.indices.dtype and x.nnz < np.iinfo(np.int32).max:
+            x = sp.csr_matrix(
+                (x.data, x.indices.astype(np.int32, copy=False), x.indptr.astype(np.int32)),
+                shape=x.shape,
+            )
     else:
         x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):
@@ -898,13 +908,45 @@ def _bh_fdr_host(pvalue: np.ndarray) -> np.ndarray:
     return q
 
 
-@partial(jax.jit, static_argnames=("alpha",))
-def _de_metrics(truth_fdr, truth_lfc, pred_fdr, pred_lfc, *, alpha: float):
-    """:func:`de_overlap_at_k` (``k = None``) and :func:`de_direction_agreement` in one call."""
-    return (
-        de_overlap_at_k(truth_fdr, truth_lfc, pred_fdr, pred_lfc, alpha=alpha),
-        de_direction_agreement(truth_fdr, truth_lfc, pred_lfc, alpha=alpha),
-    )
+def _set_ranks_host(lfc: np.ndarray, in_set: np.ndarray) -> np.ndarray:
+    """:func:`_set_ranks` in NumPy (the same keys and stable order)."""
+    key = np.where(in_set, -np.abs(lfc), np.float32(np.inf)).astype(np.float32)
+    key[in_set & np.isnan(key)] = np.inf
+    order = np.argsort(key, axis=-1, kind="stable")
+    pos = np.empty_like(order)
+    np.put_along_axis(pos, order, np.broadcast_to(np.arange(key.shape[-1]), key.shape), -1)
+    return np.where(in_set, pos, key.shape[-1])
+
+
+def de_metrics_host(
+    truth_fdr: np.ndarray,
+    truth_lfc: np.ndarray,
+    pred_fdr: np.ndarray,
+    pred_lfc: np.ndarray,
+    *,
+    alpha: float = 0.05,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`de_overlap_at_k` (``k = None``, ``mode="overlap"``) and
+    :func:`de_direction_agreement` in NumPy, the same numbers (float32 comparisons and
+    keys, stable sorts in gene order): XLA's CPU sort is slow on ``(P, G)`` tables.
+
+    Returns:
+      ``(overlap, direction)``, each ``(P,)`` float32.
+    """
+    a = np.float32(alpha)
+    tf, pf = np.asarray(truth_fdr, np.float32), np.asarray(pred_fdr, np.float32)
+    tl, pl = np.asarray(truth_lfc, np.float32), np.asarray(pred_lfc, np.float32)
+    t_set, p_set = tf < a, pf < a
+    n_t, n_p = t_set.sum(-1), p_set.sum(-1)
+    k = n_t[..., None]
+    hit = (_set_ranks_host(tl, t_set) < k) & (_set_ranks_host(pl, p_set) < k)
+    num = hit.sum(-1)
+    ok = (n_t > 0) & (n_p > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overlap = np.where(ok, num / np.maximum(n_t, 1), 0.0).astype(np.float32)
+        agree = ((np.sign(tl) == np.sign(pl)) & t_set).sum(-1)
+        direction = np.where(n_t > 0, agree / np.maximum(n_t, 1), np.nan).astype(np.float32)
+    return overlap, direction
 
 
 def celleval_de_table(
@@ -961,12 +1003,22 @@ def celleval_de_table(
         ctrl = _as_matrix(control_cells).astype(x.dtype)
         if ctrl.shape[0] == 0 or ctrl.shape[1] != x.shape[1]:
             raise ValueError(f"control_cells must be (m > 0, {x.shape[1]}), got {ctrl.shape}")
+    means = pseudobulk(x, labels, perts)
+    ctrl_mean = pseudobulk(ctrl, np.zeros(ctrl.shape[0], int), ["0"])[0]
+    return _de_table(
+        x, codes, is_ctrl if control_cells is None else ctrl, ctrl, perts, means, ctrl_mean,
+        gene_block=gene_block,
+    )  # fmt: skip
+
+
+def _de_table(x, codes, control, ctrl, perts, means, ctrl_mean, *, gene_block: int = 2048):
+    """:func:`celleval_de_table` from its parts: ``codes`` (each cell's perturbation, -1
+    for none), ``control`` (a row mask of ``x`` or a matrix), ``ctrl`` (the control cells),
+    and the float64 means of the perturbations and of the control."""
     g = x.shape[1]
     n_p = len(perts)
     if sp.issparse(x):
-        res = mannwhitney_vs_control_sparse(
-            x, codes, is_ctrl if control_cells is None else ctrl, n_groups=n_p
-        )
+        res = mannwhitney_vs_control_sparse(x, codes, control, n_groups=n_p)
         pv = np.asarray(res.pvalue, np.float64)
         st = np.asarray(res.statistic, np.float64)
     else:
@@ -986,8 +1038,6 @@ def celleval_de_table(
             res = mannwhitney_vs_control(gx, group_lab, cx, n_groups=n_p)
             pv[:, cols] = np.asarray(res.pvalue)[:, : len(cols)]
             st[:, cols] = np.asarray(res.statistic)[:, : len(cols)]
-    means = pseudobulk(x, labels, perts)
-    ctrl_mean = pseudobulk(ctrl, np.zeros(ctrl.shape[0], int), ["0"])[0]
     fdr = _bh_fdr_host(pv)
     lfc = np.asarray(_log2_fold_change(means, ctrl_mean))
     n_cells = np.bincount(codes[codes >= 0], minlength=n_p)
@@ -1018,8 +1068,13 @@ def _celleval_values(
     ``mae`` (``with_mae``), the two DE metrics and tables (``de``)."""
     own = bool(np.any(pred_labels == control))
     names = perts + [control]
-    real_pb = pseudobulk(real, real_labels, names, dtype=np.float32)
-    pred_pb = pseudobulk(pred, pred_labels, names, dtype=np.float32)
+    # one pass per matrix: float64 means of every perturbation and the control (exact sums
+    # of float32 values), shared by the deltas (rounded to float32, as cell-eval's
+    # pseudobulks) and the DE tables' fold changes
+    real_mean = pseudobulk(real, real_labels, names)
+    pred_mean = pseudobulk(pred, pred_labels, names)
+    real_pb = real_mean.astype(np.float32)
+    pred_pb = pred_mean.astype(np.float32)
     pred_ctrl = pred_pb[-1] if own else real_pb[-1]
     gidx = {gname: i for i, gname in enumerate(map(str, genes))}
     exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
@@ -1033,15 +1088,25 @@ def _celleval_values(
     if with_mae:
         out["mae"] = np.asarray(mae(pred_pb[:-1], real_pb[:-1]))
     if de:
-        de_real = celleval_de_table(real, real_labels, control=control, perts=perts)
-        real_ctrl = None if own else _rows(real, np.flatnonzero(real_labels == control))
-        de_pred = celleval_de_table(
-            pred, pred_labels, control=control, perts=perts, control_cells=real_ctrl
+        index = pd.Index(perts)
+        tables = []
+        for x, lab, mean, ctrl_mean in (
+            (real, real_labels, real_mean[:-1], real_mean[-1]),
+            (pred, pred_labels, pred_mean[:-1], pred_mean[-1] if own else real_mean[-1]),
+        ):
+            codes = index.get_indexer(lab).astype(np.int32)
+            is_ctrl = lab == control
+            codes[is_ctrl] = -1
+            if is_ctrl.any():
+                ctrl, control_arg = _rows(x, np.flatnonzero(is_ctrl)), is_ctrl
+            else:  # the prediction without control cells: the truth's
+                ctrl = _rows(real, np.flatnonzero(real_labels == control))
+                control_arg = ctrl
+            tables.append(_de_table(x, codes, control_arg, ctrl, perts, mean, ctrl_mean))
+        de_real, de_pred = tables
+        out["de_overlap_at_k"], out["de_direction_agreement"] = de_metrics_host(
+            de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=alpha
         )
-        ov, dirm = _de_metrics(
-            de_real["fdr"], de_real["lfc"], de_pred["fdr"], de_pred["lfc"], alpha=float(alpha)
-        )
-        out["de_overlap_at_k"], out["de_direction_agreement"] = np.asarray(ov), np.asarray(dirm)
         out["de_real"], out["de_pred"] = de_real, de_pred
     return out
 
@@ -1105,7 +1170,7 @@ def cell_distances(
     perts: Sequence[str],
     *,
     sigma: float | None = None,
-    chunk_bytes: int = 1 << 26,
+    chunk_bytes: int = 1 << 24,
     max_rows: int = 2048,
     block_size: int = 128,
 ) -> dict[str, np.ndarray]:
@@ -1139,20 +1204,15 @@ def cell_distances(
     big = todo[size[todo] > max_rows]
     todo = todo[size[todo] <= max_rows]
     todo = todo[np.argsort(size[todo], kind="stable")]  # chunk order
-    # all cells in chunk order (each perturbation's predicted, then its true cells),
-    # gathered once: a chunk's cells are one contiguous slice, in its buffer's row order
+    # each side's cells in chunk order: a chunk's cells are a contiguous run of these
     rank = np.full(n_p + 1, -1)
     rank[todo] = np.arange(todo.size)
-    key = np.concatenate([2 * rank[np.where(c >= 0, c, n_p)] + side for side, c in
-                          enumerate(codes)])  # fmt: skip
-    key[np.concatenate([rank[np.where(c >= 0, c, n_p)] for c in codes]) < 0] = -1
-    rows = np.flatnonzero(key >= 0)
-    rows = rows[np.argsort(key[rows], kind="stable")]
-    if all(sp.issparse(x) for x in mats):
-        cells = sp.vstack(mats, format="csr")[rows]
-    else:
-        cells = np.concatenate([_dense(x) for x in mats])[rows]
-    off = np.concatenate([[0], np.cumsum(nx[todo] + ny[todo])])
+    sides = []
+    for x, c, n in zip(mats, codes, (nx, ny)):
+        r_of = rank[np.where(c >= 0, c, n_p)]
+        rows = np.flatnonzero(r_of >= 0)
+        rows = rows[np.argsort(r_of[rows], kind="stable")]
+        sides.append((x, rows, np.concatenate([[0], np.cumsum(n[todo])])))
     s2 = None if sigma is None else float(sigma) ** 2
     pending = []
 
@@ -1170,29 +1230,35 @@ def cell_distances(
         for c0 in range(pos, pos + n_class, b):
             c1 = min(c0 + b, pos + n_class)
             J = todo[c0:c1]
-            k = nx[J] + ny[J]
-            within = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)
-            dest = np.repeat(np.arange(J.size) * r, k) + within  # increasing
-            is_x = within < np.repeat(nx[J], k)
-            a0, a1 = off[c0], off[c1]
-            if sp.issparse(cells):
-                # the slice's stored entries as a (b·r, G) CSR matrix whose rows are `dest`
-                # (the other rows empty), densified by SciPy's C loop: no gathering
-                cnt = np.zeros(b * r + 1, np.int64)
-                cnt[dest + 1] = np.diff(cells.indptr[a0 : a1 + 1])
-                lo, hi = cells.indptr[a0], cells.indptr[a1]
-                chunk = sp.csr_matrix(
-                    (cells.data[lo:hi], cells.indices[lo:hi], np.cumsum(cnt)),
-                    shape=(b * r, g),
-                )
-                buf = chunk.astype(np.float32, copy=False).toarray()
-            else:
-                buf = np.zeros((b * r, g), np.float32)
-                buf[dest] = cells[a0:a1]
-            mx = np.zeros(b * r, np.float32)
-            my = np.zeros(b * r, np.float32)
-            mx[dest[is_x]] = 1
-            my[dest[~is_x]] = 1
+            base = np.arange(J.size) * r
+            buf, masks = None, []
+            for side, ((cells, rows, off), n) in enumerate(zip(sides, (nx, ny))):
+                k = n[J]
+                dest = np.repeat(base + (0 if side == 0 else nx[J]), k)
+                dest += np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)  # increasing
+                src = rows[off[c0] : off[c1]]
+                if sp.issparse(cells):
+                    # the chunk's cells (a SciPy row gather) as a (b·r, G) CSR matrix whose
+                    # rows are `dest` (the other rows empty), densified by SciPy's C loop
+                    sub = cells[src]
+                    cnt = np.zeros(b * r + 1, np.int64)
+                    cnt[dest + 1] = np.diff(sub.indptr)
+                    part = sp.csr_matrix(
+                        (sub.data, sub.indices, np.cumsum(cnt)), shape=(b * r, g)
+                    ).toarray()
+                    del sub
+                else:
+                    part = np.zeros((b * r, g), cells.dtype)
+                    part[dest] = cells[src]
+                if buf is None:
+                    buf = part.astype(np.float32, copy=False)
+                else:
+                    buf += part  # the sides' rows are disjoint
+                del part
+                m = np.zeros(b * r, np.float32)
+                m[dest] = 1
+                masks.append(m)
+            mx, my = masks
             mx, my = mx.reshape(b, r), my.reshape(b, r)
             # the device computes this chunk's Gram matrices while the host fills the next
             pending.append((J, _centred_gram(buf.reshape(b, r, g), my), mx, my))

@@ -38,7 +38,8 @@ import pandas as pd
 
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
-from vcjax.peers._kernels import _celleval_values
+from vcjax.peers._kernels import _as_matrix, _celleval_values, _log2_fold_change
+from vcjax.stats._wilcoxon import _finish_jit
 
 __all__ = [
     "CELL_METRICS",
@@ -129,6 +130,66 @@ def _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centr
 
 
 _topk_mask = jax.jit(topk_mask, static_argnames=("k",))
+_centroid = jax.jit(peers.perturbed_centroid)
+
+
+def _pseudobulk_plan(names: Sequence[str], *, scores: bool, n_genes: int) -> tuple[str, ...]:
+    """The metrics :func:`_pseudobulk_kernel` computes for ``names``: without DEG scores
+    the top-20 metrics are left out, and ``pearson_delta_top20`` is NaN when ``G < 20``
+    (pearson_delta_topk's rule: ``k > G``)."""
+    want = [n for n in _PSEUDOBULK if n in names]
+    if not scores:
+        want = [n for n in want if n not in ("pearson_delta_top20", "direction_agreement")]
+    if n_genes < 20 and "pearson_delta_top20" in want:
+        want.remove("pearson_delta_top20")
+    return tuple(want)
+
+
+def warm_up(
+    names: Sequence[str],
+    *,
+    n_perts: int,
+    n_genes: int,
+    scores: bool,
+    cells: bool,
+    n_control: int | None = None,
+) -> None:
+    """Compile (ahead of time, no computation) the kernels that :func:`score_pseudobulk_sources`
+    and, with ``cells``, :func:`score_cells` will call for ``P = n_perts`` perturbations and
+    ``G = n_genes`` genes, so that a caller can overlap their compilation with other work
+    (the compiled functions land in JAX's caches). ``n_control``: the true control cells
+    (the truth's Wilcoxon finishing step is compiled for that number).
+    """
+    f32 = np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
+    pg = jax.ShapeDtypeStruct((n_perts, n_genes), f32)
+    g1 = jax.ShapeDtypeStruct((n_genes,), f32)
+    want = _pseudobulk_plan(names, scores=scores, n_genes=n_genes)
+    top = "pearson_delta_top20" in want or "direction_agreement" in want
+    ex = jax.ShapeDtypeStruct((n_perts,), np.int32)
+    if want:
+        mask = jax.ShapeDtypeStruct((n_perts, n_genes), bool) if top else None
+        cen = g1 if "pearson_delta_centroid" in want else None
+        delta = pg if ("rank" in want or "pds" in want) else None
+        exc = ex if "pds" in want else None
+        _pseudobulk_kernel.lower(pg, pg, g1, delta, delta, mask, cen, exc, names=want).compile()
+    if "pearson_delta_centroid" in want:
+        _centroid.lower(pg).compile()
+    if top:
+        _topk_mask.lower(
+            jax.ShapeDtypeStruct((n_perts, n_genes), np.float32), k=min(20, n_genes)
+        ).compile()
+    if not cells:
+        return
+    p32 = jax.ShapeDtypeStruct((n_perts, n_genes), np.float32)
+    if "pds" in names:
+        peers.pds.lower(p32, p32, exclude=ex).compile()
+    if "de_overlap_at_k" in names or "de_direction_agreement" in names:
+        _log2_fold_change.lower(pg, g1).compile()
+        if n_control:
+            n = jax.ShapeDtypeStruct((n_perts,), np.float32)
+            _finish_jit.lower(
+                p32, p32, n, m=int(n_control), continuity=True, tie_correct=True
+            ).compile()
 
 
 def score_pseudobulk_sources(
@@ -151,19 +212,15 @@ def score_pseudobulk_sources(
       ``{source: {metric: (P,)}}`` float64.
     """
     g = truth.shape[1]
-    want = [n for n in _PSEUDOBULK if n in names]
-    if scores is None:  # no DEG ranking: the top-20 metrics are left out
-        want = [n for n in want if n not in ("pearson_delta_top20", "direction_agreement")]
+    want = list(_pseudobulk_plan(names, scores=scores is not None, n_genes=g))
     if not want or not preds:
         return {s: {} for s in preds}
-    top20 = [n for n in want if n == "pearson_delta_top20"]
-    if top20 and g < 20:  # pearson_delta_topk's rule: k > G gives NaN
-        want.remove("pearson_delta_top20")
+    top20 = "pearson_delta_top20" in names and scores is not None
     where = centroid = exclude = None
     if "pearson_delta_top20" in want or "direction_agreement" in want:
         where = _topk_mask(np.abs(scores), k=min(20, g))
     if "pearson_delta_centroid" in want:
-        centroid = peers.perturbed_centroid(truth)
+        centroid = _centroid(truth)
     if "pds" in want:
         gidx = {gene: i for i, gene in enumerate(genes)}
         exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
@@ -226,6 +283,8 @@ def score_cells(
     P = len(perts)
     pred_labels = np.asarray(pred_labels).astype(str)
     truth_labels = np.asarray(truth_labels).astype(str)
+    pred_cells, truth_cells = _as_matrix(pred_cells), _as_matrix(truth_cells)
+    dist = [n for n in ("energy_distance", "mmd") if n in names]
     ce = [n for n in ("de_overlap_at_k", "de_direction_agreement", "pds") if n in names]
     if ce and bool(np.any(truth_labels == control)):
         have = set(np.unique(pred_labels)) & set(np.unique(truth_labels))
@@ -240,7 +299,6 @@ def score_cells(
             for name in ce:
                 vals = np.append(np.asarray(res[name], float), np.nan)
                 out[name] = vals[idx]  # -1 (absent) reads the NaN
-    dist = [n for n in ("energy_distance", "mmd") if n in names]
     if dist:
         res = peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
         for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):

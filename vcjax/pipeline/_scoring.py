@@ -310,8 +310,10 @@ def warm_up(adata, spec: TruthSpec, score: ScoreSpec) -> threading.Thread | None
     """Compile the engine's kernels in a background thread while the host prepares the truth.
 
     The scoring calls of :func:`score_sources` are made once on one chunk of zero inputs
-    with the same chunk size, ``G``, dtypes and options as the real ``P``-row calls, so their
-    compiled functions are ready (in JAX's caches) when those come; XLA compiles and NumPy
+    with the same chunk size, ``G``, dtypes and options as the real ``P``-row calls, and the
+    peers' kernels of the requested peer metrics are compiled ahead of time for ``(P, G)``
+    (:func:`vcjax.peers.warm_up`), so their compiled functions are ready (in JAX's caches)
+    when those come; XLA compiles and NumPy
     computes with the GIL released, so on two or more cores the first call's compilation
     overlaps the streaming pass and the t-tests. Returns the thread (join it before
     scoring), or None when the shapes cannot be known yet. Never raises: it is only a
@@ -320,7 +322,8 @@ def warm_up(adata, spec: TruthSpec, score: ScoreSpec) -> threading.Thread | None
     try:
         labels = adata.obs[spec.key]
         n_groups = int(labels.nunique())
-        present = bool((labels.astype(str) == spec.control).any())
+        is_control = labels.astype(str) == spec.control
+        present = bool(is_control.any())
         P, G = n_groups - int(present), int(adata.n_vars)
         if P < 1 or G < 1 or spec.covariate is not None:
             return None
@@ -328,9 +331,17 @@ def warm_up(adata, spec: TruthSpec, score: ScoreSpec) -> threading.Thread | None
         core, topk, ctrl = core_metric_groups(
             requested_metrics(score.metrics), weights=kind != "none", mask=kind == "deg"
         )
+        # the peers' kernels: "all" (or peer names) compiles them too, the cell-level ones
+        # on the guess that a prediction scored with them is given as cells
+        every = isinstance(score.metrics, str) and score.metrics == "all"
+        asked = [] if every else [m for m in requested_metrics(score.metrics) if m in METRICS]
+        peer_names = list(peers.PEER_METRICS) if every else [
+            m for m in asked if not METRICS[m].is_core
+        ]  # fmt: skip
+        n_control = int(is_control.sum())
     except Exception:  # noqa: BLE001 - prepare() reports bad input
         return None
-    if not (core or topk or ctrl):
+    if not (core or topk or ctrl or peer_names):
         return None
     x64 = bool(jax.config.jax_enable_x64)  # a thread does not inherit jax.enable_x64()
     has_w, has_m = kind != "none", kind == "deg"
@@ -363,6 +374,11 @@ def warm_up(adata, spec: TruthSpec, score: ScoreSpec) -> threading.Thread | None
                 if ctrl:
                     kernels = list(dict.fromkeys(METRICS[m].kernel for m in ctrl))
                     engine.score(z, z, reference=ref, metrics=kernels, **kw)
+                if peer_names:
+                    peers.warm_up(
+                        peer_names, n_perts=P, n_genes=G, scores=has_m, n_control=n_control,
+                        cells=any(m in peers.CELL_METRICS or m == "pds" for m in peer_names),
+                    )  # fmt: skip
         except Exception:  # noqa: BLE001 - only a warm-up
             log.debug("kernel warm-up failed", exc_info=True)
 

@@ -38,7 +38,7 @@ from vcjax.stats._wilcoxon import MannWhitneyResult, _finish_jit, _run_terms
 __all__ = ["mannwhitney_vs_control_sparse"]
 
 # stored non-zeros per block of genes (a block's temporaries: a few tens of MB)
-_BLOCK_NNZ = 1 << 21
+_BLOCK_NNZ = 1 << 20
 
 
 def _keys(vals: np.ndarray, uint) -> np.ndarray:
@@ -53,14 +53,20 @@ def _keys(vals: np.ndarray, uint) -> np.ndarray:
 
 
 def _block(
-    csc: sp.csc_matrix, tags: np.ndarray, sizes: np.ndarray, m: int, g0: int, g1: int, lap
+    vals: np.ndarray,
+    gene: np.ndarray,
+    tag: np.ndarray,
+    w: int,
+    sizes: np.ndarray,
+    m: int,
+    lap,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``(2U, T)`` of genes ``g0:g1``, each ``(w, n_groups)`` float64.
+    """Exact ``(2U, T)`` of a block of ``w`` genes, each ``(w, n_groups)`` float64.
 
-    ``tags``: per row of ``csc``, 0 for a control cell, ``1 + group`` for a group's cell,
+    The block's stored entries: non-zero values ``vals``, their gene in the block ``gene``
+    and their cell's ``tag``: 0 for a control cell, ``1 + group`` for a group's cell,
     ``n_groups + 1`` for a cell in neither (sorted with the others, then dropped). ``m``:
-    the number of control rows. Stored values must be non-zero; ``g1 - g0`` below
-    ``2**(32 - tag bits)``.
+    the number of control cells; ``w`` below ``2**(32 - tag bits)``.
 
     One sort of the block's stored values by a uint64 key ``(gene, value, tag)``: a run of
     equal keys is a group's run of equal values (length ``a``), and a value's control
@@ -70,9 +76,6 @@ def _block(
     """
     n_groups = sizes.size
     ng = n_groups + 2  # tags
-    w = g1 - g0
-    s, e = csc.indptr[g0], csc.indptr[g1]
-    vals = csc.data[s:e]
     u64 = np.uint64
     if vals.dtype == np.float32:
         keys = _keys(vals, np.uint32)
@@ -83,13 +86,14 @@ def _block(
         keys, zero_key = inv[:-1].astype(np.uint32), int(inv[-1])
         del uniq, inv
     tb = int(ng - 1).bit_length()  # bits of a tag
-    comp = np.repeat(np.arange(w, dtype=u64) << u64(32 + tb), np.diff(csc.indptr[g0 : g1 + 1]))
+    comp = gene.astype(u64)
+    comp <<= u64(32 + tb)
     k = keys.astype(u64)
     del keys
     k <<= u64(tb)
     comp |= k
     del k
-    comp |= tags[csc.indices[s:e]].astype(u64)
+    comp |= tag.astype(u64)
     lap("keys")
     comp.sort()
     lap("sort")
@@ -207,29 +211,51 @@ def _sparse_counts(
     if g == 0 or not valid.any():
         return u, ties, sizes
     tags = np.where(valid, labels + 1, n_groups + 1)
+    X, extra = cells, None
     if is_mask:
         tags[control] = 0
         m = int(control.sum())
-        X = cells
     else:
         m = control.shape[0]
-        X = sp.vstack([sp.csr_matrix(cells), sp.csr_matrix(control)], format="csr")
-        tags = np.concatenate([tags, np.zeros(m, tags.dtype)])
-    csc = sp.csc_matrix(X)
-    dtype = np.float64 if csc.dtype == np.float64 else np.float32
-    if csc.dtype != dtype:
-        csc = csc.astype(dtype)
-    if csc.nnz and not np.all(csc.data):  # stored zeros are zeros
-        csc = csc.copy()
-        csc.eliminate_zeros()
+        extra = control if sp.issparse(control) else sp.csr_matrix(np.asarray(control))
+    # the stored entries (value, gene, cell's tag) of every cell, control cells included
+    parts = [(sp.csr_matrix(X) if not sp.isspmatrix_csc(X) else X, tags)]
+    if extra is not None:
+        parts.append((extra, np.zeros(extra.shape[0], tags.dtype)))
+    vals, gene, tag = [], [], []
+    for mat, tg in parts:
+        if sp.isspmatrix_csc(mat):
+            gene.append(np.repeat(np.arange(g, dtype=np.int32), np.diff(mat.indptr)))
+            tag.append(tg[mat.indices])
+        else:
+            gene.append(mat.indices)
+            tag.append(np.repeat(tg, np.diff(mat.indptr)))
+        vals.append(mat.data)
+    vals, gene, tag = (np.concatenate(a) if len(a) > 1 else a[0] for a in (vals, gene, tag))
+    if vals.dtype not in (np.float32, np.float64):
+        vals = vals.astype(np.float32)
+    nz = vals != 0  # stored zeros are zeros
+    if not nz.all():
+        vals, gene, tag = vals[nz], gene[nz], tag[nz]
+    del nz
     threads = host_threads() if threads is None else threads
-    nblocks = max(threads, -(-csc.nnz // _BLOCK_NNZ))
+    nblocks = max(threads, -(-vals.size // _BLOCK_NNZ))
     nblocks = min(g, -(-nblocks // threads) * threads)
     # the block's genes must fit the key: 32 value bits and the tag bits leave the rest
     width = min(-(-g // nblocks), 1 << (31 - int(n_groups + 1).bit_length()))
     bounds = [(s, min(s + width, g)) for s in range(0, g, width)]
+    # the entries grouped by block: a stable radix sort of the block numbers
+    block = gene // width
+    block = block.astype(
+        np.uint8 if len(bounds) <= 256 else np.uint16 if len(bounds) <= 65536 else np.int64
+    )
+    order = np.argsort(block, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=len(bounds)))])
+    del block
+    vals, gene, tag = vals[order], gene[order], tag[order]
+    del order
 
-    def run(bound):
+    def run(i):
         t = [time.thread_time()]
 
         def lap(name):
@@ -238,13 +264,15 @@ def _sparse_counts(
                 profile[name] = profile.get(name, 0.0) + t1 - t[0]
                 t[0] = t1
 
-        return _block(csc, tags, sizes, m, *bound, lap)
+        g0, g1 = bounds[i]
+        sl = slice(starts[i], starts[i + 1])
+        return _block(vals[sl], gene[sl] - g0, tag[sl], g1 - g0, sizes, m, lap)
 
     if threads > 1 and len(bounds) > 1:
         with ThreadPoolExecutor(min(threads, len(bounds))) as ex:
-            out = list(ex.map(run, bounds))
+            out = list(ex.map(run, range(len(bounds))))
     else:
-        out = [run(b) for b in bounds]
+        out = [run(i) for i in range(len(bounds))]
     for (g0, g1), (u2, tt) in zip(bounds, out):
         u[:, g0:g1] = u2.T / 2
         ties[:, g0:g1] = tt.T
