@@ -113,7 +113,7 @@ class _Order(NamedTuple):
 
 
 def _value_order(v: np.ndarray, gl: np.ndarray, w: int) -> np.ndarray:
-    """Permutation sorting the entries by (gene, value) (ties in any order).
+    """Permutation sorting the entries by (gene, value) (ties in any order; any input order).
 
     One ``np.sort`` of packed keys (gene, float32 rounding of the value, position): float32
     rounding is monotone, so only entries whose float32 keys collide while their values
@@ -144,16 +144,42 @@ def _value_order(v: np.ndarray, gl: np.ndarray, w: int) -> np.ndarray:
     return order
 
 
-def _sorted_block(indptr, indices, data, classes, ctrl_class: int, g0: int, g1: int) -> _Order:
-    w = g1 - g0
-    lo, hi = int(indptr[g0]), int(indptr[g1])
-    cnt = np.diff(indptr[g0 : g1 + 1]).astype(np.int64)
-    nb = hi - lo
-    gl = np.repeat(np.arange(w, dtype=np.int64), cnt)  # gene-major, as in the CSC layout
-    v = data[lo:hi]
+def _gather(parts, offsets, gidx: np.ndarray, transform):
+    """Values, cells and block-local genes of genes ``gidx`` (ascending) of the stacked CSC
+    parts. The transform (values, cells) -> values is applied; zeros are dropped."""
+    vs, cs, gs = [], [], []
+    w = gidx.size
+    contiguous = w == 0 or int(gidx[-1]) - int(gidx[0]) + 1 == w
+    for x, off in zip(parts, offsets):
+        ln = (x.indptr[gidx + 1] - x.indptr[gidx]).astype(np.int64)
+        if contiguous:
+            lo, hi = (int(x.indptr[gidx[0]]), int(x.indptr[gidx[-1] + 1])) if w else (0, 0)
+            idx = slice(lo, hi)
+        else:
+            st = x.indptr[gidx].astype(np.int64)
+            idx = np.repeat(st - (np.cumsum(ln) - ln), ln) + np.arange(int(ln.sum()))
+        cs.append(x.indices[idx].astype(np.int64) + off)
+        vs.append(x.data[idx])
+        gs.append(np.repeat(np.arange(w, dtype=np.int64), ln))
+    v, cells, gl = (np.concatenate(z) for z in (vs, cs, gs))
+    v = v.astype(np.float64) if transform is None else transform(v, cells)
+    if v.size and v.min() <= 0:
+        if v.min() < 0:
+            raise ValueError(
+                "mannwhitney_counts_passes: negative values; zeros must be the minimum"
+            )
+        keep = v > 0
+        v, cells, gl = v[keep], cells[keep], gl[keep]
+    return v, cells, gl
+
+
+def _sorted_block(v, cells_in, gl, w: int, classes, ctrl_class: int) -> _Order:
+    nb = v.size
     order = _value_order(v, gl, w)
     vs = v[order]
-    cells = indices[lo:hi][order]
+    cells = cells_in[order]
+    cnt = np.bincount(gl, minlength=w).astype(np.int64)
+    gl = np.repeat(np.arange(w, dtype=np.int64), cnt)  # sorted: gene-major
     gfirst = (np.cumsum(cnt) - cnt).astype(np.int32)
     gend = (gfirst + cnt).astype(np.int32)
     new = np.empty(nb + 1, bool)
@@ -246,19 +272,27 @@ def _pass_counts(o: _Order, role, cls_group, n_grp: int, n_cells: np.ndarray, m:
     return u2, t
 
 
+#: genes per call of a ``finish`` function (a fixed shape: one compilation for XLA)
+FINISH_WIDTH = 2048
+
+
 def mannwhitney_counts_passes(
     x,
     roles: np.ndarray,
     *,
     classes: np.ndarray | None = None,
     n_groups=None,
+    genes: np.ndarray | None = None,
+    transform=None,
+    finish=None,
     threads: int | None = None,
     block_nnz: int = _BLOCK_NNZ,
 ) -> PassCounts:
     """Exact Mann–Whitney ``U`` and tie terms of every group of every pass, every gene.
 
     Args:
-      x: ``(N, G)`` non-negative values, scipy sparse (CSC is used as is) or dense.
+      x: ``(N, G)`` non-negative values, scipy sparse or dense, or a list of such
+        matrices (same genes) stacked vertically without being copied together.
       roles: ``(K, N)`` int: per pass, each cell's group id (``>= 0``), ``-1`` for the
         pass's control, any other negative value (e.g. :data:`EXCLUDED`) for no part.
       classes: ``(N,)`` non-negative int, a partition of the cells such that in every
@@ -267,23 +301,30 @@ def mannwhitney_counts_passes(
         label when the passes split labels into halves). Default: ``roles[0]`` (its
         control one class, its excluded cells another).
       n_groups: ``(K,)`` groups per pass (default: the largest group id + 1).
+      genes: ascending indices of the genes to test (default: all); the results' columns.
+      transform: ``f(values, cells) -> values``, applied to the stored values a gene
+        block at a time (e.g. log1p-CPM from counts without a transformed copy of ``x``);
+        it must keep zeros zero and values non-negative.
+      finish: ``f(u, ties, n, m) -> (R, W)`` applied to :data:`FINISH_WIDTH` genes at a
+        time (zero-padded; e.g. the p-values); the result then holds its output in
+        ``u`` and ``ties`` is None, and no ``(R, G)`` count arrays are kept.
       threads: worker threads over gene blocks (default: :func:`vcjax._host.host_threads`).
       block_nnz: stored entries per gene block.
 
     Returns:
       :class:`PassCounts`; a group with no cells has ``n = 0`` (its ``U``, ``T`` are 0).
     """
-    x = sp.csc_matrix(x)
-    if x.nnz and x.data.min() < 0:
-        raise ValueError("mannwhitney_counts_passes: negative values; zeros must be the minimum")
-    if x.nnz and (x.data == 0).any():
-        x = x.copy()
-        x.eliminate_zeros()
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    parts = [sp.csc_matrix(p) for p in parts]
+    g = parts[0].shape[1]
+    if any(p.shape[1] != g for p in parts):
+        raise ValueError("mannwhitney_counts_passes: the parts of x have different genes")
+    row_off = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])]).astype(np.int64)
     roles = np.atleast_2d(np.asarray(roles, np.int32))
     k_pass, n_cells = roles.shape
-    if n_cells != x.shape[0]:
+    if n_cells != row_off[-1]:
         raise ValueError(
-            f"mannwhitney_counts_passes: roles for {n_cells} cells, x has {x.shape[0]} rows"
+            f"mannwhitney_counts_passes: roles for {n_cells} cells, x has {row_off[-1]} rows"
         )
     if n_groups is None:
         n_grp = np.array([int(r.max(initial=-1)) + 1 for r in roles], np.int64)
@@ -302,14 +343,14 @@ def mannwhitney_counts_passes(
     ctrl_class = int(ctrl_cls[0]) if ctrl_cls.size else n_cls
     n_per, m_per, cls_group = [], [], []
     for k, r in enumerate(roles):
-        g = r >= 0
-        if g.any() and int(r.max()) >= n_grp[k]:
+        gr = r >= 0
+        if gr.any() and int(r.max()) >= n_grp[k]:
             raise ValueError(f"mannwhitney_counts_passes: pass {k} has a group id >= n_groups")
-        pairs = np.unique(r[g].astype(np.int64) * n_cls + classes[g])
+        pairs = np.unique(r[gr].astype(np.int64) * n_cls + classes[gr])
         if (
-            pairs.size != np.unique(r[g]).size
-            or pairs.size != np.unique(classes[g]).size
-            or (classes[g] == ctrl_class).any()
+            pairs.size != np.unique(r[gr]).size
+            or pairs.size != np.unique(classes[gr]).size
+            or (classes[gr] == ctrl_class).any()
         ):
             raise ValueError(
                 f"mannwhitney_counts_passes: pass {k}'s groups do not map one to one onto "
@@ -318,29 +359,49 @@ def mannwhitney_counts_passes(
         cg = np.full(n_cls + 1, n_grp[k], np.int64)
         cg[pairs % n_cls] = pairs // n_cls
         cls_group.append(cg)
-        n_per.append(np.bincount(r[g], minlength=int(n_grp[k])).astype(np.int64))
+        n_per.append(np.bincount(r[gr], minlength=int(n_grp[k])).astype(np.int64))
         m_per.append(int((r == -1).sum()))
     offsets = np.concatenate([[0], np.cumsum(n_grp)]).astype(np.int64)
-    rows, g = int(offsets[-1]), x.shape[1]
-    u = np.zeros((rows, g))
-    ties = np.zeros((rows, g))
+    rows = int(offsets[-1])
     n = np.concatenate(n_per).astype(np.float64) if rows else np.zeros(0)
     m = np.repeat(np.asarray(m_per, np.float64), n_grp)
-
-    def run(b):
-        g0, g1 = b
-        o = _sorted_block(x.indptr, x.indices, x.data, classes, ctrl_class, g0, g1)
-        for k in range(k_pass):
-            u2, t = _pass_counts(o, roles[k], cls_group[k], int(n_grp[k]), n_per[k], m_per[k])
-            u[offsets[k] : offsets[k + 1], g0:g1] = u2 / 2
-            ties[offsets[k] : offsets[k + 1], g0:g1] = t
-
-    blocks = _blocks(np.diff(x.indptr), block_nnz)
+    gsel = np.arange(g) if genes is None else np.asarray(genes, np.int64).reshape(-1)
+    if gsel.size and (gsel.min() < 0 or gsel.max() >= g or (np.diff(gsel) <= 0).any()):
+        raise ValueError("mannwhitney_counts_passes: genes must be ascending indices of x's genes")
+    g = gsel.size
+    counts = sum(np.diff(p.indptr)[gsel] for p in parts)
+    width = g if finish is None else FINISH_WIDTH
+    out = np.zeros((rows, g))
+    ties = np.zeros((rows, g)) if finish is None else None
     threads = host_threads() if threads is None else threads
-    if threads > 1 and len(blocks) > 1:
-        with ThreadPoolExecutor(min(threads, len(blocks))) as ex:
-            list(ex.map(run, blocks))
-    else:
-        for b in blocks:
-            run(b)
-    return PassCounts(u, ties, n, m, offsets)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        for c0 in range(0, g, max(width, 1)):
+            c1 = min(c0 + width, g)
+            u_c = np.zeros((rows, width)) if finish is not None else out
+            t_c = np.zeros((rows, width)) if finish is not None else ties
+            shift = c0 if finish is not None else 0
+
+            def run(b, u_c=u_c, t_c=t_c, shift=shift):
+                g0, g1 = b
+                v, cells, gl = _gather(parts, row_off[:-1], gsel[g0:g1], transform)
+                o = _sorted_block(v, cells, gl, g1 - g0, classes, ctrl_class)
+                for k in range(k_pass):
+                    u2, t = _pass_counts(
+                        o, roles[k], cls_group[k], int(n_grp[k]), n_per[k], m_per[k]
+                    )
+                    u_c[offsets[k] : offsets[k + 1], g0 - shift : g1 - shift] = u2 / 2
+                    t_c[offsets[k] : offsets[k + 1], g0 - shift : g1 - shift] = t
+
+            blocks = [(b0 + c0, b1 + c0) for b0, b1 in _blocks(counts[c0:c1], block_nnz)]
+            if pool is not None and len(blocks) > 1:
+                list(pool.map(run, blocks))
+            else:
+                for b in blocks:
+                    run(b)
+            if finish is not None:
+                out[:, c0:c1] = np.asarray(finish(u_c, t_c, n, m))[:, : c1 - c0]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return PassCounts(out, ties, n, m, offsets)
