@@ -101,13 +101,19 @@ CPU path (pdex).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from vcjax.stats import benjamini_hochberg_host, mannwhitney_vs_control
+from vcjax._host import host_threads
+from vcjax.stats import benjamini_hochberg_host
+from vcjax.stats._wilcoxon import _finish
+from vcjax.stats._wilcoxon_split import EXCLUDED, mannwhitney_counts_passes
 
 __all__ = [
     "Vcc2026Truth",
@@ -157,11 +163,36 @@ LFC_NMAE_FLOOR = -6.0
 # ------------------------------------------------------------------------------ data prep
 
 
+def _rowsum(x: sp.csr_matrix) -> np.ndarray:
+    """Row sums accumulated in float64 (as scipy sums a float64 CSR), for float32 data too."""
+    out = np.zeros(x.shape[0])
+    rows = np.flatnonzero(np.diff(x.indptr))
+    step = 1 << 16
+    for lo in range(0, rows.size, step):
+        r = rows[lo : lo + step]
+        a, b = int(x.indptr[r[0]]), int(x.indptr[r[-1] + 1])
+        out[r] = np.add.reduceat(x.data[a:b].astype(np.float64), x.indptr[r] - a)
+    return out
+
+
 def _csr(x, name: str) -> sp.csr_matrix:
-    """``x`` as a float64 CSR copy, after the preset's raw-count checks."""
-    m = sp.csr_matrix(x, dtype=np.float64) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
-    m = m.astype(np.float64)
-    m.sum_duplicates()
+    """``x`` as CSR after the preset's raw-count checks, never modifying the caller's matrix.
+
+    float32 and float64 data are kept as they are (counts are exact in either; every sum
+    below accumulates in float64), other types become float64; the index arrays are
+    shared with ``x`` when it is already a canonical CSR.
+    """
+    if sp.issparse(x):
+        m = x.tocsr()
+        if m.dtype not in (np.float32, np.float64):
+            m = m.astype(np.float64)
+        if not m.has_canonical_format:
+            m = m.copy()
+            m.sum_duplicates()
+        m = sp.csr_matrix((m.data, m.indices, m.indptr), shape=m.shape)
+    else:
+        a = np.asarray(x)
+        m = sp.csr_matrix(a if a.dtype in (np.float32, np.float64) else a.astype(np.float64))
     d = m.data
     if d.size and not np.isfinite(d).all():
         raise ValueError(f"vcc2026: {name} holds NaN or infinite values")
@@ -172,7 +203,7 @@ def _csr(x, name: str) -> sp.csr_matrix:
             f"vcc2026: {name} holds fractional values (log-normalised?); "
             "the challenge scores raw integer counts"
         )
-    tot = np.asarray(m.sum(axis=1)).ravel()
+    tot = _rowsum(m)
     if tot.size and tot.max() > MAX_COUNTS:
         i = int(np.argmax(tot))
         raise ValueError(
@@ -200,8 +231,64 @@ def _indicator(codes: np.ndarray, n: int) -> sp.csr_matrix:
     )
 
 
-def _group_sums(x: sp.csr_matrix, codes: np.ndarray, n: int) -> np.ndarray:
-    return np.asarray((_indicator(codes, n) @ x).toarray(), dtype=np.float64)
+@dataclass(frozen=True)
+class _Cells:
+    """A side's cells: rows ``rows`` of the counts ``x``, in this order (no copy), and the
+    float64 sums of every row of ``x``."""
+
+    x: sp.csr_matrix
+    rows: np.ndarray
+    lib: np.ndarray
+
+    @classmethod
+    def of(cls, x: sp.csr_matrix, rows=None, lib=None) -> _Cells:
+        rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows, np.int64)
+        return cls(x, rows, _rowsum(x) if lib is None else lib)
+
+    def take(self, sel) -> sp.csr_matrix:
+        """The counts of the side's cells ``sel`` (positions), in this order."""
+        return self.x[self.rows[sel]]
+
+    def cpm_divisor(self) -> np.ndarray:
+        """CPM's divisor of each cell (library / 1e6; 1 for an empty cell), side order."""
+        lib = self.lib[self.rows] / TARGET_SUM
+        return np.where(lib > 0, lib, 1.0)
+
+
+_SUM_CHUNK = 1 << 22  # stored entries per block of groups summed at once
+
+
+def _group_sums(c: _Cells, codes: np.ndarray, n: int, *, cpm: bool = False):
+    """``(n, G)`` sums over the cells of groups ``0..n-1``; with ``cpm``, also those of the
+    per-cell CPM (a pair).
+
+    Blocks of whole groups, each summed over its cells in the side's order: the same
+    float64 additions in the same order as one indicator product over every cell.
+    """
+    g = c.x.shape[1]
+    out = np.zeros((n, g))
+    out_cpm = np.zeros((n, g)) if cpm else None
+    valid = (codes >= 0) & (codes < n)
+    if not valid.any():
+        return (out, out_cpm) if cpm else out
+    nnz_row = np.diff(c.x.indptr)[c.rows]
+    ends = np.cumsum(np.bincount(codes[valid], weights=nnz_row[valid], minlength=n))
+    div = c.cpm_divisor() if cpm else None
+    q0 = 0
+    while q0 < n:
+        base = ends[q0 - 1] if q0 else 0.0
+        q1 = min(n, max(q0 + 1, int(np.searchsorted(ends, base + _SUM_CHUNK, "right"))))
+        sel = np.flatnonzero((codes >= q0) & (codes < q1))
+        if sel.size:
+            sub = c.take(sel)
+            ind = _indicator(codes[sel] - q0, q1 - q0)
+            out[q0:q1] = (ind @ sub).toarray()
+            if cpm:
+                data = sub.data / np.repeat(div[sel], np.diff(sub.indptr))
+                sub = sp.csr_matrix((data, sub.indices, sub.indptr), shape=sub.shape)
+                out_cpm[q0:q1] = (ind @ sub).toarray()
+        q0 = q1
+    return (out, out_cpm) if cpm else out
 
 
 def _bulk_lognorm(sums: np.ndarray) -> np.ndarray:
@@ -210,61 +297,172 @@ def _bulk_lognorm(sums: np.ndarray) -> np.ndarray:
     return np.log1p(sums * scale[:, None])
 
 
-def _jackknife(x: sp.csr_matrix, codes: np.ndarray, sums: np.ndarray, chunk: int = 1024):
-    """Delete-one jackknife ``C_p`` of the bulk_lognorm mean of every group, ``(n_groups,)``."""
+_JK_CHUNK = 1 << 20  # stored entries per XLA call of the jackknife
+_JK_EPS_MAX = 0.3  # largest L_i / (tot - L_i) of a group summed as a series
+
+
+@jax.jit
+def _jk_entries(y, s, ui, h, ei):
+    """Stored entries: ``d = v - v⁰ = log1p(-y u_i / (1 + S u_i))`` and ``v⁰ = log1p(h ε_i)``."""
+    d = jnp.log1p(-y * ui / (1.0 + s * ui))
+    v0 = jnp.log1p(h * ei)
+    return d, d * (2.0 * v0 + d)
+
+
+def _series_terms(eps_max: float) -> int:
+    """Terms ``M`` with ``eps_max^(M+1) / (1 - eps_max) < 2^-56`` (at least 2)."""
+    if eps_max <= 0.0:
+        return 2
+    return max(2, int(np.ceil(np.log(2.0**-56 * (1.0 - eps_max)) / np.log(eps_max))))
+
+
+def _jackknife(cells: _Cells, codes: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    r"""Delete-one jackknife ``C_p`` of the bulk_lognorm mean of every group, ``(n_groups,)``.
+
+    With ``u = T / tot_p`` (the bulk's scale) and ``u_i = T / (tot_p - L_i)`` (a cell left
+    out), a cell's deviation at gene ``g`` is
+    ``v_ig = log1p((S_pg - x_ig) u_i) - log1p(S_pg u)``; ``C_p`` is invariant to a shift of
+    ``v`` per gene, so this is the rule's ``v`` up to the bulk's rounding. At a zero entry
+    ``v⁰_ig = log1p(h_pg ε_i)`` with ``h = S u / (1 + S u) < 1`` and
+    ``ε_i = L_i / (tot_p - L_i)``, so the sums over a group's cells of ``v⁰`` and ``v⁰²``
+    are power series in ``h`` whose coefficients are the moments ``Σ_i ε_i^k``:
+
+    .. math:: \sum_i v^0 = \sum_{k\ge1} \frac{(-1)^{k+1}}{k} h^k \sum_i \varepsilon_i^k,
+              \quad \sum_i (v^0)^2 = \sum_{k\ge2} (-1)^k \frac{2 H_{k-1}}{k} h^k
+              \sum_i \varepsilon_i^k
+
+    (``H`` harmonic numbers), truncated where ``max ε^(M+1) < 2⁻⁵⁶``; the stored entries add
+    ``d = v - v⁰`` and ``d (2 v⁰ + d)``. A group with a cell holding more than
+    ``1 / (1 + 1/0.3)`` of its counts (small groups) is summed cell by cell instead.
+    """
     n_groups, g = sums.shape
-    sizes = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
+    sizes = np.bincount(codes[codes >= 0], minlength=n_groups)
     tot = sums.sum(axis=1)
-    b = _bulk_lognorm(sums)
-    lib = np.asarray(x.sum(axis=1)).ravel()
+    lib = cells.lib[cells.rows]
+    rows = np.flatnonzero(codes >= 0)
+    c = codes[rows]
+    rem = tot[c] - lib[rows]
+    if (rem < 0).any():
+        raise ValueError("vcc2026: negative leave-one-out remainder; input is not counts")
+    active = (sizes >= 2) & (tot > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eps = np.where(rem > 0, lib[rows] / rem, np.inf)
+    eps_max = np.full(n_groups, -np.inf)
+    np.maximum.at(eps_max, c, eps)
+    series = active & (eps_max <= _JK_EPS_MAX)
+    direct = np.flatnonzero(active & ~series)
     s1 = np.zeros((n_groups, g))
     s2 = np.zeros((n_groups, g))
-    rows = np.flatnonzero(codes >= 0)
-    for lo in range(0, rows.size, chunk):
-        r = rows[lo : lo + chunk]
-        c = codes[r]
-        y = x[r].toarray()
-        rem = tot[c] - lib[r]
-        if (rem < 0).any():
-            raise ValueError("vcc2026: negative leave-one-out remainder; input is not counts")
-        safe = np.where(rem > 0, rem, 1.0)
-        v = np.log1p(BULK_TARGET_SUM * (sums[c] - y) / safe[:, None])
-        v = np.where((rem > 0)[:, None], v, 0.0) - b[c]
-        ind = _indicator(c, n_groups)
-        s1 += ind @ v
-        s2 += ind @ (v * v)
+    if series.any():
+        sg = np.flatnonzero(series)
+        u = BULK_TARGET_SUM / tot[sg]
+        su = sums[sg] * u[:, None]
+        h = su / (1.0 + su)
+        m_terms = _series_terms(float(eps_max[sg].max()))
+        in_s = series[c]
+        ce, ee = c[in_s], eps[in_s]
+        pos = np.full(n_groups, -1)
+        pos[sg] = np.arange(sg.size)
+        mom = np.zeros((m_terms, sg.size))
+        pw = np.ones_like(ee)
+        for k in range(m_terms):
+            pw = pw * ee
+            mom[k] = np.bincount(pos[ce], weights=pw, minlength=sg.size)
+        ks = np.arange(1, m_terms + 1)
+        harm = np.concatenate([[0.0], np.cumsum(1.0 / ks)])[:-1]  # H_{k-1}
+        c1 = ((-1.0) ** (ks + 1) / ks)[:, None] * mom
+        c2 = ((-1.0) ** ks * 2.0 * harm / ks)[:, None] * mom
+        a1 = np.broadcast_to(c1[-1][:, None], h.shape).copy()
+        a2 = np.broadcast_to(c2[-1][:, None], h.shape).copy()
+        for k in range(m_terms - 2, -1, -1):
+            a1 *= h
+            a1 += c1[k][:, None]
+            a2 *= h
+            a2 += c2[k][:, None]
+        s1[sg] = a1 * h
+        s2[sg] = a2 * h
+        del a1, a2
+        # stored entries of the series groups' cells, rows in group order, a chunk at a time
+        hfull = np.zeros((n_groups, g))
+        hfull[sg] = h
+        del h, su
+        srows = rows[in_s][np.argsort(ce, kind="stable")]
+        scode = codes[srows]
+        ui_row = BULK_TARGET_SUM / (tot[scode] - lib[srows])
+        eps_row = lib[srows] / (tot[scode] - lib[srows])
+        ends = np.cumsum(np.diff(cells.x.indptr)[cells.rows[srows]])
+        flat_s, flat_h = sums.ravel(), hfull.ravel()
+        bounds, lo = [], 0
+        while lo < srows.size:
+            base = ends[lo - 1] if lo else 0
+            hi = min(max(int(np.searchsorted(ends, base + _JK_CHUNK, "right")), lo + 1), srows.size)
+            bounds.append((lo, hi))
+            lo = hi
+
+        def chunk(b):
+            lo, hi = b
+            sub = cells.take(srows[lo:hi])
+            k = sub.nnz
+            q0, q1 = int(scode[lo]), int(scode[hi - 1]) + 1
+            per_row = np.diff(sub.indptr)
+            loc = np.repeat(scode[lo:hi] - q0, per_row) * g + sub.indices
+            glob = loc + q0 * g
+            size = max(_JK_CHUNK, 1 << max(k - 1, 0).bit_length())
+            buf = np.zeros((5, size))
+            buf[0, :k] = sub.data
+            np.take(flat_s, glob, out=buf[1, :k])
+            buf[2, :k] = np.repeat(ui_row[lo:hi], per_row)
+            np.take(flat_h, glob, out=buf[3, :k])
+            buf[4, :k] = np.repeat(eps_row[lo:hi], per_row)
+            with jax.enable_x64(True):  # per thread: workers do not inherit the context
+                d1, d2 = _jk_entries(*buf)
+                d1, d2 = np.asarray(d1)[:k], np.asarray(d2)[:k]
+            span = (q1 - q0) * g
+            return q0, q1, np.bincount(loc, d1, span), np.bincount(loc, d2, span)
+
+        with ThreadPoolExecutor(min(host_threads(), max(len(bounds), 1))) as ex:
+            for q0, q1, a1, a2 in ex.map(chunk, bounds):  # added in chunk order
+                s1[q0:q1] += a1.reshape(q1 - q0, g)
+                s2[q0:q1] += a2.reshape(q1 - q0, g)
+    if direct.size:  # cell by cell: v = log1p(T (S - x) / rem) - b (0 - b where rem = 0)
+        b = _bulk_lognorm(sums[direct])
+        for j, q in enumerate(direct):
+            sel = c == q
+            y = cells.take(rows[sel]).toarray()
+            rq = rem[sel]
+            safe = np.where(rq > 0, rq, 1.0)
+            v = np.log1p(BULK_TARGET_SUM * (sums[q] - y) / safe[:, None])
+            v = np.where((rq > 0)[:, None], v, 0.0) - b[j]
+            s1[q] = v.sum(axis=0)
+            s2[q] = (v * v).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         q = (s2 - s1**2 / sizes[:, None]).sum(axis=1)
         out = np.maximum((sizes - 1) / sizes * q, 0.0)
-    return np.where((sizes >= 2) & (tot > 0), out, 0.0)
+    return np.where(active, out, 0.0)
 
 
 def _cpm(x: sp.csr_matrix) -> sp.csr_matrix:
     """Per-cell CPM ``x / (L / 1e6)`` (scanpy ``normalize_total``'s arithmetic)."""
-    lib = np.asarray(x.sum(axis=1)).ravel() / TARGET_SUM
-    lib = np.where(lib > 0, lib, 1.0)
-    out = x.copy()
-    out.data = out.data / np.repeat(lib, np.diff(out.indptr))
-    return out
+    return sp.csr_matrix(
+        (x.data / np.repeat(_Cells.of(x).cpm_divisor(), np.diff(x.indptr)), x.indices, x.indptr),
+        shape=x.shape,
+    )
 
 
 @dataclass(frozen=True)
 class _Reference:
-    """A control pool for DE: its log1p-CPM cells, mean CPM and the gene gate."""
+    """A control pool for DE: its mean CPM, the gene gate and (real data) its counts."""
 
-    lcpm: sp.csc_matrix  # (m, G)
     mean_cpm: np.ndarray  # (G,)
     kept: np.ndarray  # (G,) bool
+    counts: sp.csr_matrix | None = None  # (m, G), kept for the prediction's DE
 
 
-def _reference(ctrl: sp.csr_matrix) -> _Reference:
+def _reference(ctrl: sp.csr_matrix, keep_counts: bool = False) -> _Reference:
     if ctrl.shape[0] == 0:
         raise ValueError("vcc2026: no control cells to compute DE against")
-    cpm = _cpm(ctrl)
-    mean = np.asarray(cpm.mean(axis=0)).ravel()
-    l = cpm.copy()
-    l.data = np.log1p(l.data)
-    return _Reference(l.tocsc(), mean, mean > MIN_CPM)
+    mean = np.asarray(_cpm(ctrl).mean(axis=0)).ravel()
+    return _Reference(mean, mean > MIN_CPM, ctrl if keep_counts else None)
 
 
 @dataclass(frozen=True)
@@ -277,33 +475,90 @@ class _DE:
     kept: np.ndarray
 
 
-def _de(cells: sp.csr_matrix, codes: np.ndarray, n: int, ref: _Reference, block: int = 2048) -> _DE:
-    """Wilcoxon DE of groups ``0..n-1`` of ``cells`` (raw counts) against ``ref``."""
-    cpm = _cpm(cells)
-    sums = _group_sums(cpm, codes, n)
+def _lfc(cpm_sums: np.ndarray, codes: np.ndarray, n: int, ref: _Reference) -> np.ndarray:
+    """``log2`` fold change of the mean CPM of groups ``0..n-1`` over the reference's."""
     sizes = np.bincount(codes[(codes >= 0) & (codes < n)], minlength=n).astype(np.float64)
-    means = sums / sizes[:, None]
-    lfc = np.log2((means + EPSILON) / (ref.mean_cpm + EPSILON))
-    kept = ref.kept
-    cols = np.flatnonzero(kept)
-    sel = np.flatnonzero((codes >= 0) & (codes < n))
-    lc = cpm[sel]
-    lc.data = np.log1p(lc.data)
-    lc = lc.tocsc()
-    lab = codes[sel].astype(np.int32)
-    pval = np.full((n, cells.shape[1]), np.nan)
+    means = cpm_sums[:n] / sizes[:, None]
+    return np.log2((means + EPSILON) / (ref.mean_cpm + EPSILON))
+
+
+def _pass_roles(codes: np.ndarray, n: int) -> np.ndarray:
+    """Roles of :func:`mannwhitney_counts_passes`: group ``code``, control ``-1``."""
+    out = np.full(codes.size, EXCLUDED, np.int32)
+    grp = (codes >= 0) & (codes < n)
+    out[grp] = codes[grp]
+    out[codes == n] = -1
+    return out
+
+
+def _pvalues(u: np.ndarray, ties: np.ndarray, n: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Wilcoxon p-values from exact counts (rows: groups, each with its control size ``m``).
+
+    The finishing arithmetic of :func:`vcjax.stats.mannwhitney_vs_control` (one call per
+    control size), so the p-values equal its results bit for bit.
+    """
+    pval = np.full(u.shape, np.nan)
     with jax.enable_x64(True):
-        for s0 in range(0, cols.size, block):
-            cb = cols[s0 : s0 + block]
-            gx = lc[:, cb].toarray()
-            cx = ref.lcpm[:, cb].toarray()
-            res = mannwhitney_vs_control(gx, lab, cx, n_groups=n)
-            pval[:, cb] = np.asarray(res.pvalue, dtype=np.float64)
+        for size in np.unique(m):
+            rows = np.flatnonzero(m == size)
+            res = _finish_p(u[rows], ties[rows], n[rows], m=int(size))
+            pval[rows] = np.asarray(res, dtype=np.float64)
+    return pval
+
+
+@partial(jax.jit, static_argnames=("m",))
+def _finish_p(u, ties, n, *, m: int):
+    return _finish(u, ties, n, m, True, True).pvalue
+
+
+def _wilcoxon(parts, div, roles, cols, *, classes=None, n_groups=None):
+    """p-values ``(R, |cols|)`` of every (pass, group) row: the exact sparse counts of
+    :func:`mannwhitney_counts_passes` on ``log1p(x / div)`` (CPM, formed a gene block at a
+    time from the counts), finished :data:`FINISH_WIDTH` genes at a time."""
+
+    def lcpm(v, rows):
+        return np.log1p(v.astype(np.float64) / div[rows])
+
+    res = mannwhitney_counts_passes(
+        parts, roles, classes=classes, n_groups=n_groups, genes=cols, transform=lcpm,
+        finish=_pvalues,
+    )  # fmt: skip
+    return res.u, res.offsets
+
+
+def _de_table(lfc: np.ndarray, pval_cols: np.ndarray, cols: np.ndarray, kept: np.ndarray) -> _DE:
+    """A side's :class:`_DE` from its lfc and its p-values on ``cols`` (gated by ``kept``)."""
+    g = kept.size
+    pval = np.full((lfc.shape[0], g), np.nan)
+    pos = np.full(g, -1)
+    pos[cols] = np.arange(cols.size)
+    gated = np.flatnonzero(kept)
+    pval[:, gated] = pval_cols[:, pos[gated]]
     padj = np.full_like(pval, np.nan)
-    if cols.size:
-        padj[:, cols] = benjamini_hochberg_host(pval[:, cols])
-    lfc = np.where(kept[None, :], lfc, np.nan)
-    return _DE(lfc, pval, padj, kept)
+    if gated.size:
+        padj[:, gated] = benjamini_hochberg_host(pval[:, gated])
+    return _DE(np.where(kept[None, :], lfc, np.nan), pval, padj, kept)
+
+
+def _de(cells: _Cells, codes: np.ndarray, n: int, ref: _Reference, lfc, ctrl=None) -> _DE:
+    """Wilcoxon DE of groups ``0..n-1`` of ``cells`` (raw counts) against a control.
+
+    The control: ``ctrl`` (counts, e.g. the real control for a prediction; the cells' own
+    control rows are then left out), else the cells with code ``n``. ``lfc``: from
+    :func:`_lfc`.
+    """
+    if not np.array_equal(cells.rows, np.arange(cells.x.shape[0])):  # pragma: no cover
+        raise AssertionError("vcc2026: DE of a row subset is not used")
+    roles = _pass_roles(codes, n)
+    parts, div = [cells.x], cells.cpm_divisor()
+    if ctrl is not None:
+        roles[roles == -1] = EXCLUDED
+        parts.append(ctrl)
+        roles = np.concatenate([roles, np.full(ctrl.shape[0], -1, np.int32)])
+        div = np.concatenate([div, _Cells.of(ctrl).cpm_divisor()])
+    cols = np.flatnonzero(ref.kept)
+    pval, _ = _wilcoxon(parts, div, roles[None, :], cols, n_groups=[n])
+    return _de_table(lfc, pval, cols, ref.kept)
 
 
 @dataclass(frozen=True)
@@ -328,12 +583,11 @@ def _codes(labels: np.ndarray, perts: list[str], control: str) -> np.ndarray:
     return np.where(hit, srt[pos], -1)[inv].astype(np.int64)
 
 
-def _side(x: sp.csr_matrix, codes: np.ndarray, n: int, ref: _Reference) -> _Side:
-    """Groups ``0..n-1`` perturbations, ``n`` the control."""
-    sums = _group_sums(x, codes, n + 1)
+def _side(cells: _Cells, codes: np.ndarray, n: int, de: _DE, sums: np.ndarray) -> _Side:
+    """Groups ``0..n-1`` perturbations, ``n`` the control (``sums``: their count sums)."""
     bulk = _bulk_lognorm(sums)
-    jk = _jackknife(x, codes, sums)
-    return _Side(bulk[:n], jk[:n], bulk[n], float(jk[n]), _de(x, codes, n, ref))
+    jk = _jackknife(cells, codes, sums)
+    return _Side(bulk[:n], jk[:n], bulk[n], float(jk[n]), de)
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -384,6 +638,9 @@ def _expr_metrics(pred: _Side, real: _Side, own: np.ndarray) -> dict[str, np.nda
     }
 
 
+_dot_t = jax.jit(lambda a, b: a @ b.T)
+
+
 def _pds_cosine(pred_eff: np.ndarray, real_eff: np.ndarray, panel: np.ndarray) -> np.ndarray:
     """Midrank cosine discrimination with the panel's target genes removed."""
     keep = np.ones(real_eff.shape[1], bool)
@@ -391,7 +648,8 @@ def _pds_cosine(pred_eff: np.ndarray, real_eff: np.ndarray, panel: np.ndarray) -
     if not keep.any():
         raise ValueError("vcc2026: every gene is a panel target; pds_cosine has no features")
     a, b = pred_eff[:, keep], real_eff[:, keep]
-    sim = a @ b.T
+    with jax.enable_x64(True):  # XLA's dot: OpenBLAS's threads stall on a busy machine
+        sim = np.asarray(_dot_t(a, b), dtype=np.float64)
     den = np.sqrt(np.einsum("ij,ij->i", a, a))[:, None] * np.sqrt(np.einsum("ij,ij->i", b, b))
     cos = np.divide(sim, den, out=np.zeros_like(sim), where=den != 0)
     dist = np.clip(1.0 - cos, 0.0, 2.0)
@@ -449,33 +707,38 @@ def _de_metrics(pred: _DE, real: _DE, own: np.ndarray, name_rank: np.ndarray) ->
     fyr = np.where(top > 0, k / np.maximum(top, 1), np.nan)
 
     valid = both & (real.padj < ALPHA)
-    rank_padj = np.where(np.isnan(pad), np.inf, pad)
-    pv = np.where(both, pred.pval, np.nan)
-    rank_pv = np.where(np.isnan(pv), np.inf, pv)
-    neg_abs = np.where(np.isnan(pl), np.inf, -np.abs(pl))
-    order = (
-        np.lexsort(
-            (
-                np.broadcast_to(name_rank, (p, g)).ravel(),
-                neg_abs.ravel(),
-                rank_pv.ravel(),
-                rank_padj.ravel(),
-                (~psig).ravel(),
-                (~valid).ravel(),
-                np.repeat(rows, g),
-            )
-        ).reshape(p, g)
-        - (rows * g)[:, None]
+    # the ranking of each row's valid entries (the others never count): flat indices of
+    # the valid entries sorted by (row, significant first, padj, p, |lfc| desc, name)
+    idx = np.flatnonzero(valid.ravel())
+    r_i, c_i = np.divmod(idx, g)
+    pad_i = pad.ravel()[idx]
+    pv_i = pred.pval.ravel()[idx]
+    pl_i = pl.ravel()[idx]
+    order = np.lexsort(
+        (
+            name_rank[c_i],
+            np.where(np.isnan(pl_i), np.inf, -np.abs(pl_i)),
+            np.where(np.isnan(pv_i), np.inf, pv_i),
+            np.where(np.isnan(pad_i), np.inf, pad_i),
+            ~psig.ravel()[idx],
+            r_i,
+        )
     )
-    v_s = np.take_along_axis(valid, order, axis=1)
-    d_s = np.take_along_axis(in_denom, order, axis=1) & v_s
-    m_s = np.take_along_axis(match, order, axis=1) & v_s
-    depth = np.cumsum(d_s, axis=1)
-    hits = np.cumsum(m_s, axis=1)
+    idx, r_i = idx[order], r_i[order]
+    d_s = in_denom.ravel()[idx]
+    m_s = match.ravel()[idx]
+    first = np.searchsorted(r_i, rows)  # each row's first ranked entry
+    depth = np.cumsum(d_s)
+    hits = np.cumsum(m_s)
+    base = np.concatenate([[0], depth])[first]
+    base_h = np.concatenate([[0], hits])[first]
+    depth = depth - base[r_i]
+    hits = hits - base_h[r_i]
     with np.errstate(invalid="ignore", divide="ignore"):
         purity = hits / depth
-    qual = v_s & (depth > 0) & (purity >= PURITY_FLOOR)
-    k_star = np.where(qual, depth, 0).max(axis=1, initial=0)
+    qual = (depth > 0) & (purity >= PURITY_FLOOR)
+    k_star = np.zeros(p, depth.dtype)
+    np.maximum.at(k_star, r_i[qual], depth[qual])
     reach = np.where(n_conf > 0, k_star / np.maximum(n_conf, 1), np.nan)
     return {
         "de_wilcoxon_direction_fidelity_yield_raw": fyr.astype(np.float64),
@@ -575,30 +838,33 @@ def _halves(labels: np.ndarray, order: list[str], seed: int) -> tuple[np.ndarray
 
 
 def _baseline_cells(
-    x: sp.csr_matrix, labels: np.ndarray, perts: list[str], control: str, own: np.ndarray
+    cells: _Cells, codes: np.ndarray, n: int, ctrl: sp.csr_matrix, own: np.ndarray
 ) -> sp.csr_matrix:
-    """The generic-response arm's non-control cells, grouped in ``perts`` order."""
-    codes = _codes(labels, perts, control)
-    n = len(perts)
+    """The generic-response arm: its emitted cells (grouped in perturbation order), then
+    the real control cells."""
     sizes = np.bincount(codes[codes >= 0], minlength=n + 1)
-    means = _group_sums(x, codes, n + 1) / np.maximum(sizes, 1)[:, None]
+    means = _group_sums(cells, codes, n + 1) / np.maximum(sizes, 1)[:, None]
     bulk = means[:n]
     total = bulk.sum(axis=0)
-    count = np.full(x.shape[1], float(n))
+    count = np.full(cells.x.shape[1], float(n))
     has = own >= 0
     np.subtract.at(total, own[has], bulk[np.flatnonzero(has), own[has]])
     np.subtract.at(count, own[has], 1.0)
     if (count <= 0).any():
         raise ValueError("vcc2026: a gene is targeted by every perturbation; no baseline profile")
     profile = total / count
-    ctrl = x[labels == control]
-    cmean = np.asarray(ctrl.mean(axis=0)).ravel()
+    cmean = np.asarray(ctrl.astype(np.float64).mean(axis=0)).ravel()
     zero = cmean <= 0
     scale = np.where(zero, 0.0, profile / np.where(zero, 1.0, cmean))
     rng = np.random.default_rng(0)
-    src = [rng.integers(0, ctrl.shape[0], size=int(sizes[i])) for i in range(n)]
-    out = ctrl[np.concatenate(src)].tocsr()
-    out.data = (out.data * scale[out.indices]).astype(np.float32).astype(np.float64)
+    src = np.concatenate(
+        [rng.integers(0, ctrl.shape[0], size=int(sizes[i])) for i in range(n)]
+        + [np.arange(ctrl.shape[0])]
+    )
+    out = ctrl[src]
+    e = int(out.indptr[src.size - ctrl.shape[0]])  # the emitted cells' entries
+    d = out.data[:e] * scale[out.indices[:e]]
+    out.data[:e] = d.astype(np.float32).astype(out.dtype)
     out.eliminate_zeros()
     return out
 
@@ -660,36 +926,76 @@ def vcc2026_truth(
         raise ValueError("vcc2026: no perturbation besides the control")
     codes = _codes(labels, perts, control)
     n = len(perts)
-    ref = _reference(x[codes == n])
-    real = _side(x, codes, n, ref)
+    cells = _Cells.of(x)
+    ref = _reference(x[codes == n], keep_counts=True)
     own = _own_cols(perts, genes)
     panel = np.unique(own[own >= 0])
     name_rank = _name_rank(genes)
     ctx = dict(own=own, panel=panel, name_rank=name_rank)
 
-    # baseline arm: emitted cells + the real control cells, scored like a submission
-    bx = _baseline_cells(x, labels, perts, control, own)
-    bcodes = np.repeat(np.arange(n), np.bincount(codes[(codes >= 0) & (codes < n)], minlength=n))
-    bx = sp.vstack([bx, x[codes == n]], format="csr")
-    bcodes = np.concatenate([bcodes, np.full(int((codes == n).sum()), n)])
-    base_side = _side(bx, bcodes, n, ref)
-    base_m = _score_pair(base_side, real, **ctx, pred_ctrl=real.ctrl_bulk)
-
-    # replicate anchor: split halves, each with its own control
+    # the replicate halves (cells, codes, own control of each), in seed order
     seeds = [int(s) for s in np.random.SeedSequence(int(base_seed)).generate_state(n_splits)]
-    own_de_full = np.where((own >= 0) & real.de.kept[np.maximum(own, 0)], own, -1)
-    splits: dict[str, list[float]] = {}
+    halves = []
     for seed in seeds:
         ia, ib = _halves(labels, order, seed)
-        la, lb = labels[ia], labels[ib]
+        la = labels[ia]
         sp_perts = sorted(set(la.tolist()) - {control})
         if control not in set(la.tolist()):
             raise ValueError("vcc2026: the control has < 2 cells; no split-half anchor")
+        hs = []
+        for idx in (ia, ib):
+            c = _codes(labels[idx], sp_perts, control)
+            hs.append((idx, c, _reference(x[idx[c == len(sp_perts)]])))
+        halves.append((sp_perts, hs))
+
+    # DE of the real data and of every half in one Wilcoxon call: one sort per gene
+    roles = [_pass_roles(codes, n)]
+    n_groups = [n]
+    cols = ref.kept.copy()
+    pert_pos = {q: i for i, q in enumerate(perts)}
+    for sp_perts, hs in halves:
+        k = len(sp_perts)
+        to_full = np.array([pert_pos[q] for q in sp_perts] + [n])  # half code -> real code
+        for idx, c, href in hs:
+            r = np.full(x.shape[0], EXCLUDED, np.int32)
+            r[idx] = _pass_roles(c, k)
+            if (codes[idx][c >= 0] != to_full[c[c >= 0]]).any():  # pragma: no cover
+                raise AssertionError("vcc2026: half labels disagree with the real labels")
+            roles.append(r)
+            n_groups.append(k)
+            cols |= href.kept
+    cols = np.flatnonzero(cols)
+    pval, off = _wilcoxon(
+        [x], cells.cpm_divisor(), np.stack(roles), cols,
+        classes=np.maximum(codes, -1) + 1, n_groups=n_groups,
+    )  # fmt: skip
+    del roles
+    sums, cpm_sums = _group_sums(cells, codes, n + 1, cpm=True)
+    real_de = _de_table(_lfc(cpm_sums, codes, n, ref), pval[:n], cols, ref.kept)
+    real = _side(cells, codes, n, real_de, sums)
+
+    # baseline arm: emitted cells + the real control cells, scored like a submission
+    bx = _baseline_cells(cells, codes, n, ref.counts, own)
+    bcodes = np.repeat(np.arange(n), np.bincount(codes[(codes >= 0) & (codes < n)], minlength=n))
+    bcodes = np.concatenate([bcodes, np.full(ref.counts.shape[0], n)])
+    bc = _Cells.of(bx)
+    sums, cpm_sums = _group_sums(bc, bcodes, n + 1, cpm=True)
+    base_side = _side(bc, bcodes, n, _de(bc, bcodes, n, ref, _lfc(cpm_sums, bcodes, n, ref)), sums)
+    del bx, bc
+    base_m = _score_pair(base_side, real, **ctx, pred_ctrl=real.ctrl_bulk)
+
+    # replicate anchor: split halves, each with its own control
+    own_de_full = np.where((own >= 0) & real.de.kept[np.maximum(own, 0)], own, -1)
+    splits: dict[str, list[float]] = {}
+    for i, (sp_perts, hs) in enumerate(halves):
+        k = len(sp_perts)
         sides = []
-        for idx, lab in ((ia, la), (ib, lb)):
-            c = _codes(lab, sp_perts, control)
-            xs = x[idx]
-            sides.append(_side(xs, c, len(sp_perts), _reference(xs[c == len(sp_perts)])))
+        for j, (idx, c, href) in enumerate(hs):
+            hc = _Cells(x, idx, cells.lib)
+            pv = pval[off[2 * i + j + 1] : off[2 * i + j + 2]]
+            sums, cpm_sums = _group_sums(hc, c, k + 1, cpm=True)
+            de = _de_table(_lfc(cpm_sums, c, k, href), pv, cols, href.kept)
+            sides.append(_side(hc, c, k, de, sums))
         half_a, half_b = sides
         s_own = _own_cols(sp_perts, genes)
         m = _score_pair(
@@ -706,8 +1012,8 @@ def vcc2026_truth(
         agg["de_wilcoxon_lfc_nmae"] = _lfc_nmae_ref(
             full_sub, half_a.de, half_b.de, own_de_full[pos]
         )
-        for k, v in agg.items():
-            splits.setdefault(k, []).append(v)
+        for key, v in agg.items():
+            splits.setdefault(key, []).append(v)
     replicate = {k: float(np.mean(v)) for k, v in splits.items()}
     baseline = _aggregates(base_m)
     for mname, direction in VCC2026_MEMBERS.items():
@@ -819,7 +1125,10 @@ def vcc2026_scores(truth: Vcc2026Truth, pred_counts, pred_labels) -> dict:
         )
     codes = _codes(labels, perts, truth.control)
     n = len(perts)
-    pred = _side(x, codes, n, truth.ref)
+    pc = _Cells.of(x)
+    sums, cpm_sums = _group_sums(pc, codes, n + 1, cpm=True)
+    lfc = _lfc(cpm_sums, codes, n, truth.ref)
+    pred = _side(pc, codes, n, _de(pc, codes, n, truth.ref, lfc, ctrl=truth.ref.counts), sums)
     m = _score_pair(
         pred, truth.real, truth.own, truth.panel, truth.name_rank, pred_ctrl=truth.real.ctrl_bulk
     )
