@@ -210,7 +210,8 @@ def _sparse_counts(
     ties = np.zeros((n_groups, g))
     if g == 0 or not valid.any():
         return u, ties, sizes
-    tags = np.where(valid, labels + 1, n_groups + 1)
+    tdt = np.uint16 if n_groups + 2 <= np.iinfo(np.uint16).max else np.int32
+    tags = np.where(valid, labels + 1, n_groups + 1).astype(tdt)
     X, extra = cells, None
     if is_mask:
         tags[control] = 0
@@ -252,7 +253,7 @@ def _sparse_counts(
     order = np.argsort(block, kind="stable")
     starts = np.concatenate([[0], np.cumsum(np.bincount(block, minlength=len(bounds)))])
     del block
-    vals, gene, tag = vals[order], gene[order], tag[order]
+    vals, gene, tag = vals[order], gene[order], tag[order]  # (the sort is stable)
     del order
 
     def run(i):
