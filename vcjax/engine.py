@@ -454,6 +454,8 @@ def score_groups(
     truth_arr = truth if isinstance(truth, (jax.Array, Rows)) else np.asarray(truth)
     if truth_arr.ndim != 2:
         raise ValueError(f"truth must be (P, G), got shape {tuple(truth_arr.shape)}")
+    if not groups:
+        return []
     n_rows, n_genes = truth_arr.shape
     pred_in = _as_rows(pred, n_rows, n_genes, "pred")
     devs = list(jax.devices() if devices is None else devices)
