@@ -443,3 +443,47 @@ def test_resampler_bh_equals_deg_bh(x64):
     ref = np.empty_like(q)
     np.put_along_axis(ref, o, np.minimum(1, np.minimum.accumulate(s[:, ::-1], 1)[:, ::-1]), 1)
     np.testing.assert_allclose(got.reshape(-1, 400), ref, rtol=1e-6 if not x64 else 1e-13)
+
+
+@pytest.mark.parametrize("form", ["dense", "csr", "counts"])
+def test_blocked_layout_holds_every_cell_once(form):
+    """The resampler's cell layout: each group-half's cells, in order, in its first block and
+    then its extra blocks, their squares beside them, zeros elsewhere (uneven groups, a
+    group over four blocks, a one-cell half; dense, CSR, and counts normalised)."""
+    import anndata as ad
+    import scipy.sparse as sps
+
+    from vcjax.pipeline import _bootstrap as B
+
+    rng = np.random.default_rng(11)
+    sizes = {"control": 230, "A": 9, "B": 40, "C": 17, "D": 2}
+    names = np.repeat(list(sizes), list(sizes.values()))
+    rng.shuffle(names)
+    G = 7
+    counts = rng.poisson(2.0, (names.size, G)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cell
+    obs = pd.DataFrame({"condition": names}, index=[f"c{i}" for i in range(names.size)])
+    X = {"dense": np.log1p(counts), "csr": sps.csr_matrix(np.log1p(counts)), "counts": counts}
+    adata = ad.AnnData(X=X[form], obs=obs)
+    adata.var_names = [f"g{j}" for j in range(G)]
+    norm = "log1p_cp10k" if form == "counts" else None
+    screen = PL.prepare(adata, key="condition", control="control", normalize=norm)
+    (stratum,) = screen.strata
+    lay = B._read_layout(stratum, dtype=np.float32)
+    Xm, Xe, L = np.asarray(lay.Xm), np.asarray(lay.Xe), lay.L
+    values = np.log1p(1e4 * counts / counts.sum(1, keepdims=True)) if norm else np.log1p(counts)
+    values = values.astype(np.float32)
+    cells = stratum.cells
+    gh = 2 * cells.codes.astype(int) + cells.half.astype(int) - 1
+    assert (lay.sizes == np.bincount(gh, minlength=lay.sizes.size)).all()
+    extra_seen = 0
+    for h, n in enumerate(lay.sizes):
+        want = values[np.flatnonzero(gh == h)]  # dataset order within the group-half
+        blocks = [Xm[h]] + [Xe[e] for e in np.flatnonzero(lay.extra_gh == h)]
+        extra_seen += len(blocks) - 1
+        assert len(blocks) == max(1, -(-n // L))
+        got = np.concatenate(blocks)
+        np.testing.assert_allclose(got[:n, :G], want, rtol=1e-6)
+        np.testing.assert_array_equal(got[:n, G:], got[:n, :G] * got[:n, :G])
+        assert not got[n:].any()
+    assert extra_seen == Xe.shape[0] >= 4

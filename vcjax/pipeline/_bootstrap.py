@@ -61,12 +61,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
-from vcjax._host import working_dtype
+from vcjax._host import aligned_empty, working_dtype
 from vcjax.data import iter_chunks, normalize_chunk
 from vcjax.metrics import (
     METRICS,
@@ -200,29 +201,17 @@ def resampled_group_moments(
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-    """The cells of one stratum in the blocked layout."""
+    """The cells of one stratum in the blocked layout (device arrays ``Xm``, ``Xe``)."""
 
     n1: np.ndarray  # (C,)
     n2: np.ndarray  # (C,)
     sizes: np.ndarray  # (2C,) cells per group-half (code 2c + half − 1)
     n_cells: int
-    pos: np.ndarray  # (N,) slot of each sorted cell in the (nb·L) blocked layout
-    block_gh: np.ndarray  # (nb,) group-half of each block
+    pos: np.ndarray  # (N,) slot of each sorted cell: first blocks, then the extra blocks
+    extra_gh: np.ndarray  # (ne,) group-half of each extra block
     L: int
-    Xb: np.ndarray  # (nb, L, 2G) [x, x²], zero padding
-
-
-def _block_sums_index(block_gh: np.ndarray, n_gh: int) -> dict[str, np.ndarray]:
-    """How blocks add up to group-halves (sorted ``block_gh``, each half at least one block):
-    ``first_block`` (n_gh,) the first block of each, and the other blocks ``extra_block``
-    with their group-halves ``extra_gh``."""
-    nb = block_gh.size
-    starts = np.flatnonzero(np.r_[True, block_gh[1:] != block_gh[:-1]])
-    if not np.array_equal(block_gh[starts], np.arange(n_gh)):  # pragma: no cover - internal
-        raise AssertionError("every group-half needs a block")
-    first = starts.astype(np.int32)
-    extra = np.setdiff1d(np.arange(nb), starts).astype(np.int32)
-    return dict(first_block=first, extra_block=extra, extra_gh=block_gh[extra].astype(np.int32))
+    Xm: jax.Array  # (2C, L, 2G) [x, x²] of each group-half's first block, zero padding
+    Xe: jax.Array  # (ne, L, 2G) the further blocks of the large group-halves
 
 
 def _block_size(sizes: np.ndarray) -> int:
@@ -230,8 +219,82 @@ def _block_size(sizes: np.ndarray) -> int:
     return int(min(512, max(8, 8 * math.ceil(med / 8))))
 
 
+def _block_slots(sizes: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slots of the cells (sorted by group-half) in the blocked layout, and the group-half of
+    each extra block. Group-half ``h`` has its first block at ``h`` (an empty one keeps an
+    all-padding block), and its further blocks after all the first blocks, in order."""
+    n_gh = sizes.size
+    extra = np.maximum(0, -(-sizes // L) - 1)
+    extra_start = n_gh + np.concatenate([[0], np.cumsum(extra)[:-1]]).astype(np.int64)
+    gh = np.repeat(np.arange(n_gh), sizes)
+    j = np.arange(gh.size) - np.repeat(np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)
+    k = j // L
+    block = np.where(k == 0, gh, extra_start[gh] + k - 1)
+    return block * L + j % L, np.repeat(np.arange(n_gh), extra).astype(np.int32)
+
+
+def _fill_rows(n_genes: int) -> int:
+    """Cells per write into the layout: about 2**24 values, 256..8192 rows."""
+    return int(min(8192, max(256, (1 << 24) // max(n_genes, 1))))
+
+
+def _cell_values(cells, cell_rows: np.ndarray, pos: np.ndarray, *, rows_per: int):
+    """Yield ``(slots, x)``: a few thousand cells' values (rows, G) and their slots, reading
+    the matrix once. A dense in-memory matrix that needs no normalisation is gathered in
+    layout order, in its own dtype; anything else (sparse, backed, counts) is streamed in
+    row chunks by the reader of ``group_stats``."""
+    adata = cells.open()
+    X = adata.layers[cells.layer] if cells.layer is not None else adata.X
+    if isinstance(X, np.ndarray) and cells.normalization != "log1p_cp10k":
+        for i in range(0, cell_rows.size, rows_per):
+            yield pos[i : i + rows_per], X[cell_rows[i : i + rows_per]]
+        return
+    slot_of = np.full(adata.n_obs, -1, dtype=np.int64)
+    slot_of[cell_rows] = pos
+    for start, stop, chunk in iter_chunks(X, rows_per):
+        sl = slot_of[start:stop]
+        sel = np.flatnonzero(sl >= 0)
+        if sel.size == 0:
+            continue
+        part = chunk[sel]
+        if cells.normalization == "log1p_cp10k":
+            part = normalize_chunk(part)
+        yield sl[sel], part.toarray() if sp.issparse(part) else part
+
+
+def _write_runs(Xm: np.ndarray, Xe: np.ndarray, slots: np.ndarray, x) -> None:
+    """Write cells ``x`` and their squares at ``slots`` (below ``len(Xm)``: ``Xm``, the rest
+    ``Xe``), run by run of consecutive slots (whole-row copies, no fancy indexing)."""
+    G = Xm.shape[1] // 2
+    cut = np.flatnonzero((np.diff(slots) != 1) | (slots[1:] == Xm.shape[0])) + 1
+    for a, b in zip(np.r_[0, cut], np.r_[cut, slots.size], strict=True):
+        s0 = int(slots[a])
+        buf, s0 = (Xm, s0) if s0 < Xm.shape[0] else (Xe, s0 - Xm.shape[0])
+        dst = buf[s0 : s0 + (b - a)]
+        dst[:, :G] = x[a:b]
+        # the square of the stored (rounded) value, as in the point estimate's sums of squares
+        np.multiply(dst[:, :G], dst[:, :G], out=dst[:, G:])
+
+
+def _zero_padding(Xm: np.ndarray, Xe: np.ndarray, sizes: np.ndarray, extra_gh: np.ndarray) -> None:
+    """Zero the slots of ``(blocks, L, 2G)`` layouts that no cell fills (the end of each
+    group-half's last block)."""
+    L = Xm.shape[1]
+    filled = np.minimum(sizes, L)
+    for h in np.flatnonzero(filled < L):
+        Xm[h, filled[h] :] = 0
+    k = np.arange(extra_gh.size) - np.searchsorted(extra_gh, extra_gh)  # i-th extra block
+    filled = np.clip(sizes[extra_gh] - L * (k + 1), 0, L)
+    for e in np.flatnonzero(filled < L):
+        Xe[e, filled[e] :] = 0
+
+
 def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
-    """Stream the stratum's cells once into the blocked layout, checked against its sums."""
+    """Stream the stratum's cells once into the blocked layout, checked against its sums.
+
+    The blocks are written in aligned host buffers that the device adopts without a copy;
+    their sums must give the point estimate's group sums.
+    """
     cells = stratum.cells
     C = len(stratum.groups)
     rows = np.flatnonzero(cells.codes >= 0)
@@ -244,37 +307,19 @@ def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
     if not (np.array_equal(sizes[0::2], n1) and np.array_equal(sizes[1::2], n2)):
         raise VcjaxInputError("bootstrap: the cells found do not match the screen's group sizes")
     L = _block_size(sizes)
-    nblk = np.maximum(1, -(-sizes // L))  # an empty group-half keeps one (all-padding) block
-    block_gh = np.repeat(np.arange(2 * C), nblk)
-    blk_start = np.concatenate([[0], np.cumsum(nblk)[:-1]])
-    gh_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    j = np.arange(cell_rows.size) - gh_start[gh_sorted]
-    pos = (blk_start[gh_sorted] + j // L) * L + j % L
-    nb = int(nblk.sum())
+    pos, extra_gh = _block_slots(sizes, L)
     G = len(stratum.genes)
-    adata = cells.open()
-    # Map cell row -> slot, then stream the matrix once (the chunk reader and normaliser
-    # of group_stats). Not centred: exact zeros stay exact (the t-test's ±inf/NaN rules).
-    slot_of = np.full(adata.n_obs, -1, dtype=np.int64)
-    slot_of[cell_rows] = pos
-    Xb = np.zeros((nb * L, 2 * G), dtype=dtype)
-    X = adata.layers[cells.layer] if cells.layer is not None else adata.X
-    for start, stop, chunk in iter_chunks(X, 16384):
-        sl = slot_of[start:stop]
-        sel = np.flatnonzero(sl >= 0)
-        if sel.size == 0:
-            continue
-        part = chunk[sel]
-        if cells.normalization == "log1p_cp10k":
-            part = normalize_chunk(part)
-        part = part.toarray() if hasattr(part, "toarray") else np.asarray(part)
-        both = np.empty((sel.size, 2 * G), dtype=dtype)  # whole rows: one copy per slot
-        both[:, :G] = part
-        np.multiply(both[:, :G], both[:, :G], out=both[:, G:])
-        Xb[sl[sel]] = both
-    # the re-read cells must give the point estimate's group sums
-    sums = np.zeros((2 * C, G))
-    np.add.at(sums, block_gh, Xb[:, :G].reshape(nb, L, G).sum(1, dtype=np.float64))
+    # the layout in 64-byte aligned host buffers, which the device adopts without a copy
+    n_main = 2 * C * L
+    Xm = aligned_empty((n_main, 2 * G), np.dtype(dtype))
+    Xe = aligned_empty((extra_gh.size * L, 2 * G), np.dtype(dtype))
+    _zero_padding(Xm.reshape(2 * C, L, 2 * G), Xe.reshape(-1, L, 2 * G), sizes, extra_gh)
+    for slots, x in _cell_values(cells, cell_rows, pos, rows_per=_fill_rows(G)):
+        _write_runs(Xm, Xe, slots, x)
+    Xm, Xe = Xm.reshape(2 * C, L, 2 * G), Xe.reshape(-1, L, 2 * G)
+    # the cells as written must give the point estimate's group sums
+    sums = Xm[..., :G].sum(1, dtype=np.float64)
+    np.add.at(sums, extra_gh, Xe[..., :G].sum(1, dtype=np.float64))
     want = np.empty_like(sums)
     want[0::2], want[1::2] = h1.sum, h2.sum
     scale = np.sqrt((h1.sumsq + h2.sumsq).sum(0) + 1.0)
@@ -283,7 +328,17 @@ def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
             "bootstrap: re-reading the cells does not reproduce the screen's group sums "
             "(another file, layer or normalisation?)"
         )
-    return _Layout(n1, n2, sizes, int(cell_rows.size), pos, block_gh, L, Xb.reshape(nb, L, 2 * G))
+    return _Layout(
+        n1,
+        n2,
+        sizes,
+        int(cell_rows.size),
+        pos,
+        extra_gh,
+        L,
+        jax.device_put(Xm),
+        jax.device_put(Xe),  # adopted, not copied
+    )
 
 
 # ================================================================== the compiled resampler
@@ -306,7 +361,6 @@ class _Config:
     additive: tuple[tuple[int, ...], ...]
     n_cells: int = 0  # the cell layout (not needed to score given sums)
     n_slots: int = 0
-    n_blocks: int = 0
     sub_batch: int = 1 << 30  # resamples per metric sub-batch
     refit_batch: int = 1 << 30  # resamples per DEG-refit sub-batch
 
@@ -470,26 +524,23 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = (), extra: Callabl
     """
 
     def draw(keys, arrs):
+        Xm, Xe = arrs["Xm"], arrs["Xe"]
+
         def weights_one(k):
             idx = draw_within_groups(k, arrs["starts"], arrs["per"])
             w = jnp.zeros((cfg.n_cells,), jnp.int32).at[idx].add(1)
-            return (
-                jnp.zeros((cfg.n_slots,), arrs["Xb"].dtype)
-                .at[arrs["pos"]]
-                .set(w.astype(arrs["Xb"].dtype))
-            )
+            return jnp.zeros((cfg.n_slots,), Xm.dtype).at[arrs["pos"]].set(w.astype(Xm.dtype))
 
-        W = jax.vmap(weights_one)(keys).reshape(keys.shape[0], cfg.n_blocks, -1)  # (b, nb, L)
-        Sb = jax.lax.dot_general(W, arrs["Xb"], (((2,), (1,)), ((1,), (0,))))  # (nb, b, 2G)
-        # group-half sums: most group-halves fill one block, so take each one's first block
-        # and add the few extra blocks of the large ones (the controls), instead of a
-        # segment sum over every block (kept group-major (2C, b, 2G): each stage turns its
-        # own sub-batches around)
-        S = (
-            jnp.take(Sb, arrs["first_block"], axis=0)
-            .at[arrs["extra_gh"]]
-            .add(Sb[arrs["extra_block"]])
-        )
+        W = jax.vmap(weights_one)(keys)  # (b, slots)
+        b, n_gh, L = keys.shape[0], Xm.shape[0], Xm.shape[1]
+        dims = (((2,), (1,)), ((1,), (0,)))  # block-batched (b, L) @ (L, 2G)
+        # group-half sums, group-major (2C, b, 2G): the product of every group-half's first
+        # block, plus the product of the further blocks of the large ones (the controls)
+        # added in place (each stage turns its own sub-batches around)
+        S = jax.lax.dot_general(W[:, : n_gh * L].reshape(b, n_gh, L), Xm, dims)
+        if Xe.shape[0]:
+            Se = jax.lax.dot_general(W[:, n_gh * L :].reshape(b, Xe.shape[0], L), Xe, dims)
+            S = S.at[arrs["extra_gh"]].add(Se)
         refit = {}
         if cfg.deg == "refit":
             refit = _over_resamples(lambda s: _refit(cfg, s, arrs), cfg.refit_batch, S)
@@ -531,6 +582,7 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = (), extra: Callabl
         S, refit = draw(keys, arrs)
         return score(S, refit, arrs)
 
+    run.stages = (draw, score)  # the two compiled stages, for profiling
     return run
 
 
@@ -635,16 +687,16 @@ def _setup(
     cfg = dataclasses.replace(
         cfg,
         n_cells=lay.n_cells,
-        n_slots=int(lay.Xb.shape[0] * lay.L),
-        n_blocks=int(lay.Xb.shape[0]),
+        n_slots=int((lay.Xm.shape[0] + lay.Xe.shape[0]) * lay.L),
     )
     starts, per = per_cell_groups(lay.sizes)
     arrs.update(
         starts=starts,
         per=per,
         pos=lay.pos.astype(np.int32),
-        Xb=lay.Xb,
-        **_block_sums_index(lay.block_gh, 2 * len(stratum.groups)),
+        Xm=lay.Xm,
+        Xe=lay.Xe,
+        extra_gh=lay.extra_gh,
     )
     return cfg, {k: jnp.asarray(v) for k, v in arrs.items()}
 
