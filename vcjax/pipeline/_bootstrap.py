@@ -608,9 +608,10 @@ def default_sub_batch(n_perts: int, n_genes: int, n_sources: int) -> int:
 
 
 def default_refit_batch(n_perts: int, n_genes: int) -> int:
-    """Resamples per DEG-refit sub-batch: about 2**24 elements per ``(b, P, G)`` array (larger
-    than the metric stage's: the t-test chain streams, with no reuse to keep in cache)."""
-    return int(max(1, (1 << 24) // max(1, n_perts * n_genes)))
+    """Resamples per DEG-refit sub-batch: about 2**23 elements per ``(b, P, G)`` array (larger
+    than the metric stage's: the t-test chain streams, with no reuse to keep in cache; at
+    P = 1000, G = 2000, 4 resamples were ~6 % faster than 8 and 16 ~10 % slower)."""
+    return int(max(1, (1 << 23) // max(1, n_perts * n_genes)))
 
 
 def _auto_pvalue(spec: TruthSpec, n1, n2, rows: Sequence[int]) -> str:
@@ -865,9 +866,13 @@ def stratum_samples(
     store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     cal_store = {(s, m): np.empty((n_boot, P), dtype=dtype) for s in sources for m in metrics}
     t0 = time.perf_counter()
+    pending = rs.run(0) if n_boot > 0 else None
     for start in range(0, n_boot, rs.chunk):
         b = min(rs.chunk, n_boot - start)
-        out = rs.run(start)
+        out = pending
+        # the next chunk is dispatched before this one is read back: the device computes
+        # it while the host calibrates and stores this one
+        pending = rs.run(start + rs.chunk) if start + rs.chunk < n_boot else None
         vals = {s: {m: np.asarray(out[m], dtype=np.float64)[i, :b] for m in metrics}
                 for i, s in enumerate(sources)}  # fmt: skip
         cal = calibrate(vals)
