@@ -588,7 +588,6 @@ def _chunk_fn(cfg: _Config, devices: tuple[jax.Device, ...] = (), extra: Callabl
         S, refit = fresh(keys, arrs) if spare is None else recycle(keys, arrs, spare)
         return score(S, refit, arrs), (S, refit)
 
-    run.stages = (fresh, score)  # the two compiled stages, for profiling
     return run
 
 
@@ -791,11 +790,13 @@ def resampler(
     devices: Sequence[jax.Device] | None = None,
     extra: Callable | None = None,
     extra_arrays: Mapping[str, Any] | None = None,
+    recycle: bool = True,
 ) -> Resampler:
     """The compiled resampler of one stratum (see :func:`stratum_samples` for the options).
 
     ``extra`` and ``extra_arrays``: a further output of every chunk computed from the same
-    resampled truth (:func:`_chunk_fn`), and the constant arrays it reads.
+    resampled truth (:func:`_chunk_fn`), and the constant arrays it reads. ``recycle``:
+    :attr:`Resampler.recycle`.
     """
     cfg, arrs = _setup(stratum, spec, model=model, metrics=metrics, score=score, boot=boot)
     arrs.update({k: jnp.asarray(v) for k, v in (extra_arrays or {}).items()})
@@ -814,7 +815,7 @@ def resampler(
         arrs = jax.device_put(
             arrs, NamedSharding(Mesh(np.asarray(devices), ("resamples",)), PartitionSpec())
         )
-    return Resampler(cfg, fn, arrs, stratum_key(boot.seed, index), chunk)
+    return Resampler(cfg, fn, arrs, stratum_key(boot.seed, index), chunk, recycle=recycle)
 
 
 def stratum_samples(

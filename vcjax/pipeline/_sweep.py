@@ -785,8 +785,8 @@ def _cell_resamples(
         rs = resampler(
             s, spec, model=None, metrics=metrics, score=score, boot=boot, index=j, devices=devices,
             extra=resample_terms, extra_arrays=dict(sweep_y0=y0, sweep_r0=r0),
+            recycle=len(strata) == 1,  # else one chunk's buffers would stay held per stratum
         )  # fmt: skip
-        rs.recycle = len(strata) == 1  # one chunk's buffers held per stratum otherwise
         runners.append(rs)
         consts.append(
             dict(
