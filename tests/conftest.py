@@ -50,3 +50,32 @@ def load_fixture(name: str):
     adata = ad.read_h5ad(FIXTURES / f"{name}.h5ad")
     expected = dict(np.load(FIXTURES / f"{name}_expected.npz", allow_pickle=False))
     return adata, expected
+
+
+def grouped_adata(
+    rng, *, counts=True, n_cells=203, n_genes=37, density=0.3, empty_rows=(5,), dtype=None
+):
+    """A small sparse CSR screen: six groups of odd and tiny sizes (``g5`` is ``ctrl``,
+    shuffled), Poisson counts (``log1p(1.7·x)`` unless ``counts``), all-zero ``empty_rows``,
+    a ``batch`` covariate; ``X`` in ``dtype`` (default float64)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    sizes = [2, 3, 31, 57, 40, 70]  # total 203
+    labels = np.concatenate([[f"g{i}"] * k for i, k in enumerate(sizes)]).astype(object)
+    labels[labels == "g5"] = "ctrl"
+    labels = labels[rng.permutation(n_cells)]
+    vals = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float64)
+    vals *= rng.random((n_cells, n_genes)) < density
+    vals[list(empty_rows)] = 0.0
+    if not counts:
+        vals = np.log1p(vals * 1.7)
+    obs = pd.DataFrame(
+        {"cond": pd.Categorical(labels), "batch": rng.choice(["b1", "b2"], n_cells)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"G{j}" for j in range(n_genes)])
+    X = vals if dtype is None else vals.astype(dtype)
+    return ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=var)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from tests.conftest import load_fixture
+from tests.conftest import grouped_adata, load_fixture
 from vcjax import data
 from vcjax.data import VcjaxInputError, _read
 
@@ -35,21 +34,8 @@ def brute_stats(X, labels, *, normalize: bool, cov=None):
 
 
 def make_adata(rng, n_cells=203, n_genes=37, counts=True, density=0.3):
-    sizes = [2, 3, 31, 57, 40, 70]  # odd and tiny groups; total 203
-    labels = np.concatenate([[f"g{i}"] * k for i, k in enumerate(sizes)]).astype(object)
-    labels[labels == "g5"] = "ctrl"
-    labels = labels[rng.permutation(n_cells)]
-    vals = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float64)
-    vals *= rng.random((n_cells, n_genes)) < density
-    vals[5] = 0.0  # an all-zero cell
-    if not counts:
-        vals = np.log1p(vals * 1.7)
-    obs = pd.DataFrame(
-        {"cond": pd.Categorical(labels), "batch": rng.choice(["b1", "b2"], n_cells)},
-        index=[f"c{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"G{j}" for j in range(n_genes)])
-    return ad.AnnData(X=sp.csr_matrix(vals), obs=obs, var=var)
+    """The shared small screen, one all-zero cell, float64."""
+    return grouped_adata(rng, counts=counts, n_cells=n_cells, n_genes=n_genes, density=density)
 
 
 def as_format(adata, fmt, tmp_path):

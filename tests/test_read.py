@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from tests.conftest import grouped_adata
 from vcjax import data
 from vcjax.data import VcjaxInputError, _read
 
@@ -23,22 +24,11 @@ ad = pytest.importorskip("anndata")
 
 
 def make_adata(rng, *, counts: bool, n_cells=203, n_genes=37, density=0.3):
-    sizes = [2, 3, 31, 57, 40, 70]
-    labels = np.concatenate([[f"g{i}"] * k for i, k in enumerate(sizes)]).astype(object)
-    labels[labels == "g5"] = "ctrl"
-    labels = labels[rng.permutation(n_cells)]
-    vals = rng.poisson(3.0, size=(n_cells, n_genes)).astype(np.float64)
-    vals *= rng.random((n_cells, n_genes)) < density
-    vals[5] = 0.0  # empty rows
-    vals[100] = 0.0
-    if not counts:
-        vals = np.log1p(vals * 1.7)
-    obs = pd.DataFrame(
-        {"cond": pd.Categorical(labels), "batch": rng.choice(["b1", "b2"], n_cells)},
-        index=[f"c{i}" for i in range(n_cells)],
-    )
-    var = pd.DataFrame(index=[f"G{j}" for j in range(n_genes)])
-    return ad.AnnData(X=sp.csr_matrix(vals.astype(np.float32)), obs=obs, var=var)
+    """The shared small screen, two all-zero cells, float32 (as files store it)."""
+    return grouped_adata(
+        rng, counts=counts, n_cells=n_cells, n_genes=n_genes, density=density,
+        empty_rows=(5, 100), dtype=np.float32,
+    )  # fmt: skip
 
 
 def write_csr(path, adata, data_, indices, indptr):
