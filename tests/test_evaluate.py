@@ -354,15 +354,7 @@ def test_peer_metrics_in_the_table():
         list(adata.var_names),
         control="control",
     )
-    order = [list(res["perts"]).index(p) for p in ctx.perturbations]
-    for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
-        np.testing.assert_allclose(
-            _values(table, "model", name, ctx.perturbations),
-            np.asarray(res[name], float)[order],
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=name,
-        )
+    _assert_cell_de_rows(table, res, ctx.perturbations)
     # baselines are profiles, not cells: their cell-level metrics are undefined
     assert (
         table[(table.source == "dataset_mean") & (table.metric == "energy_distance")]["value"]
@@ -374,6 +366,23 @@ def test_peer_metrics_in_the_table():
     assert set(hits.perturbation) == {"(all)"}
     defined = hits[hits.source != "additive"]  # additive is NaN for singles: not scorable
     assert defined.value.between(0, 1).all() and hits[hits.source == "additive"].value.isna().all()
+
+
+def _assert_cell_de_rows(table, res, perts, *, note=None):
+    """The model's cell-level DE rows (and the cell-level PDS) equal ``res``, the direct
+    :func:`vcjax.peers.celleval_metrics` result; with ``note``, every row carries it."""
+    order = [list(res["perts"]).index(p) for p in perts]
+    for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
+        if note is not None:
+            rows = table[(table.source == "model") & (table.metric == name)]
+            assert (rows.note == note).all(), name
+        np.testing.assert_allclose(
+            _values(table, "model", name, perts),
+            np.asarray(res[name], float)[order],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=name,
+        )
 
 
 def test_cell_de_metrics_without_predicted_control_cells():
@@ -397,17 +406,7 @@ def test_cell_de_metrics_without_predicted_control_cells():
         control="control",
     )  # fmt: skip
     assert res["pred_control"] == "truth"
-    order = [list(res["perts"]).index(p) for p in ctx.perturbations]
-    for name in ("de_overlap_at_k", "de_direction_agreement", "pds"):
-        rows = table[(table.source == "model") & (table.metric == name)]
-        assert (rows.note == peers.TRUTH_CONTROL_NOTE).all(), name
-        np.testing.assert_allclose(
-            _values(table, "model", name, ctx.perturbations),
-            np.asarray(res[name], float)[order],
-            rtol=1e-5,
-            atol=1e-6,
-            err_msg=name,
-        )
+    _assert_cell_de_rows(table, res, ctx.perturbations, note=peers.TRUTH_CONTROL_NOTE)
     other = table[(table.source == "model") & (table.metric == "energy_distance")]
     assert (other.note == "").all()
 
