@@ -130,6 +130,25 @@ def measure_bandwidth(n_bytes: int = 256 * 2**20, repeat: int = 7) -> dict[str, 
     return out
 
 
+def cell_eval_full_run(truth: str, pred: str, outdir: str, *, key: str, control: str):
+    """cell-eval's full run on two ``.h5ad`` files, as a user calls it:
+    ``MetricsEvaluator(...).compute(profile="full")`` (2 threads, no CSV). Returns its
+    ``(per-perturbation results, aggregates)``. Import ``anndata`` and ``cell_eval`` before
+    timing it (their import is not part of the run)."""
+    import anndata as ad
+    from cell_eval import MetricsEvaluator
+
+    ev = MetricsEvaluator(
+        adata_pred=ad.read_h5ad(pred),
+        adata_real=ad.read_h5ad(truth),
+        control_pert=control,
+        pert_col=key,
+        outdir=outdir,
+        num_threads=2,
+    )
+    return ev.compute(profile="full", write_csv=False)
+
+
 def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
     """``columns`` is ``[(key, header)]``; floats are printed with 3 significant digits."""
 

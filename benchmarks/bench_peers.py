@@ -180,20 +180,13 @@ def child(tool: str, truth: str, pred: str, outdir: str, n_boot: int) -> dict:
         import warnings
 
         warnings.simplefilter("ignore")
-        import anndata as ad
-        from cell_eval import MetricsEvaluator
+        import _common
+        import anndata  # noqa: F401  (imports timed apart, as import_s)
+        import cell_eval  # noqa: F401
 
         out["import_s"] = time.perf_counter() - t_imp
         t0 = time.perf_counter()
-        ev = MetricsEvaluator(
-            adata_pred=ad.read_h5ad(pred),
-            adata_real=ad.read_h5ad(truth),
-            control_pert=CONTROL,
-            pert_col=KEY,
-            outdir=outdir,
-            num_threads=2,
-        )
-        res, agg = ev.compute(profile="full", write_csv=False)
+        res, _ = _common.cell_eval_full_run(truth, pred, outdir, key=KEY, control=CONTROL)
         out["seconds"] = time.perf_counter() - t0
         out["rows"] = res.height
     elif tool == "cell-eval2":

@@ -88,20 +88,13 @@ def child(tool: str, truth: str, pred: str, outdir: str) -> dict:
         import warnings
 
         warnings.simplefilter("ignore")
-        import anndata as ad
-        from cell_eval import MetricsEvaluator
+        import _common
+        import anndata  # noqa: F401  (imports timed apart, as import_s)
+        import cell_eval  # noqa: F401
 
         out["import_s"] = time.perf_counter() - t_imp
         t0, c0 = time.perf_counter(), time.process_time()
-        ev = MetricsEvaluator(
-            adata_pred=ad.read_h5ad(pred),
-            adata_real=ad.read_h5ad(truth),
-            control_pert=CONTROL,
-            pert_col=KEY,
-            outdir=outdir,
-            num_threads=2,
-        )
-        res, _ = ev.compute(profile="full", write_csv=False)
+        res, _ = _common.cell_eval_full_run(truth, pred, outdir, key=KEY, control=CONTROL)
         out["seconds"] = time.perf_counter() - t0
         out["cpu_s"] = time.process_time() - c0
         out["rows"] = int(res.height)
@@ -109,6 +102,15 @@ def child(tool: str, truth: str, pred: str, outdir: str) -> dict:
         raise SystemExit(f"unknown tool {tool}")
     out["peak_rss_mb"] = vm_hwm_mb()
     return out
+
+
+def same_run_ratios(num: list[dict], den: list[dict], field: str) -> list[float]:
+    """``num[i][field] / den[i][field]`` repeat by repeat, where both children succeeded."""
+    return [
+        a[field] / b[field]
+        for a, b in zip(num, den, strict=True)
+        if a.get("status") == "ok" and b.get("status") == "ok"
+    ]
 
 
 def run_child(tool, truth, pred, outdir, *, python=sys.executable, src=None, timeout=900):
@@ -209,25 +211,13 @@ def main(argv=None) -> None:
                 loadavg_before=[r.get("loadavg_before") for r in rows],
             )
         # same-run ratios: repeat by repeat, then the median
-        ratios = [
-            v["seconds"] / r["seconds"]
-            for v, r in zip(runs["vcjax"], runs["raw"], strict=True)
-            if v.get("status") == "ok" and r.get("status") == "ok"
-        ]
+        ratios = same_run_ratios(runs["vcjax"], runs["raw"], "seconds")
         summary["vcjax_over_raw_median"] = statistics.median(ratios) if ratios else None
         summary["vcjax_over_raw_all"] = ratios
-        cpu = [
-            v["cpu_s"] / r["cpu_s"]
-            for v, r in zip(runs["vcjax"], runs["raw"], strict=True)
-            if v.get("status") == "ok" and r.get("status") == "ok"
-        ]
+        cpu = same_run_ratios(runs["vcjax"], runs["raw"], "cpu_s")
         summary["vcjax_over_raw_cpu_median"] = statistics.median(cpu) if cpu else None
         if "vcjax-baseline" in runs:
-            before = [
-                b["seconds"] / v["seconds"]
-                for v, b in zip(runs["vcjax"], runs["vcjax-baseline"], strict=True)
-                if v.get("status") == "ok" and b.get("status") == "ok"
-            ]
+            before = same_run_ratios(runs["vcjax-baseline"], runs["vcjax"], "seconds")
             summary["baseline_over_vcjax_median"] = statistics.median(before) if before else None
         if "vcjax-baseline" in runs:
             summary["values_vs_baseline"] = same_values(
