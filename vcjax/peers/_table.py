@@ -39,7 +39,7 @@ import pandas as pd
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
 from vcjax.peers._kernels import _as_matrix, _celleval_values, _log2_fold_change
-from vcjax.stats._wilcoxon import _finish_jit
+from vcjax.stats import mannwhitney_from_counts_jit
 
 __all__ = [
     "CELL_METRICS",
@@ -187,7 +187,7 @@ def warm_up(
         _log2_fold_change.lower(pg, g1).compile()
         if n_control:
             n = jax.ShapeDtypeStruct((n_perts,), np.float32)
-            _finish_jit.lower(
+            mannwhitney_from_counts_jit.lower(
                 p32, p32, n, m=int(n_control), continuity=True, tie_correct=True
             ).compile()
 

@@ -111,8 +111,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from vcjax._host import host_threads
-from vcjax.stats import benjamini_hochberg_host
-from vcjax.stats._wilcoxon import _finish
+from vcjax.stats import benjamini_hochberg_host, mannwhitney_from_counts
 from vcjax.stats._wilcoxon_split import EXCLUDED, mannwhitney_counts_passes
 
 __all__ = [
@@ -508,7 +507,7 @@ def _pvalues(u: np.ndarray, ties: np.ndarray, n: np.ndarray, m: np.ndarray) -> n
 
 @partial(jax.jit, static_argnames=("m",))
 def _finish_p(u, ties, n, *, m: int):
-    return _finish(u, ties, n, m, True, True).pvalue
+    return mannwhitney_from_counts(u, ties, n, m, True, True).pvalue
 
 
 def _wilcoxon(parts, div, roles, cols, *, classes=None, n_groups=None):

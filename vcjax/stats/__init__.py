@@ -46,6 +46,8 @@ from vcjax.stats._wilcoxon import (
     MannWhitneyResult,
     bh_fdr,
     log2_fold_change,
+    mannwhitney_from_counts,
+    mannwhitney_from_counts_jit,
     mannwhitney_vs_control,
 )
 from vcjax.stats._wilcoxon_sparse import mannwhitney_vs_control_sparse
@@ -67,6 +69,8 @@ __all__ = [
     "jackknife_acceleration",
     "log2_fold_change",
     "log_fold_change",
+    "mannwhitney_from_counts",
+    "mannwhitney_from_counts_jit",
     "mannwhitney_vs_control",
     "mannwhitney_vs_control_sparse",
     "paired_summary",

@@ -508,10 +508,14 @@ def _jax_counts(cells: jax.Array, labels: jax.Array, control: jax.Array, n_group
     return u, ties, n
 
 
-def _finish(
+def mannwhitney_from_counts(
     u: jax.Array, ties: jax.Array, n: jax.Array, m: int, continuity: bool, tie_correct: bool
 ) -> MannWhitneyResult:
-    """z-scores and p-values from ``U``, the tie term and the group sizes."""
+    """The Mann–Whitney result of every (group, gene) from its counts: ``u`` (``U`` of each
+    group against the ``m`` control cells), ``ties`` (the tie term ``Σ t(t² − 1)`` of the
+    pooled values) and ``n`` the group sizes: z-scores and two-sided normal p-values with
+    scipy's continuity and tie corrections. What every test path of this module (dense,
+    sparse, split) ends with; :data:`mannwhitney_from_counts_jit` is its jitted form."""
     dtype = u.dtype
     nn = n[:, None]
     big_n = nn + m
@@ -547,7 +551,10 @@ def _finish(
     )
 
 
-_finish_jit = jax.jit(_finish, static_argnames=("m", "continuity", "tie_correct"))
+#: :func:`mannwhitney_from_counts` under ``jax.jit`` (``m`` and the corrections static)
+mannwhitney_from_counts_jit = jax.jit(
+    mannwhitney_from_counts, static_argnames=("m", "continuity", "tie_correct")
+)
 
 
 @partial(jax.jit, static_argnames=("n_groups", "continuity", "tie_correct", "path"))
@@ -577,7 +584,7 @@ def _mannwhitney(
         u, ties, n = jax.pure_callback(cb, out, cells, labels, control, vmap_method="sequential")
     else:
         u, ties, n = _jax_counts(cells, labels, control, n_groups)
-    return _finish(u, ties, n, control.shape[0], continuity, tie_correct)
+    return mannwhitney_from_counts(u, ties, n, control.shape[0], continuity, tie_correct)
 
 
 def mannwhitney_vs_control(
@@ -622,7 +629,7 @@ def mannwhitney_vs_control(
     dtype = jnp.result_type(jnp.float32, cells, control)
     control = np.asarray(control, dtype)
     u, ties, n = _host_counts(np.asarray(cells, dtype), np.asarray(labels), control, n_groups)
-    return _finish_jit(
+    return mannwhitney_from_counts_jit(
         u.astype(dtype),
         ties.astype(dtype),
         n.astype(dtype),

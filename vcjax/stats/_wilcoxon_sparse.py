@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from vcjax._host import host_threads
-from vcjax.stats._wilcoxon import MannWhitneyResult, _finish_jit, _run_terms
+from vcjax.stats._wilcoxon import MannWhitneyResult, _run_terms, mannwhitney_from_counts_jit
 
 __all__ = ["mannwhitney_vs_control_sparse"]
 
@@ -327,7 +327,7 @@ def mannwhitney_vs_control_sparse(
     u, ties, n = _sparse_counts(cells, labels, control, n_groups)
     wide = cells.dtype == np.float64 and jax.config.jax_enable_x64
     dtype = np.float64 if wide else np.float32
-    return _finish_jit(
+    return mannwhitney_from_counts_jit(
         u.astype(dtype),
         ties.astype(dtype),
         n.astype(dtype),

@@ -34,7 +34,7 @@ the tie term ``T = Σ_v (t_v³ - t_v)`` over the distinct values ``v`` of the po
 The last sum is 0 for a value held by one cell only (``a = 1, b = 0``), so it runs over the
 stored values that occur more than once in the gene (a few). All counts are exact int64
 (``U`` and ``T`` are returned as exact float64), so the p-values from
-``vcjax.stats._wilcoxon._finish`` are those of the dense implementation, bit for bit.
+``vcjax.stats._wilcoxon.mannwhitney_from_counts`` are those of the dense implementation, bit for bit.
 
 Cost per gene block: one sort of the stored values by (gene, value), then per pass a
 cumulative count of each control along that order and two ``bincount`` over the group
