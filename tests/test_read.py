@@ -115,6 +115,40 @@ def test_streamed_sums_equal_a_cell_by_cell_loop_bit_for_bit(
     b.file.close()
 
 
+def test_grouped_sums_are_the_cell_by_cell_float64_additions(monkeypatch):
+    """``data.grouped_sums`` of a CSR (canonical or not, in blocks of any size), a CSC and
+    a dense matrix: the float64 additions of a cell-by-cell loop in dataset order, exactly;
+    rows with a code outside the groups are left out, an empty group sums to 0."""
+    rng = np.random.default_rng(3)
+    a = make_adata(rng, counts=False)
+    codes, n_acc, _ = codes_of(a)
+    codes = codes.copy()
+    codes[::7] = -1  # in no group
+    codes[3::11] = n_acc + 2  # past the groups
+    codes[codes == 1] = -1  # group 1 empty
+    S, _ = sequential_sums(a.X, np.where((codes >= 0) & (codes < n_acc), codes, n_acc),
+                           n_acc + 1, normalise=False)  # fmt: skip
+    want = S[:n_acc]
+    assert np.all(want[1] == 0) and want.any()
+    X = sp.csr_matrix(a.X)
+    shuffled = X.copy()  # the same entries, columns unsorted within rows
+    for i in range(X.shape[0]):
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        perm = rng.permutation(hi - lo)
+        shuffled.indices[lo:hi] = X.indices[lo:hi][perm]
+        shuffled.data[lo:hi] = X.data[lo:hi][perm]
+    shuffled.has_sorted_indices = False
+    for read_nnz, group_nnz in ((1 << 22, 1 << 21), (40, 7)):
+        monkeypatch.setattr(_read, "_READ_NNZ", read_nnz)
+        monkeypatch.setattr(_read, "_GROUP_BLOCK_NNZ", group_nnz)
+        for m in (X, shuffled, X.tocsc(), X.toarray()):
+            got = data.grouped_sums(m, codes, n_acc)
+            assert got.dtype == np.float64
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="codes"):
+        data.grouped_sums(X, codes[:-1], n_acc)
+
+
 def test_cells_stored_by_condition_and_a_row_slice(tmp_path):
     """Rows already grouped (gathered as one slice) and ``rows=`` (a process's slice)."""
     rng = np.random.default_rng(1)

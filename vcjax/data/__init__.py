@@ -5,7 +5,8 @@ cell counts, sums and sums of squares (:class:`GroupStats`, or :class:`SplitStat
 two halves of the technical-duplicate split, :func:`split_halves`). :func:`read_h5ad` reads
 a file with one-line errors and :func:`open_h5ad` opens one for a streaming pass;
 :func:`scale_evidence` and :func:`compare_scales` tell on which scale values are;
-:func:`read_gmt` and :func:`gene_set_masks` read gene sets.
+:func:`read_gmt` and :func:`gene_set_masks` read gene sets; :func:`grouped_sums` sums an
+in-memory matrix's rows by group.
 """
 
 from vcjax._errors import VcjaxInputError
@@ -18,7 +19,14 @@ from vcjax.data._gene_sets import (
     write_gmt,
 )
 from vcjax.data._group_stats import group_stats, obs_labels, split_halves
-from vcjax.data._read import TARGET_SUM, iter_chunks, normalize_chunk, open_h5ad, read_h5ad
+from vcjax.data._read import (
+    TARGET_SUM,
+    grouped_sums,
+    iter_chunks,
+    normalize_chunk,
+    open_h5ad,
+    read_h5ad,
+)
 from vcjax.data._scale import ScaleEvidence, compare_scales, scale_evidence
 from vcjax.data._stats import (
     REFERENCES,
@@ -43,6 +51,7 @@ __all__ = [
     "example_gmt_path",
     "gene_set_masks",
     "group_stats",
+    "grouped_sums",
     "iter_chunks",
     "load_gene_sets",
     "moments",

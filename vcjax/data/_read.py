@@ -512,6 +512,34 @@ def add_grouped(
         r0 = r1
 
 
+def grouped_sums(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(n_groups, G)`` float64 sums of the rows of an in-memory matrix by group.
+
+    Row ``i`` is added to group ``codes[i]``; rows with a code outside ``[0, n_groups)``
+    are left out. Every sum receives its rows' values as float64 additions in dataset order
+    (the numbers of an indicator product, without a float64 copy of the matrix): a sparse
+    matrix goes block by block through :func:`add_grouped`, a dense one through
+    :func:`add_group_sums`.
+    """
+    codes = np.asarray(codes, dtype=np.int64).reshape(-1)
+    if codes.shape != (X.shape[0],):
+        raise ValueError(f"{codes.size} group codes for {X.shape[0]} rows")
+    codes = np.where((codes >= 0) & (codes < n_groups), codes, n_groups)  # the extra row
+    S = np.zeros((n_groups + 1, X.shape[1]), dtype=np.float64)
+    src = csr_source(X) if sp.issparse(X) else None
+    if src is None:
+        add_group_sums(S, None, codes, np.asarray(X, dtype=np.float64))
+        return S[:n_groups]
+    scratch = Scratch()
+    start, last = 0, X.shape[0]
+    while start < last:
+        stop = src.stop_for(start, last, _READ_NNZ)
+        add_grouped(S, None, codes[start:stop], src.rows(start, stop, scratch),
+                    normalise=False, scratch=scratch)  # fmt: skip
+        start = stop
+    return S[:n_groups]
+
+
 def _add_grouped_part(S, SS, codes, part: CSRView, normalise: bool, pool, scratch) -> None:
     n_acc, G = S.shape
     vals = part.data

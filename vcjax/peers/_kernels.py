@@ -36,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from jax.typing import ArrayLike
 
+from vcjax.data import grouped_sums
 from vcjax.metrics import cosine_delta, mae, pearson_delta_topk
 from vcjax.stats import (
     benjamini_hochberg_host,
@@ -855,21 +856,14 @@ def _dense(x) -> np.ndarray:
 def pseudobulk(cells, labels: Sequence, perts: Sequence[str], *, dtype=np.float64) -> np.ndarray:
     """Mean expression of each label in ``perts``, ``(len(perts), G)`` (host, NumPy).
 
-    One product of a sparse ``(len(perts), n_cells)`` indicator with the cells (dense or
-    sparse, never densified), accumulated in ``dtype``. NaN rows for labels without cells.
+    Each label's cells summed in float64 in dataset order (:func:`vcjax.data.grouped_sums`:
+    sparse cells never densified nor copied), then divided in ``dtype``. NaN rows for
+    labels without cells.
     """
     labels = np.asarray(labels).astype(str)
     codes = pd.Index(list(perts)).get_indexer(labels)
-    keep = np.flatnonzero(codes >= 0)
-    indicator = sp.csr_matrix(
-        (np.ones(keep.size, dtype), (codes[keep], keep)), shape=(len(perts), labels.size)
-    )
-    x = cells if sp.issparse(cells) else np.asarray(cells)
-    if x.dtype != dtype:
-        x = x.astype(dtype)
-    sums = indicator @ x
-    sums = np.asarray(sums.toarray() if sp.issparse(sums) else sums, dtype)
-    counts = np.bincount(codes[keep], minlength=len(perts)).astype(dtype)
+    sums = grouped_sums(cells, codes, len(perts)).astype(dtype, copy=False)
+    counts = np.bincount(codes[codes >= 0], minlength=len(perts)).astype(dtype)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts[:, None]
 
