@@ -544,6 +544,43 @@ def test_mannwhitney_sparse_equals_the_dense_test_and_scipy():
             np.testing.assert_allclose(np.asarray(res.pvalue)[grp], pv, rtol=2e-4, atol=1e-30)
 
 
+def test_mannwhitney_sparse_counts_of_non_negative_cells_by_the_passes(monkeypatch):
+    """Non-negative cells (log1p data) are counted by the gene-major multi-pass counter,
+    negative ones by the stored-entry sort: both give the dense test's exact U, tie terms
+    and sizes (control as a row mask, a sparse or a dense matrix; explicit zeros and -0.0;
+    a label outside the groups and an empty group; float32 and float64)."""
+    import scipy.sparse as sps
+
+    from vcjax.stats import _wilcoxon_sparse as ws
+    from vcjax.stats._wilcoxon import _host_counts
+
+    routes = []
+    passes = ws.mannwhitney_counts_passes
+    monkeypatch.setattr(
+        ws, "mannwhitney_counts_passes", lambda *a, **k: routes.append(1) or passes(*a, **k)
+    )
+    X, lab = _sparse_screen(15)
+    for sign in (1, -1):  # -1 keeps the negative values: the stored-entry sort
+        Y = abs(X) if sign == 1 else X.copy()
+        Y.data[::9] = 0.0
+        Y.data[1::9] = -0.0
+        ctrl = lab == -2
+        dense = Y.toarray()
+        sel = lab >= 0
+        for dt in (np.float32, np.float64):
+            d = dense.astype(dt)
+            u_ref, t_ref, n_ref = _host_counts(d[sel], lab[sel], d[ctrl], 6)
+            ne = n_ref > 0
+            for control in (ctrl, sps.csr_matrix(d[ctrl]), d[ctrl]):
+                before = len(routes)
+                u, t, n = ws._counts(Y.astype(dt), lab, control, 6)
+                assert len(routes) == before + (sign == 1)
+                np.testing.assert_array_equal(n, n_ref)
+                np.testing.assert_array_equal(u[ne], u_ref[ne])
+                np.testing.assert_array_equal(t[ne], t_ref[ne])
+                np.testing.assert_array_equal(u[~ne], 0)
+
+
 def test_celleval_de_table_sparse_and_external_control():
     """Sparse cells give the dense table's numbers; ``control_cells`` tests against
     another object's control cells (scipy reference)."""
