@@ -36,6 +36,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from vcjax._host import side_by_side
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
 from vcjax.peers._kernels import _as_matrix, _celleval_values, _log2_fold_change
@@ -278,7 +279,6 @@ def score_cells(
       (:data:`TRUTH_CONTROL_NOTE`, see :func:`pred_control_note`). A perturbation without
       predicted cells gets NaN.
     """
-    out: dict[str, np.ndarray] = {}
     perts = list(perts)
     P = len(perts)
     pred_labels = np.asarray(pred_labels).astype(str)
@@ -286,21 +286,28 @@ def score_cells(
     pred_cells, truth_cells = _as_matrix(pred_cells), _as_matrix(truth_cells)
     dist = [n for n in ("energy_distance", "mmd") if n in names]
     ce = [n for n in ("de_overlap_at_k", "de_direction_agreement", "pds") if n in names]
-    if ce and bool(np.any(truth_labels == control)):
+
+    def distances():
+        return peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
+
+    def celleval() -> dict[str, np.ndarray]:
+        if not ce or not bool(np.any(truth_labels == control)):
+            return {}
         have = set(np.unique(pred_labels)) & set(np.unique(truth_labels))
         common = [p for p in perts if p in have]
-        if common:
-            de = any(n != "pds" for n in ce)
-            res = _celleval_values(
-                truth_cells, truth_labels, pred_cells, pred_labels, genes, common,
-                control=control, alpha=0.05, de=de, with_mae=False,
-            )  # fmt: skip
-            idx = pd.Index(common).get_indexer(perts)
-            for name in ce:
-                vals = np.append(np.asarray(res[name], float), np.nan)
-                out[name] = vals[idx]  # -1 (absent) reads the NaN
-    if dist:
-        res = peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
+        if not common:
+            return {}
+        res = _celleval_values(
+            truth_cells, truth_labels, pred_cells, pred_labels, genes, common,
+            control=control, alpha=0.05, de=any(n != "pds" for n in ce), with_mae=False,
+        )  # fmt: skip
+        idx = pd.Index(common).get_indexer(perts)
+        # -1 (absent) reads the NaN appended
+        return {name: np.append(np.asarray(res[name], float), np.nan)[idx] for name in ce}
+
+    # the distances beside the cell-eval values: each leaves a core idle part of the time
+    out, res = side_by_side(celleval, distances if dist else None)
+    if res is not None:
         for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):
             if name in names:
                 out[name] = np.asarray(res[key], float)
