@@ -421,6 +421,10 @@ def test_host_bh_bit_identical_to_xla_bh():
     np.testing.assert_array_equal(ST.benjamini_hochberg_host(p), want)
     # NaN sorts last and the running minimum carries it down the row, in both
     assert np.isnan(want[5]).all() and not np.isnan(want[6]).any()
+    # rows of a transposed or strided array (as ``x[:, idx]`` gives) come back in place
+    for view in (np.asfortranarray(p), p[::2, ::3], p.T.copy().T):
+        want = np.asarray(jax.jit(ST.benjamini_hochberg)(np.ascontiguousarray(view)))
+        np.testing.assert_array_equal(ST.benjamini_hochberg_host(view), want)
 
 
 @pytest.mark.parametrize("x64", [False, True])

@@ -293,6 +293,8 @@ def test_host_twins_equal_the_jax_kernels():
         q_j = np.asarray(deg.benjamini_hochberg(p))
     q_h = deg.benjamini_hochberg_host(p)
     np.testing.assert_allclose(q_h, q_j, rtol=1e-15, atol=0)  # XLA may use 1/ecdf: 1 ulp
+    # a Fortran-ordered input (as ``x[:, idx]`` gives) is the same family row by row
+    np.testing.assert_array_equal(deg.benjamini_hochberg_host(np.asfortranarray(p)), q_h)
     try:
         from statsmodels.stats import multitest
     except ImportError:  # pragma: no cover

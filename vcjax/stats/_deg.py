@@ -518,7 +518,8 @@ def _bh_scale(n: int, dtype) -> np.ndarray:
 def _bh_rows(p: np.ndarray) -> np.ndarray:
     """BH over the last axis of a 2-D block, in ``p``'s dtype (see :func:`benjamini_hochberg_host`)."""
     n = p.shape[-1]
-    p = p + p.dtype.type(0)  # -0.0 -> +0.0, so signed zeros tie as in a float sort
+    # -0.0 -> +0.0, so signed zeros tie as in a float sort; C order, rows contiguous
+    p = np.add(p, p.dtype.type(0), order="C")
     if p.dtype == np.float32 and n < 1 << 32 and (p >= 0).all():  # no NaN, no negatives
         # non-negative float32 bits sort as unsigned integers: one sort of uint64 keys
         # (bits << 32 | gene) gives the sorted values and the order (about 3x an argsort)
@@ -536,10 +537,15 @@ def _bh_rows(p: np.ndarray) -> np.ndarray:
         q = ps / (np.arange(1, n + 1, dtype=np.float64) / n)
     else:  # the XLA kernel's (the float32 bootstrap path)
         q = ps * _bh_scale(n, p.dtype)
-    q = np.minimum.accumulate(q[..., ::-1], axis=-1)[..., ::-1]
-    q = np.minimum(q, p.dtype.type(1))
-    out = np.empty_like(p)
-    np.put_along_axis(out, order.astype(np.intp), q, axis=-1)
+    # min(1, running minimum) = running minimum of min(1, ·): capped first, both in place
+    np.minimum(q, p.dtype.type(1), out=q)
+    rev = q[..., ::-1]
+    np.minimum.accumulate(rev, axis=-1, out=rev)
+    # unsorted by one flat scatter (put_along_axis builds index grids)
+    dest = order.astype(np.intp)
+    dest += (np.arange(q.shape[0], dtype=np.intp) * n)[:, None]
+    out = np.empty(p.shape, p.dtype)  # C order, so that its flat view is row after row
+    out.reshape(-1)[dest.reshape(-1)] = q.reshape(-1)
     return out
 
 
