@@ -517,9 +517,9 @@ def grouped_sums(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
 
     Row ``i`` is added to group ``codes[i]``; rows with a code outside ``[0, n_groups)``
     are left out. Every sum receives its rows' values as float64 additions in dataset order
-    (the numbers of an indicator product, without a float64 copy of the matrix): a sparse
-    matrix goes block by block through :func:`add_grouped`, a dense one through
-    :func:`add_group_sums`.
+    (the numbers of an indicator product): a sparse matrix goes block by block through
+    :func:`add_grouped`, with no float64 copy of it; a dense one is converted to float64
+    and goes through :func:`add_group_sums` whole.
     """
     codes = np.asarray(codes, dtype=np.int64).reshape(-1)
     if codes.shape != (X.shape[0],):
