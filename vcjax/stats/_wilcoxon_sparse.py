@@ -191,6 +191,25 @@ def _block(
     return u, t
 
 
+def _is_mask(control) -> bool:
+    """``control`` is a boolean row mask of the cells (else a matrix of control cells)."""
+    return isinstance(control, np.ndarray) and control.ndim == 1 and control.dtype == bool
+
+
+def _grouping(labels, control, n_groups: int):
+    """``(labels, valid, extra)``: the labels as int64; which cells are in a group (a label
+    in ``[0, n_groups)`` and not a control row); the control cells as a sparse matrix when
+    they are given apart (None for a row mask)."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    valid = (labels >= 0) & (labels < n_groups)
+    extra = None
+    if _is_mask(control):
+        valid &= ~control
+    else:
+        extra = control if sp.issparse(control) else sp.csr_matrix(np.asarray(control))
+    return labels, valid, extra
+
+
 def _sparse_counts(
     cells,
     labels: np.ndarray,
@@ -206,11 +225,7 @@ def _sparse_counts(
     of ``cells`` (those are then in no group). ``profile``, when given, accumulates thread
     CPU seconds per stage.
     """
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    valid = (labels >= 0) & (labels < n_groups)
-    is_mask = isinstance(control, np.ndarray) and control.ndim == 1 and control.dtype == bool
-    if is_mask:
-        valid &= ~control
+    labels, valid, extra = _grouping(labels, control, n_groups)
     sizes = np.bincount(labels[valid], minlength=n_groups)
     g = cells.shape[1]
     u = np.zeros((n_groups, g))
@@ -219,13 +234,12 @@ def _sparse_counts(
         return u, ties, sizes
     tdt = np.uint16 if n_groups + 2 <= np.iinfo(np.uint16).max else np.int32
     tags = np.where(valid, labels + 1, n_groups + 1).astype(tdt)
-    X, extra = cells, None
-    if is_mask:
+    X = cells
+    if extra is None:
         tags[control] = 0
         m = int(control.sum())
     else:
         m = control.shape[0]
-        extra = control if sp.issparse(control) else sp.csr_matrix(np.asarray(control))
     # the stored entries (value, gene, cell's tag) of every cell, control cells included
     parts = [(sp.csr_matrix(X) if not sp.isspmatrix_csc(X) else X, tags)]
     if extra is not None:
@@ -291,27 +305,20 @@ def _counts(cells, labels, control, n_groups: int):
     """``(U, T, sizes)`` of :func:`_sparse_counts`; for non-negative values (log1p data) from
     :func:`vcjax.stats._wilcoxon_split.mannwhitney_counts_passes` (one pass), which counts
     the same integers in a gene-major layout at about half the cost."""
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    is_mask = isinstance(control, np.ndarray) and control.ndim == 1 and control.dtype == bool
-    extra = None
-    if not is_mask:
-        extra = control if sp.issparse(control) else sp.csr_matrix(np.asarray(control))
+    labels, valid, extra = _grouping(labels, control, n_groups)
     stored = [
         m.data if m.format in ("csr", "csc", "coo") else sp.csr_matrix(m).data
         for m in ([cells] if extra is None else [cells, extra])
     ]
-    valid = (labels >= 0) & (labels < n_groups)
-    if is_mask:
-        valid &= ~control
     if (
         cells.shape[1] == 0
         or not valid.any()
         or not all(d.dtype.kind in "fiu" and bool(np.all(d >= 0)) for d in stored)
     ):  # negative (or NaN) values: zeros are not the minimum
-        return _sparse_counts(cells, labels, control, n_groups)
+        return _sparse_counts(cells, labels, control if extra is None else extra, n_groups)
     roles = np.where(valid, labels, EXCLUDED).astype(np.int32)
     parts = [cells]
-    if is_mask:
+    if extra is None:
         roles[control] = -1
     else:
         roles = np.concatenate([roles, np.full(extra.shape[0], -1, np.int32)])
@@ -352,7 +359,7 @@ def mannwhitney_vs_control_sparse(
     """
     if not sp.issparse(cells):
         raise TypeError("mannwhitney_vs_control_sparse: cells must be a scipy sparse matrix")
-    if isinstance(control, np.ndarray) and control.ndim == 1 and control.dtype == bool:
+    if _is_mask(control):
         if control.size != cells.shape[0]:
             raise ValueError(
                 f"the control mask has {control.size} entries but there are {cells.shape[0]} cells"
