@@ -686,6 +686,32 @@ def test_cell_distances_batched_sparse_vs_cdist():
     np.testing.assert_allclose(single, got["mmd"], rtol=1e-5)
 
 
+def test_centred_gram_host_equals_the_jitted_one():
+    """The Gram matrices of cell_distances: NumPy's (the CPU backend's) equal the jitted
+    kernel's (an accelerator's) and a float64 reference, padded rows and an empty true
+    side included."""
+    rng = np.random.default_rng(21)
+    b, r, g = 3, 12, 50
+    z = rng.normal(size=(b, r, g)).astype(np.float32)
+    my = np.zeros((b, r), np.float32)
+    my[0, 5:9] = 1  # rows 9.. are padding (zero cells)
+    my[1, 2:] = 1
+    z[0, 9:] = 0
+    want = []
+    for zb, mb in zip(z.astype(np.float64), my.astype(np.float64)):
+        zc = zb - (mb @ zb) / max(mb.sum(), 1.0)
+        want.append(zc @ zc.T)
+    want = np.stack(want)
+    from vcjax.peers import _kernels as K
+
+    host = K._centred_gram_host(z, my)
+    dev = np.asarray(K._centred_gram(z, my))
+    assert host.dtype == np.float32 and host.shape == (b, r, r)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(host, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(dev, want, rtol=0, atol=1e-5 * scale)
+
+
 def test_score_pseudobulk_sources_equal_the_kernels():
     """One compiled call per source gives the per-metric kernels' values."""
     from vcjax.metrics import pearson_delta, topk_mask

@@ -1,8 +1,7 @@
 """Host-side plumbing shared by the layers: worker threads, aligned buffers, the compilation cache.
 
 Nothing here knows a formula. :func:`run_blocks` runs a row-block function in a few threads
-(NumPy and SciPy release the GIL) and :func:`side_by_side` two independent steps at once;
-:func:`aligned_empty` and :func:`engine_array` give the 64-byte aligned, C-contiguous host
+(NumPy and SciPy release the GIL); :func:`aligned_empty` and :func:`engine_array` give the 64-byte aligned, C-contiguous host
 buffers that XLA:CPU adopts without a copy;
 :func:`enable_compilation_cache` turns on JAX's persistent compilation cache for vcjax's
 kernels once per process.
@@ -14,7 +13,6 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable
-from typing import TypeVar
 
 import jax
 import numpy as np
@@ -27,13 +25,10 @@ __all__ = [
     "enable_compilation_cache",
     "host_threads",
     "run_blocks",
-    "side_by_side",
     "working_dtype",
 ]
 
 log = logging.getLogger("vcjax")
-A = TypeVar("A")
-B = TypeVar("B")
 
 #: elements per row block of :func:`run_blocks` (about 1 MB per float64 temporary)
 BLOCK_ELEMENTS = 1 << 17
@@ -68,23 +63,6 @@ def run_blocks(fn: Callable[[int, int], None], n_rows: int, n_cols: int) -> None
     with ThreadPoolExecutor(max_workers=workers) as ex:
         for fut in [ex.submit(fn, r0, r1) for r0, r1 in bounds]:
             fut.result()
-
-
-def side_by_side(first: Callable[[], A], second: Callable[[], B] | None) -> tuple[A, B | None]:
-    """``(first(), second())`` with ``second`` in a worker thread while ``first`` runs.
-
-    For independent host steps that each leave a core idle part of the time (NumPy, SciPy
-    and XLA release the GIL). ``second`` None: ``(first(), None)``. An exception of either
-    is raised here, after both have finished.
-    """
-    if second is None:
-        return first(), None
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as ex:
-        job = ex.submit(second)
-        a = first()
-        return a, job.result()
 
 
 def working_dtype() -> np.dtype:

@@ -224,8 +224,9 @@ def compiler_options() -> dict[str, object] | None:
     if jax.default_backend() != "cpu":
         return None
     try:
+        # a NumPy argument: jnp.ones would compile two more (eager) functions
         probe = jax.jit(lambda v: jnp.sum(v, axis=-1), compiler_options=_CPU_OPTIONS)
-        probe(jnp.ones((2, 3), jnp.float32)).block_until_ready()
+        probe(np.ones((2, 3), np.float32)).block_until_ready()
     except Exception:  # an XLA without the option: keep its defaults
         return None
     return dict(_CPU_OPTIONS)
@@ -515,7 +516,8 @@ def score_groups(
                     row_dtypes.append(want)
                 args.append(slot)
             else:
-                args.append(x if not isinstance(x, np.ndarray) else jnp.asarray(x))
+                # device_put: jnp.asarray compiles a staging function per shape and dtype
+                args.append(x if not isinstance(x, np.ndarray) else jax.device_put(x))
         fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict), sub)
         shared = [a for a, r in zip(args, per_row) if not r]
         # chunks dealt to devices in turn find the shared vectors already there
@@ -544,4 +546,4 @@ def score_groups(
         progress=progress,
         dtypes=row_dtypes,
     )
-    return [{name: jnp.asarray(out[(g, name)]) for name in p[0]} for g, p in enumerate(plans)]
+    return [{name: jax.device_put(out[(g, name)]) for name in p[0]} for g, p in enumerate(plans)]

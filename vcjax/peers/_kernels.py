@@ -800,6 +800,18 @@ def _centred_gram(z: jax.Array, my: jax.Array) -> jax.Array:
     return jax.lax.map(one, (z, my))
 
 
+def _centred_gram_host(z: np.ndarray, my: np.ndarray) -> np.ndarray:
+    """:func:`_centred_gram` in NumPy (float32 ``z``), for the CPU backend.
+
+    There the two run at the same speed (both call a CPU GEMM per batch element), but the
+    jitted one compiles once per ``(B, R)`` shape, ~0.2 s each, on a first call's critical
+    path; the host one compiles nothing.
+    """
+    mean = (my[:, None, :] @ z) / np.maximum(my.sum(-1), 1.0)[:, None, None]
+    zc = z - mean
+    return zc @ zc.transpose(0, 2, 1)
+
+
 def _distances_from_gram(
     gram: np.ndarray, mx: np.ndarray, my: np.ndarray, s2: float | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -1176,9 +1188,11 @@ def cell_distances(
 
     Batched: the perturbations are sorted by their cell numbers and taken in chunks, each
     perturbation's predicted and true cells padded to one row count per chunk (a few
-    distinct shapes in all, so a few compilations), one device call per chunk of about
-    ``chunk_bytes`` of cells computes their Gram matrices (centred on the true cells'
-    mean), and both distances come from them on the host (:func:`_distances_from_gram`).
+    distinct shapes in all, so a few compilations on an accelerator), one call per chunk
+    of about ``chunk_bytes`` of cells computes their Gram matrices (centred on the true
+    cells' mean; on the device, or by NumPy on the CPU backend, where a GEMM costs the
+    same and compiles nothing), and both distances come from them on the host
+    (:func:`_distances_from_gram`).
     Sparse cells are densified a chunk at a time only.
     Perturbations with more than ``max_rows`` cells in all go to the tiled single-pair
     kernels (``block_size`` tiles) one at a time.
@@ -1212,6 +1226,7 @@ def cell_distances(
         rows = rows[np.argsort(r_of[rows], kind="stable")]
         sides.append((x, rows, np.concatenate([[0], np.cumsum(n[todo])])))
     s2 = None if sigma is None else float(sigma) ** 2
+    gram_of = _centred_gram_host if jax.default_backend() == "cpu" else _centred_gram
     pending = []
 
     def finish(J, gram, mx, my):
@@ -1259,7 +1274,7 @@ def cell_distances(
             mx, my = masks
             mx, my = mx.reshape(b, r), my.reshape(b, r)
             # the device computes this chunk's Gram matrices while the host fills the next
-            pending.append((J, _centred_gram(buf.reshape(b, r, g), my), mx, my))
+            pending.append((J, gram_of(buf.reshape(b, r, g), my), mx, my))
             if len(pending) > 1:
                 finish(*pending.pop(0))
         pos += n_class

@@ -36,7 +36,6 @@ import jax
 import numpy as np
 import pandas as pd
 
-from vcjax._host import side_by_side
 from vcjax.metrics import METRICS, pearson_delta, topk_mask
 from vcjax.peers import _kernels as peers
 from vcjax.peers._kernels import _as_matrix, _celleval_values, _log2_fold_change
@@ -305,8 +304,10 @@ def score_cells(
         # -1 (absent) reads the NaN appended
         return {name: np.append(np.asarray(res[name], float), np.nan)[idx] for name in ce}
 
-    # the distances beside the cell-eval values: each leaves a core idle part of the time
-    out, res = side_by_side(celleval, distances if dist else None)
+    # one after the other: both keep the cores busy (the distances' GEMMs are multithreaded
+    # on the host), and beside each other they ran slower than in turn
+    out = celleval()
+    res = distances() if dist else None
     if res is not None:
         for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):
             if name in names:
