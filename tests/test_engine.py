@@ -230,3 +230,44 @@ def test_float64_inputs_cast_per_chunk_and_small_p_chunk():
     for name in b:
         assert a[name].dtype == np.float32
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+
+
+def test_host_arrays_reach_the_device_without_compiling(caplog):
+    """``device_array`` (and the engine's shared vectors and results) place host arrays
+    with ``device_put``: the values and canonical dtypes of ``jnp.asarray``, a jax.Array
+    passed through as it is, and no compilation (``jnp.asarray`` of a host array compiles
+    a staging function per new shape in this JAX, 10-60 ms each on a first call)."""
+    import logging
+
+    import jax.numpy as jnp
+
+    from vcjax._host import device_array
+
+    rng = np.random.default_rng(3)
+    host = [
+        rng.normal(size=(7, 13)),  # float64: float32 unless x64
+        rng.integers(0, 9, size=(5, 11)),
+        rng.uniform(size=(3, 17)) < 0.5,
+    ]
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+        placed = [device_array(a) for a in host]
+        # the capture works: a new jitted function logs its compilation
+        jax.jit(lambda v: v * 3 + 1)(np.ones(19, np.float32)).block_until_ready()
+    compiles = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert len(compiles) == 1 and "lambda" in compiles[0], compiles
+    for a, d in zip(host, placed):
+        want = jnp.asarray(a)
+        assert isinstance(d, jax.Array) and d.dtype == want.dtype and d.shape == a.shape
+        np.testing.assert_array_equal(np.asarray(d), np.asarray(want))
+    assert device_array(placed[0]) is placed[0]
+
+    # the engine's results take the same route: a second call with a new number of rows
+    # (the same compiled chunk function) compiles nothing
+    pred, truth = rng.normal(size=(2, 6, 23)).astype(np.float32)
+    ref = np.zeros(23, np.float32)
+    engine.score(pred, truth, reference=ref, metrics=["mse"], chunk_size=8)
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.DEBUG, logger="jax"):
+        got = engine.score(pred[:5], truth[:5], reference=ref, metrics=["mse"], chunk_size=8)
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
+    np.testing.assert_allclose(np.asarray(got["mse"]), ((pred - truth)[:5] ** 2).mean(1), rtol=1e-6)

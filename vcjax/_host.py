@@ -21,6 +21,7 @@ __all__ = [
     "ALIGN",
     "CACHE_ENV",
     "aligned_empty",
+    "device_array",
     "engine_array",
     "enable_compilation_cache",
     "host_threads",
@@ -63,6 +64,16 @@ def run_blocks(fn: Callable[[int, int], None], n_rows: int, n_cols: int) -> None
     with ThreadPoolExecutor(max_workers=workers) as ex:
         for fut in [ex.submit(fn, r0, r1) for r0, r1 in bounds]:
             fut.result()
+
+
+def device_array(x) -> jax.Array:
+    """``x`` as a jax.Array (on the default device), without compiling anything.
+
+    ``jnp.asarray`` of a host array compiles a staging function for each new shape and
+    dtype (10-60 ms each, on a first call's critical path); ``jax.device_put`` places it
+    directly, with the same dtype canonicalisation. A jax.Array is returned as it is.
+    """
+    return x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
 
 
 def working_dtype() -> np.dtype:

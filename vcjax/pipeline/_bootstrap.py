@@ -67,7 +67,7 @@ from jax.typing import ArrayLike
 
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
-from vcjax._host import aligned_empty, working_dtype
+from vcjax._host import aligned_empty, device_array, working_dtype
 from vcjax.data import iter_chunks, normalize_chunk
 from vcjax.metrics import (
     METRICS,
@@ -159,7 +159,7 @@ def multiplicity_weights(
     """
     starts, sizes = per_cell_groups(np.asarray(group_sizes))
     keys = _resample_keys(key, start, n=n_boot)
-    return _weights_chunk(keys, jnp.asarray(starts), jnp.asarray(sizes), n_cells=int(starts.size))
+    return _weights_chunk(keys, device_array(starts), device_array(sizes), n_cells=int(starts.size))
 
 
 def resampled_group_moments(
@@ -704,7 +704,7 @@ def _setup(
         Xe=lay.Xe,
         extra_gh=lay.extra_gh,
     )
-    return cfg, {k: jnp.asarray(v) for k, v in arrs.items()}
+    return cfg, {k: device_array(v) for k, v in arrs.items()}
 
 
 def sums_scorer(
@@ -733,7 +733,7 @@ def sums_scorer(
     cfg, arrs = _static(
         stratum, spec, model=model, metrics=metrics, score=score, refit_weights=True, pvalue=pvalue
     )
-    arrs = {k: jnp.asarray(v) for k, v in arrs.items() if k not in ("n1", "n2")}
+    arrs = {k: device_array(v) for k, v in arrs.items() if k not in ("n1", "n2")}
     fn = jax.jit(lambda sums: _resample_values(cfg, sums, arrs))
     return fn, cfg.sources
 
@@ -799,7 +799,7 @@ def resampler(
     :attr:`Resampler.recycle`.
     """
     cfg, arrs = _setup(stratum, spec, model=model, metrics=metrics, score=score, boot=boot)
-    arrs.update({k: jnp.asarray(v) for k, v in (extra_arrays or {}).items()})
+    arrs.update({k: device_array(v) for k, v in (extra_arrays or {}).items()})
     P = len(stratum.perturbations)
     chunk = int(boot.chunk_size or default_chunk(P, cfg.G, len(cfg.sources)))
     devices = tuple(jax.devices() if devices is None else devices)

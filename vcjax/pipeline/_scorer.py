@@ -34,7 +34,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from vcjax._errors import VcjaxInputError
-from vcjax._host import working_dtype
+from vcjax._host import device_array, working_dtype
 from vcjax.engine import compiler_options
 from vcjax.metrics import (
     DEFAULT_METRICS,
@@ -250,13 +250,13 @@ def scorer(
         return np.concatenate(parts)
 
     def dev(a, dt=dtype):
-        return None if a is None else jnp.asarray(np.asarray(a, dt))
+        return None if a is None else device_array(np.asarray(a, dt))
 
     topk = None
     n_genes = len(screen.genes)
     if "pearson_delta_topk" in usable and 2 <= k <= n_genes:
         rank_by = rows(lambda s: np.abs(s.scores) if s.scores is not None else s.weights)
-        topk = np.asarray(topk_indices(jnp.asarray(rank_by, dtype), int(k)), np.int32)
+        topk = np.asarray(topk_indices(device_array(np.asarray(rank_by, dtype)), int(k)), np.int32)
     no_deg = None
     if gate and all(s.no_degs is not None for s in strata):
         no_deg = np.concatenate([np.asarray(s.no_degs, bool) for s in strata])
@@ -282,7 +282,7 @@ def scorer(
     for b in _CALIBRATION:
         if not all(b in st.baselines for st in strata):
             continue
-        values = plain.raw(jnp.asarray(rows(lambda st, b=b: st.baselines[b]), dtype))
+        values = plain.raw(device_array(np.asarray(rows(lambda st, b=b: st.baselines[b]), dtype)))
         baselines[b] = {
             m: jnp.where(screen.spec.uall_reference and b in METRICS[m].undefined_for, jnp.nan, v)
             for m, v in values.items()

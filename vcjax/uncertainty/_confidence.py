@@ -100,6 +100,7 @@ import pandas as pd
 
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
+from vcjax._host import device_array
 from vcjax.data import gene_set_masks, read_h5ad
 from vcjax.metrics import KERNELS, METRICS, metric_bounds, metric_spec, r2w_delta, wmse
 from vcjax.pipeline import (
@@ -700,8 +701,8 @@ def _pathway_table(
     gated = stratum.no_degs if (score.gate and stratum.deg_mask is not None) else np.zeros(P, bool)
     gated = np.asarray(gated, bool)
     fn = _pathway_fn(int(n_boot))
-    masks = jnp.asarray(gsm.masks)
-    ref = jnp.asarray(stratum.reference, jnp.float32)
+    masks = device_array(gsm.masks)
+    ref = device_array(np.asarray(stratum.reference, np.float32))
     key = jax.random.PRNGKey(seed)
     dup = h["mean1"]
     n1, n2 = h["n1"][:, None], h["n2"][:, None]
@@ -880,9 +881,10 @@ def _perturbation_table(
             bool(score.gate),
             spec.uall_reference,
         )
-        shared = [jnp.asarray(a, jnp.float32) for a in (ref, stratum.u_ntc, stratum.u_all_full)] + [
-            jax.random.PRNGKey(seed + 1)
-        ]
+        shared = [
+            device_array(np.asarray(a, np.float32))
+            for a in (ref, stratum.u_ntc, stratum.u_all_full)
+        ] + [jax.random.PRNGKey(seed + 1)]
         rows = (
             [np.arange(P, dtype=np.int32)]
             + [np.asarray(a, np.float32) for a in (yhat, y, se_y, dup, se_d, nul, se_n, w)]
