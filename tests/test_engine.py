@@ -271,3 +271,18 @@ def test_host_arrays_reach_the_device_without_compiling(caplog):
         got = engine.score(pred[:5], truth[:5], reference=ref, metrics=["mse"], chunk_size=8)
     assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
     np.testing.assert_allclose(np.asarray(got["mse"]), ((pred - truth)[:5] ** 2).mean(1), rtol=1e-6)
+
+
+def test_aligned_buffers():
+    """``aligned_empty``: 64-byte aligned, C-contiguous, of the shape and dtype asked; with
+    ``zeros`` every element is 0 (the bootstrap's layout relies on it for its padding
+    slots), however large the buffer."""
+    from vcjax._host import ALIGN, aligned_empty
+
+    for shape, dtype in (((5, 7), np.float32), ((3, 1 << 20), np.float64), ((0, 4), np.int32)):
+        for zeros in (False, True):
+            a = aligned_empty(shape, dtype, zeros=zeros)
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+            assert a.ctypes.data % ALIGN == 0 or a.size == 0
+            if zeros:
+                assert not np.any(a)

@@ -1,8 +1,9 @@
 """Host-side plumbing shared by the layers: worker threads, aligned buffers, the compilation cache.
 
 Nothing here knows a formula. :func:`run_blocks` runs a row-block function in a few threads
-(NumPy and SciPy release the GIL); :func:`aligned_empty` and :func:`engine_array` give the 64-byte aligned, C-contiguous host
-buffers that XLA:CPU adopts without a copy;
+(NumPy and SciPy release the GIL); :func:`aligned_empty` and :func:`engine_array` give the
+64-byte aligned, C-contiguous host buffers that XLA:CPU adopts without a copy, and
+:func:`device_array` places a host array without compiling anything;
 :func:`enable_compilation_cache` turns on JAX's persistent compilation cache for vcjax's
 kernels once per process.
 """
@@ -81,11 +82,15 @@ def working_dtype() -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(np.float64))
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data pointer is 64-byte aligned."""
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, *, zeros: bool = False) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data pointer is 64-byte aligned.
+
+    ``zeros``: filled with zeros, from ``calloc``: a large buffer comes as fresh zero pages,
+    so its zeros cost nothing until a page is first written.
+    """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
+    raw = (np.zeros if zeros else np.empty)(nbytes + ALIGN, np.uint8)
     off = (-raw.ctypes.data) % ALIGN
     return raw[off : off + nbytes].view(dtype).reshape(shape)
 

@@ -55,6 +55,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -67,7 +68,7 @@ from jax.typing import ArrayLike
 
 from vcjax import engine
 from vcjax._errors import VcjaxInputError
-from vcjax._host import aligned_empty, device_array, working_dtype
+from vcjax._host import aligned_empty, device_array, run_blocks, working_dtype
 from vcjax.data import iter_chunks, normalize_chunk
 from vcjax.metrics import (
     METRICS,
@@ -276,19 +277,6 @@ def _write_runs(Xm: np.ndarray, Xe: np.ndarray, slots: np.ndarray, x) -> None:
         np.multiply(dst[:, :G], dst[:, :G], out=dst[:, G:])
 
 
-def _zero_padding(Xm: np.ndarray, Xe: np.ndarray, sizes: np.ndarray, extra_gh: np.ndarray) -> None:
-    """Zero the slots of ``(blocks, L, 2G)`` layouts that no cell fills (the end of each
-    group-half's last block)."""
-    L = Xm.shape[1]
-    filled = np.minimum(sizes, L)
-    for h in np.flatnonzero(filled < L):
-        Xm[h, filled[h] :] = 0
-    k = np.arange(extra_gh.size) - np.searchsorted(extra_gh, extra_gh)  # i-th extra block
-    filled = np.clip(sizes[extra_gh] - L * (k + 1), 0, L)
-    for e in np.flatnonzero(filled < L):
-        Xe[e, filled[e] :] = 0
-
-
 def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
     """Stream the stratum's cells once into the blocked layout, checked against its sums.
 
@@ -309,16 +297,30 @@ def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
     L = _block_size(sizes)
     pos, extra_gh = _block_slots(sizes, L)
     G = len(stratum.genes)
-    # the layout in 64-byte aligned host buffers, which the device adopts without a copy
+    # the layout in 64-byte aligned host buffers, which the device adopts without a copy;
+    # zero pages, so the padding slots (the end of each group-half's last block) need no
+    # write
     n_main = 2 * C * L
-    Xm = aligned_empty((n_main, 2 * G), np.dtype(dtype))
-    Xe = aligned_empty((extra_gh.size * L, 2 * G), np.dtype(dtype))
-    _zero_padding(Xm.reshape(2 * C, L, 2 * G), Xe.reshape(-1, L, 2 * G), sizes, extra_gh)
-    for slots, x in _cell_values(cells, cell_rows, pos, rows_per=_fill_rows(G)):
-        _write_runs(Xm, Xe, slots, x)
+    Xm = aligned_empty((n_main, 2 * G), np.dtype(dtype), zeros=True)
+    Xe = aligned_empty((extra_gh.size * L, 2 * G), np.dtype(dtype), zeros=True)
+    # each batch of cells is written (a worker thread) while the next is read (this one)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list = []
+        for slots, x in _cell_values(cells, cell_rows, pos, rows_per=_fill_rows(G)):
+            pending.append(writer.submit(_write_runs, Xm, Xe, slots, x))
+            if len(pending) > 1:
+                pending.pop(0).result()
+        for job in pending:
+            job.result()
     Xm, Xe = Xm.reshape(2 * C, L, 2 * G), Xe.reshape(-1, L, 2 * G)
-    # the cells as written must give the point estimate's group sums
-    sums = Xm[..., :G].sum(1, dtype=np.float64)
+    # the cells as written must give the point estimate's group sums (row blocks of
+    # group-halves on the host threads: the same additions, in the same order, per entry)
+    sums = np.empty((2 * C, G))
+
+    def check(r0: int, r1: int) -> None:
+        Xm[r0:r1, :, :G].sum(1, dtype=np.float64, out=sums[r0:r1])
+
+    run_blocks(check, 2 * C, L * G)
     np.add.at(sums, extra_gh, Xe[..., :G].sum(1, dtype=np.float64))
     want = np.empty_like(sums)
     want[0::2], want[1::2] = h1.sum, h2.sum
