@@ -1273,7 +1273,8 @@ def cell_distances(
                 masks.append(m)
             mx, my = masks
             mx, my = mx.reshape(b, r), my.reshape(b, r)
-            # the device computes this chunk's Gram matrices while the host fills the next
+            # on a device, this chunk's Gram matrices are computed while the host fills
+            # the next (dispatch is asynchronous); on the CPU backend, NumPy's GEMM in turn
             pending.append((J, gram_of(buf.reshape(b, r, g), my), mx, my))
             if len(pending) > 1:
                 finish(*pending.pop(0))
