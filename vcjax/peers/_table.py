@@ -286,9 +286,6 @@ def score_cells(
     dist = [n for n in ("energy_distance", "mmd") if n in names]
     ce = [n for n in ("de_overlap_at_k", "de_direction_agreement", "pds") if n in names]
 
-    def distances():
-        return peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
-
     def celleval() -> dict[str, np.ndarray]:
         if not ce or not bool(np.any(truth_labels == control)):
             return {}
@@ -307,8 +304,8 @@ def score_cells(
     # one after the other: both keep the cores busy (the distances' GEMMs are multithreaded
     # on the host), and beside each other they ran slower than in turn
     out = celleval()
-    res = distances() if dist else None
-    if res is not None:
+    if dist:
+        res = peers.cell_distances(pred_cells, pred_labels, truth_cells, truth_labels, perts)
         for name, key in (("energy_distance", "energy"), ("mmd", "mmd")):
             if name in names:
                 out[name] = np.asarray(res[key], float)

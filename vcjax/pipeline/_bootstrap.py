@@ -305,12 +305,12 @@ def _read_layout(stratum: Stratum, *, dtype) -> _Layout:
     Xe = aligned_empty((extra_gh.size * L, 2 * G), np.dtype(dtype), zeros=True)
     # each batch of cells is written (a worker thread) while the next is read (this one)
     with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: list = []
+        job = None
         for slots, x in _cell_values(cells, cell_rows, pos, rows_per=_fill_rows(G)):
-            pending.append(writer.submit(_write_runs, Xm, Xe, slots, x))
-            if len(pending) > 1:
-                pending.pop(0).result()
-        for job in pending:
+            if job is not None:
+                job.result()
+            job = writer.submit(_write_runs, Xm, Xe, slots, x)
+        if job is not None:
             job.result()
     Xm, Xe = Xm.reshape(2 * C, L, 2 * G), Xe.reshape(-1, L, 2 * G)
     # the cells as written must give the point estimate's group sums (row blocks of
