@@ -115,7 +115,7 @@ def test_parts_transform_genes_finish_equal_plain_call(monkeypatch):
 
 
 def test_values_closer_than_float32():
-    """The packed sort keys use float32: distinct float64 values that collide are reordered."""
+    """The sort keys use float32 bits: distinct float64 values that collide are reordered."""
     rng = np.random.default_rng(4)
     x = rng.choice([1.0, 2.0, 3.0], size=(150, 5)) + rng.integers(0, 4, (150, 5)) * 1e-12
     x[rng.random(x.shape) < 0.3] = 0.0

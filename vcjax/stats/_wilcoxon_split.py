@@ -113,25 +113,22 @@ class _Order(NamedTuple):
 
 
 def _value_order(v: np.ndarray, gl: np.ndarray, w: int) -> np.ndarray:
-    """Permutation sorting the entries by (gene, value) (ties in any order; any input order).
+    """Permutation sorting the entries by (gene, value), ties in input order (stable).
 
-    One ``np.sort`` of packed keys (gene, float32 rounding of the value, position): float32
-    rounding is monotone, so only entries whose float32 keys collide while their values
-    differ (rare) need a second look, sorted by their float64 values.
+    One :func:`numpy.lexsort` of three 16-bit keys: the block-local gene and the two halves
+    of the value's float32 bits (positive floats: the bits are monotone). NumPy sorts
+    16-bit keys by radix, linear in the entries, where one comparison sort of packed
+    64-bit keys (gene, bits, position) took 3x as long on a gene block. Float32 rounding
+    is monotone, so only entries whose float32 keys collide while their values differ
+    (rare) need a second look, sorted by their float64 values.
     """
-    nb = v.size
-    pos_bits = max(1, (nb - 1).bit_length())
-    gene_bits = max(1, (w - 1).bit_length())
-    if pos_bits + gene_bits + 31 > 64:  # pragma: no cover - huge single genes
-        order = np.argsort(v)
+    if w > 1 << 16:  # pragma: no cover - blocks hold < 32,768 genes (:func:`_blocks`)
+        order = np.argsort(v, kind="stable")
         return order[np.argsort(gl[order], kind="stable")]
-    f = v.astype(np.float32).view(np.uint32).astype(np.uint64)  # positive: monotone bits
-    key = gl.astype(np.uint64) << np.uint64(31 + pos_bits)
-    key |= f << np.uint64(pos_bits)
-    key |= np.arange(nb, dtype=np.uint64)
-    key.sort()
-    order = (key & np.uint64((1 << pos_bits) - 1)).astype(np.intp)
-    hi = key >> np.uint64(pos_bits)
+    f = v.astype(np.float32).view(np.uint32)
+    order = np.lexsort((f.astype(np.uint16), (f >> 16).astype(np.uint16), gl.astype(np.uint16)))
+    hi = gl[order].astype(np.uint64) << np.uint64(32)
+    hi |= f[order]
     vs = v[order]
     clash = np.flatnonzero((hi[1:] == hi[:-1]) & (vs[1:] != vs[:-1]))
     if clash.size:  # float32 ties between different values: order those keys by value
