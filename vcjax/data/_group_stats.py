@@ -219,8 +219,15 @@ def _accumulate(X, codes, n_acc: int, check, cells, *, chunk_cells: int, sumsq: 
 
     first, last = cells
     G = X.shape[1]
-    S = np.zeros((n_acc, G), dtype=np.float64)
-    SS = np.zeros((n_acc, G), dtype=np.float64) if sumsq else None
+    # zeroed here, by this thread, rather than as lazy zero pages (``np.zeros``): the pool
+    # thread that adds S would otherwise fault its pages in while this one faults SS's,
+    # and the first block's additions ran ~10x slower (~50 ms of a 0.14 s pass)
+    S = np.empty((n_acc, G), dtype=np.float64)
+    S.fill(0)
+    SS = None
+    if sumsq:
+        SS = np.empty((n_acc, G), dtype=np.float64)
+        SS.fill(0)
     sample = EvidenceSample(X.shape) if (first, last) == (0, X.shape[0]) else None
     src = csr_source(X)
     if src is None:
