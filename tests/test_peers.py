@@ -746,7 +746,8 @@ def test_score_pseudobulk_sources_equal_the_kernels():
 
 def test_warm_up_compiles_what_scoring_calls():
     """After ``warm_up`` for (P, G), scoring the pseudobulk peer metrics and the cell-eval
-    DE metrics compiles none of their kernels again."""
+    DE metrics compiles none of their kernels again, and ``pds`` is one compiled function
+    for both paths."""
     import logging
 
     import jax
@@ -776,6 +777,14 @@ def test_warm_up_compiles_what_scoring_calls():
             from vcjax.peers._kernels import _log2_fold_change  # what _de_table calls
 
             _log2_fold_change(truth, truth[0])
+            # the pseudobulk path's pds is the cell-level path's compiled call: warmed up
+            # without cells, a cell-level pds (float64 deltas, int32 exclusions) compiles
+            # nothing either
+            q, h = 11, 29
+            Pm.warm_up(list(Pm.PEER_METRICS), n_perts=q, n_genes=h, scores=True, cells=False)
+            compiled.clear()
+            d = rng.normal(size=(2, q, h))
+            Pm.pds(d[0], d[1], exclude=np.full(q, -1, np.int32))
     finally:
         logger.removeHandler(handler)
     hot = {
@@ -783,5 +792,6 @@ def test_warm_up_compiles_what_scoring_calls():
         "jit(topk_mask)",
         "jit(perturbed_centroid)",
         "jit(_de_metrics)",
+        "jit(pds)",
     }
     assert not hot & set(compiled), compiled

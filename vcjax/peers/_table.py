@@ -110,9 +110,10 @@ _PSEUDOBULK = ("pearson_delta_top20", "direction_agreement", "pearson_delta_cent
 
 
 @partial(jax.jit, static_argnames=("names",))
-def _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centroid, exclude,
-                       *, names):  # fmt: skip
-    """The pseudobulk peer metrics of one prediction in one compiled call."""
+def _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centroid, *, names):
+    """The pseudobulk peer metrics of one prediction in one compiled call, but ``pds``:
+    that one is :func:`vcjax.peers.pds`'s own jitted call, which the cell-level path
+    makes with the same shapes and dtypes, so one compilation serves both."""
     out = {}
     if "pearson_delta_top20" in names:
         out["pearson_delta_top20"] = pearson_delta(pred, truth, u_ntc, where=where)
@@ -124,8 +125,6 @@ def _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centr
         out["centroid_accuracy"] = peers.centroid_accuracy(pred, truth)
     if "rank" in names:
         out["rank"] = peers.rank(pred_delta, truth_delta)
-    if "pds" in names:
-        out["pds"] = peers.pds(pred_delta, truth_delta, exclude=exclude)
     return out
 
 
@@ -166,12 +165,14 @@ def warm_up(
     want = _pseudobulk_plan(names, scores=scores, n_genes=n_genes)
     top = "pearson_delta_top20" in want or "direction_agreement" in want
     ex = jax.ShapeDtypeStruct((n_perts,), np.int32)
-    if want:
+    kernel = tuple(n for n in want if n != "pds")
+    if kernel:
         mask = jax.ShapeDtypeStruct((n_perts, n_genes), bool) if top else None
         cen = g1 if "pearson_delta_centroid" in want else None
-        delta = pg if ("rank" in want or "pds" in want) else None
-        exc = ex if "pds" in want else None
-        _pseudobulk_kernel.lower(pg, pg, g1, delta, delta, mask, cen, exc, names=want).compile()
+        delta = pg if "rank" in want else None
+        _pseudobulk_kernel.lower(pg, pg, g1, delta, delta, mask, cen, names=kernel).compile()
+    if "pds" in want or (cells and "pds" in names):
+        peers.pds.lower(pg, pg, exclude=ex).compile()
     if "pearson_delta_centroid" in want:
         _centroid.lower(pg).compile()
     if top:
@@ -180,12 +181,10 @@ def warm_up(
         ).compile()
     if not cells:
         return
-    p32 = jax.ShapeDtypeStruct((n_perts, n_genes), np.float32)
-    if "pds" in names:
-        peers.pds.lower(p32, p32, exclude=ex).compile()
     if "de_overlap_at_k" in names or "de_direction_agreement" in names:
         _log2_fold_change.lower(pg, g1).compile()
         if n_control:
+            p32 = jax.ShapeDtypeStruct((n_perts, n_genes), np.float32)
             n = jax.ShapeDtypeStruct((n_perts,), np.float32)
             mannwhitney_from_counts_jit.lower(
                 p32, p32, n, m=int(n_control), continuity=True, tie_correct=True
@@ -225,11 +224,16 @@ def score_pseudobulk_sources(
         gidx = {gene: i for i, gene in enumerate(genes)}
         exclude = np.array([gidx.get(p, -1) for p in perts], dtype=np.int32)
     truth_delta = truth - u_ntc if ("rank" in want or "pds" in want) else None
+    kernel = tuple(n for n in want if n != "pds")
     out = {}
     for source, pred in preds.items():
         pred_delta = pred - u_ntc if truth_delta is not None else None
-        got = _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where, centroid,
-                                 exclude, names=tuple(want))  # fmt: skip
+        got = {}
+        if kernel:
+            got = _pseudobulk_kernel(pred, truth, u_ntc, pred_delta, truth_delta, where,
+                                     centroid, names=kernel)  # fmt: skip
+        if "pds" in want:
+            got["pds"] = peers.pds(pred_delta, truth_delta, exclude=exclude)
         res = {n: np.asarray(v, float) for n, v in got.items()}
         if top20:
             res.setdefault("pearson_delta_top20", np.full(truth.shape[0], np.nan))
