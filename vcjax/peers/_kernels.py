@@ -1188,7 +1188,8 @@ def cell_distances(
 
     Batched: the perturbations are sorted by their cell numbers and taken in chunks, each
     perturbation's predicted and true cells padded to one row count per chunk (a few
-    distinct shapes in all, so a few compilations on an accelerator), one call per chunk
+    distinct shapes in all, so a few compilations on an accelerator; on the CPU backend a
+    chunk holds perturbations of one cell number, unpadded), one call per chunk
     of about ``chunk_bytes`` of cells computes their Gram matrices (centred on the true
     cells' mean; on the device, or by NumPy on the CPU backend, where a GEMM costs the
     same and compiles nothing), and both distances come from them on the host
@@ -1212,7 +1213,10 @@ def cell_distances(
     g = mats[0].shape[1]
     out = {"energy": np.full(n_p, np.nan), "mmd": np.full(n_p, np.nan)}
     todo = np.flatnonzero((nx > 0) & (ny > 0))
-    size = _size_class(nx + ny)
+    host = jax.default_backend() == "cpu"
+    # a device compiles one Gram kernel per (batch, rows) shape: perturbations are padded to
+    # a few row counts; the host's GEMMs compile nothing, so there each takes its own count
+    size = nx + ny if host else _size_class(nx + ny)
     big = todo[size[todo] > max_rows]
     todo = todo[size[todo] <= max_rows]
     todo = todo[np.argsort(size[todo], kind="stable")]  # chunk order
@@ -1226,7 +1230,7 @@ def cell_distances(
         rows = rows[np.argsort(r_of[rows], kind="stable")]
         sides.append((x, rows, np.concatenate([[0], np.cumsum(n[todo])])))
     s2 = None if sigma is None else float(sigma) ** 2
-    gram_of = _centred_gram_host if jax.default_backend() == "cpu" else _centred_gram
+    gram_of = _centred_gram_host if host else _centred_gram
     pending = []
 
     def finish(J, gram, mx, my):
