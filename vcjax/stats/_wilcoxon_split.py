@@ -269,6 +269,36 @@ def _pass_counts(o: _Order, role, cls_group, n_grp: int, n_cells: np.ndarray, m:
     return u2, t
 
 
+_SPLIT_NNZ = 1 << 22  # a CSR part with more stored entries is converted in row pieces
+
+
+def _csc_parts(parts: list, threads: int) -> list:
+    """The parts as CSC matrices (the gene-block gathers read columns).
+
+    A large CSR part is converted in ``threads`` row pieces at once (SciPy's conversion is
+    one sequential pass, run without the GIL): consecutive pieces stack to the same rows,
+    and the counts do not depend on how the rows are split into parts.
+    """
+    out = []
+    for p in parts:
+        if threads < 2 or not (sp.issparse(p) and p.format == "csr" and p.nnz > _SPLIT_NNZ):
+            out.append(sp.csc_matrix(p))
+            continue
+        ip = p.indptr
+        cuts = np.linspace(0, p.shape[0], threads + 1).astype(np.int64)
+
+        def piece(a: int, b: int, p=p, ip=ip) -> sp.csc_matrix:
+            lo, hi = int(ip[a]), int(ip[b])
+            rows = sp.csr_matrix(
+                (p.data[lo:hi], p.indices[lo:hi], ip[a : b + 1] - lo), shape=(b - a, p.shape[1])
+            )  # views of p's arrays, no copy
+            return rows.tocsc()
+
+        with ThreadPoolExecutor(threads) as ex:
+            out.extend(ex.map(piece, cuts[:-1].tolist(), cuts[1:].tolist()))
+    return out
+
+
 #: genes per call of a ``finish`` function (a fixed shape: one compilation for XLA)
 FINISH_WIDTH = 2048
 
@@ -311,8 +341,8 @@ def mannwhitney_counts_passes(
     Returns:
       :class:`PassCounts`; a group with no cells has ``n = 0`` (its ``U``, ``T`` are 0).
     """
-    parts = list(x) if isinstance(x, (list, tuple)) else [x]
-    parts = [sp.csc_matrix(p) for p in parts]
+    threads = host_threads() if threads is None else threads
+    parts = _csc_parts(list(x) if isinstance(x, (list, tuple)) else [x], threads)
     g = parts[0].shape[1]
     if any(p.shape[1] != g for p in parts):
         raise ValueError("mannwhitney_counts_passes: the parts of x have different genes")
@@ -370,7 +400,6 @@ def mannwhitney_counts_passes(
     width = g if finish is None else FINISH_WIDTH
     out = np.zeros((rows, g))
     ties = np.zeros((rows, g)) if finish is None else None
-    threads = host_threads() if threads is None else threads
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
         for c0 in range(0, g, max(width, 1)):
