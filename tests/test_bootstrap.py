@@ -404,7 +404,7 @@ def test_coverage_validation_small():
 
 
 def test_host_bh_bit_identical_to_xla_bh():
-    """The float32 host BH (uint64-key sort; the bootstrap's on CPU) equals
+    """The float32 host BH (a radix lexsort of the bits; the bootstrap's on CPU) equals
     stats.benjamini_hochberg bit for bit: long ties, ±0, exact 0 and 1, NaN (sorted last),
     many row blocks on threads. (Float64 is statsmodels' arithmetic: tests/test_deg.py.)"""
     rng = np.random.default_rng(5)
