@@ -124,6 +124,10 @@ def test_large_csr_converted_in_row_pieces(monkeypatch):
     pieces = W._csc_parts([csr], 3)
     assert len(pieces) == 3 and all(q.format == "csc" for q in pieces)
     np.testing.assert_array_equal(sp.vstack(pieces).toarray(), x)
+    counts = sp.csr_matrix(np.random.default_rng(10).poisson(1.0, (50, 7)).astype(np.int32))
+    pieces = W._csc_parts([counts], 2)  # raw counts (integers) too
+    assert len(pieces) == 2 and pieces[0].dtype == np.int32
+    np.testing.assert_array_equal(sp.vstack(pieces).toarray(), counts.toarray())
     roles = _passes(lab, 4, np.random.default_rng(9), k=2)
     res = W.mannwhitney_counts_passes(csr, roles, n_groups=[4] * len(roles), threads=3)
     for k, role in enumerate(roles):

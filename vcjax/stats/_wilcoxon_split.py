@@ -277,6 +277,13 @@ except ImportError:  # pragma: no cover - a SciPy without it: converted whole
     _csr_tocsc = None
 
 
+def _kernel_types(p) -> bool:
+    """Whether SciPy's kernel takes ``p``'s index and value types as they are."""
+    return p.indices.dtype in (np.int32, np.int64) and (
+        p.dtype.kind in "iuf" and p.dtype != np.float16
+    )
+
+
 def _csc_parts(parts: list, threads: int) -> list:
     """The parts as CSC matrices (the gene-block gathers read columns).
 
@@ -286,17 +293,12 @@ def _csc_parts(parts: list, threads: int) -> list:
     """
     out = []
     for p in parts:
-        if threads < 2 or not (sp.issparse(p) and p.format == "csr" and p.nnz > _SPLIT_NNZ):
+        big = sp.issparse(p) and p.format == "csr" and p.nnz > _SPLIT_NNZ
+        if not (big and threads > 1 and _csr_tocsc is not None and _kernel_types(p)):
             out.append(sp.csc_matrix(p))
             continue
-        ip = p.indptr
+        ip, g, idx = p.indptr, p.shape[1], p.indices.dtype
         cuts = np.linspace(0, p.shape[0], threads + 1).astype(np.int64)
-
-        g = p.shape[1]
-        idx = p.indices.dtype
-        if idx not in (np.int32, np.int64) or _csr_tocsc is None:  # pragma: no cover
-            out.append(sp.csc_matrix(p))
-            continue
         jobs = []
         for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
             lo, hi = int(ip[a]), int(ip[b])
