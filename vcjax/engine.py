@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import ArrayLike
 
-from vcjax._host import ALIGN, aligned_empty, enable_compilation_cache, engine_array
+from vcjax._host import ALIGN, aligned_empty, device_array, enable_compilation_cache, engine_array
 from vcjax.metrics import KERNELS, fused_scores, kernel_metrics
 
 __all__ = [
@@ -516,8 +516,7 @@ def score_groups(
                     row_dtypes.append(want)
                 args.append(slot)
             else:
-                # device_put: jnp.asarray compiles a staging function per shape and dtype
-                args.append(x if not isinstance(x, np.ndarray) else jax.device_put(x))
+                args.append(x if not isinstance(x, np.ndarray) else device_array(x))
         fn = _chunk_fn(names, tuple(per_row), int(k), bool(strict), sub)
         shared = [a for a, r in zip(args, per_row) if not r]
         # chunks dealt to devices in turn find the shared vectors already there
@@ -546,4 +545,4 @@ def score_groups(
         progress=progress,
         dtypes=row_dtypes,
     )
-    return [{name: jax.device_put(out[(g, name)]) for name in p[0]} for g, p in enumerate(plans)]
+    return [{name: device_array(out[(g, name)]) for name in p[0]} for g, p in enumerate(plans)]

@@ -530,11 +530,11 @@ def _row_order(p: np.ndarray) -> np.ndarray:
     R, n = p.shape
     bits = p.view(np.uint32 if p.itemsize == 4 else np.uint64)
     rows = max(1, min(_SORT_ELEMENTS // max(n, 1), 1 << 16))
+    shifts = [bits.dtype.type(k) for k in range(0, 8 * p.itemsize, 16)]
     out = np.empty(R * n, np.intp)
     for r0 in range(0, R, rows):
         b = bits[r0 : r0 + rows].reshape(-1)
-        shifts = range(0, 8 * p.itemsize, 16)
-        keys = [(b >> b.dtype.type(k)).astype(np.uint16) for k in shifts]
+        keys = [(b >> k).astype(np.uint16) for k in shifts]
         keys.append(np.repeat(np.arange(b.size // n, dtype=np.uint16), n))
         o = out[r0 * n : r0 * n + b.size]
         o[:] = np.lexsort(keys)
